@@ -1,0 +1,261 @@
+"""Build local LLaVA-1.5-layout checkpoints with random weights.
+
+`python -m feather_vllm.checkpoints --profile tiny --out DIR [--seed N]`
+
+The machines this project is developed and tested on have no model hub, so
+every checkpoint is made here: a CLIP ViT-336/14 vision tower (24 x 24 = 576
+image tokens), a GELU MLP projector and a 32-layer Llama decoder (so the
+paper's cut layers 3, 8, 16 and 24 apply unchanged), saved in the llava-hf
+layout that both transformers and vLLM load, with a byte-level BPE tokenizer
+trained here, a chat template and the processor config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import random
+from pathlib import Path
+
+IMAGE_TOKEN = "<image>"
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN]
+
+# LLaVA-1.5's conversation format. Handles both string content (vLLM puts the
+# "<image>" placeholder into the text itself) and OpenAI-style content parts.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}"
+    "{{ message['content'] if message['content'] is string else message['content'][0]['text'] }}{{ '\\n' }}"
+    "{% elif message['role'] == 'user' %}USER: "
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] in ['image', 'image_url'] %}<image>{{ '\\n' }}"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}{{ '\\n' }}"
+    "{% elif message['role'] == 'assistant' %}ASSISTANT: "
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}{% if part['type'] == 'text' %}"
+    "{{ part['text'] }}{% endif %}{% endfor %}{% endif %}{{ eos_token }}{{ '\\n' }}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Profile:
+    """Sizes of one checkpoint profile."""
+
+    vision_hidden: int
+    vision_mlp: int
+    vision_layers: int
+    vision_heads: int
+    text_hidden: int
+    text_mlp: int
+    text_layers: int
+    text_heads: int
+    text_kv_heads: int
+    vocab_size: int
+    init_std: float
+    dtype: str
+
+
+PROFILES: dict[str, Profile] = {
+    # Fast tests: ~1M parameters. GQA (2 query heads of dim 32 on 1 KV head) so the
+    # head expansion of the pruning criterion is exercised.
+    "tiny": Profile(
+        vision_hidden=32, vision_mlp=64, vision_layers=2, vision_heads=2,
+        text_hidden=64, text_mlp=128, text_layers=32, text_heads=2,
+        text_kv_heads=1, vocab_size=512, init_std=0.3, dtype="float32",
+    ),
+    # Speed benchmarks: the decoder dominates prefill FLOPs (as in
+    # LLaVA-1.5-7B, vision tower < 10%) and one unpruned prefill of a
+    # ~620-token image prompt takes about a second on 2 cores.
+    "bench": Profile(
+        vision_hidden=128, vision_mlp=256, vision_layers=2, vision_heads=4,
+        text_hidden=512, text_mlp=1376, text_layers=32, text_heads=8,
+        text_kv_heads=8, vocab_size=1024, init_std=0.05, dtype="float32",
+    ),
+}
+
+
+def _corpus(seed: int, lines: int = 4000) -> list[str]:
+    """Deterministic English-like text to train the BPE tokenizer on."""
+    rng = random.Random(seed)
+    words = (
+        "the a an is are was of in on at to and or where what which who how "
+        "image picture photo object square circle red green blue yellow grey "
+        "top middle bottom left right center centre corner row column cell "
+        "USER ASSISTANT describe show find locate see there here this that "
+        "small large big little color colour shape answer question yes no "
+        "one two three four five six seven eight nine zero hello world model "
+        "token vision language server request response please thank you"
+    ).split()
+    out = []
+    for _ in range(lines):
+        n = rng.randint(3, 14)
+        sent = " ".join(rng.choice(words) for _ in range(n))
+        out.append(sent[0].upper() + sent[1:] + rng.choice([".", "?", "!", ","]))
+    return out
+
+
+def build_tokenizer(vocab_size: int, seed: int):
+    """Train a byte-level BPE tokenizer locally and wrap it for transformers."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(seed), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": IMAGE_TOKEN},
+        model_max_length=4096,
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def _to_llava_hf_layout(state_dict: dict) -> dict:
+    """Rename transformers-5 LLaVA keys to the llava-hf layout vLLM maps."""
+    renames = [
+        ("model.vision_tower.", "vision_tower.vision_model."),
+        ("model.multi_modal_projector.", "multi_modal_projector."),
+        ("model.language_model.", "language_model.model."),
+        ("lm_head.", "language_model.lm_head."),
+    ]
+    out = {}
+    for key, value in state_dict.items():
+        for old, new in renames:
+            if key.startswith(old):
+                key = new + key[len(old):]
+                break
+        out[key] = value.contiguous()
+    return out
+
+
+def build_checkpoint(profile: str, out: str | Path, seed: int = 0) -> Path:
+    """Write a random-weight LLaVA-1.5-layout checkpoint to `out`."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import (
+        CLIPImageProcessorPil,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    p = PROFILES[profile]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(p.vocab_size, seed)
+    vocab = len(tokenizer)
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(
+            hidden_size=p.vision_hidden,
+            intermediate_size=p.vision_mlp,
+            num_hidden_layers=p.vision_layers,
+            num_attention_heads=p.vision_heads,
+            image_size=336,
+            patch_size=14,
+            projection_dim=p.vision_hidden,
+            hidden_act="quick_gelu",
+        ),
+        text_config=LlamaConfig(
+            hidden_size=p.text_hidden,
+            intermediate_size=p.text_mlp,
+            num_hidden_layers=p.text_layers,
+            num_attention_heads=p.text_heads,
+            num_key_value_heads=p.text_kv_heads,
+            vocab_size=vocab,
+            max_position_embeddings=4096,
+            rms_norm_eps=1e-5,
+            rope_theta=10000.0,
+            initializer_range=p.init_std,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            tie_word_embeddings=False,
+        ),
+        image_token_index=image_token_id,
+        projector_hidden_act="gelu",
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+        image_seq_length=576,
+        tie_word_embeddings=False,
+    )
+    config.architectures = ["LlavaForConditionalGeneration"]
+    config.dtype = p.dtype
+
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).to(getattr(torch, p.dtype)).eval()
+    # Spread the logits so that greedy decoding has clear winners: equality
+    # tests across implementations must not hinge on near-ties.
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0.0, 1.0 / p.text_hidden**0.5 * 4)
+    save_file(_to_llava_hf_layout(model.state_dict()), out / "model.safetensors",
+              metadata={"format": "pt"})
+    config.save_pretrained(out)
+
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": 336},
+        crop_size={"height": 336, "width": 336},
+        do_center_crop=True,
+        image_mean=[0.48145466, 0.4578275, 0.40821073],
+        image_std=[0.26862954, 0.26130258, 0.27577711],
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE,
+        image_token=IMAGE_TOKEN,
+    )
+    processor.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    generation = {"bos_token_id": tokenizer.bos_token_id,
+                  "eos_token_id": tokenizer.eos_token_id,
+                  "pad_token_id": tokenizer.pad_token_id}
+    (out / "generation_config.json").write_text(json.dumps(generation, indent=2))
+    return out
+
+
+def ensure_checkpoint(profile: str, out: str | Path, seed: int = 0) -> Path:
+    """Build the checkpoint unless `out` already holds one."""
+    out = Path(out)
+    if (out / "model.safetensors").exists() and (out / "config.json").exists():
+        return out
+    return build_checkpoint(profile, out, seed)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m feather_vllm.checkpoints",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="tiny")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    path = build_checkpoint(args.profile, args.out, args.seed)
+    print(f"wrote {args.profile} checkpoint (seed {args.seed}) to {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,159 @@
+"""Pruning settings: ordered stages, presets and validation.
+
+Every method fits one shape (FEATHER_SPEC.md): an ordered list of stages,
+each = (layer where the cut takes effect, keep fraction, criterion, optional
+uniform-grid stride). A stage's keep fraction applies to the image tokens
+that enter it (the previous stage's survivors), so PyramidDrop's 0.5, 0.5,
+0.5 halves each time and FEATHER's stage 2 keeps int(N1 * 0.09).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+Criterion = Literal["rope", "rope_free"]
+CRITERIA: tuple[str, ...] = ("rope", "rope_free")
+
+
+class PruningConfigError(ValueError):
+    """Invalid pruning settings. `field` names the offending setting."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One cut: entering decoder layer `layer`, keep `keep` of the image
+    tokens that are still present, ranked by `criterion` (scored at layer
+    `layer - 1`), united with every `grid_stride`-th row and column of the
+    patch grid when `grid_stride` is set."""
+
+    layer: int
+    keep: float
+    criterion: Criterion = "rope_free"
+    grid_stride: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class PruningConfig:
+    """An ordered, validated list of stages. No stage = no pruning."""
+
+    stages: tuple[Stage, ...] = ()
+    name: str = "custom"
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.stages)
+
+    @property
+    def cut_layers(self) -> tuple[int, ...]:
+        return tuple(s.layer for s in self.stages)
+
+    def validate(self, num_layers: int | None = None) -> "PruningConfig":
+        """Raise PruningConfigError unless the stages are well formed.
+
+        `num_layers` (the decoder depth) bounds the cut layers: a cut at L
+        needs scores from layer L-1 >= 0 and a layer L < num_layers to apply.
+        """
+        previous = 0
+        for i, stage in enumerate(self.stages):
+            where = f"stages[{i}]"
+            if isinstance(stage.layer, bool) or not isinstance(stage.layer, int):
+                raise PruningConfigError(f"{where}.layer", "must be an integer")
+            if stage.layer < 1:
+                raise PruningConfigError(
+                    f"{where}.layer", f"must be >= 1 (scores come from layer L-1), got {stage.layer}")
+            if num_layers is not None and stage.layer >= num_layers:
+                raise PruningConfigError(
+                    f"{where}.layer",
+                    f"must be < {num_layers} (the model's decoder layers), got {stage.layer}")
+            if stage.layer <= previous:
+                raise PruningConfigError(
+                    f"{where}.layer", f"cut layers must strictly increase, got {stage.layer} after {previous}")
+            previous = stage.layer
+            keep = stage.keep
+            if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0.0 < float(keep) <= 1.0:
+                raise PruningConfigError(f"{where}.keep", f"must be in (0, 1], got {keep!r}")
+            if stage.criterion not in CRITERIA:
+                raise PruningConfigError(
+                    f"{where}.criterion", f"must be one of {list(CRITERIA)}, got {stage.criterion!r}")
+            stride = stage.grid_stride
+            if stride is not None and (isinstance(stride, bool) or not isinstance(stride, int) or stride < 1):
+                raise PruningConfigError(f"{where}.grid_stride", f"must be a positive integer, got {stride!r}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"preset": self.name, "stages": [s.to_dict() for s in self.stages]}
+
+    @classmethod
+    def from_stages(cls, stages: Sequence[Mapping[str, Any] | Stage], name: str = "custom") -> "PruningConfig":
+        out = []
+        for i, raw in enumerate(stages):
+            if isinstance(raw, Stage):
+                out.append(raw)
+                continue
+            if not isinstance(raw, Mapping):
+                raise PruningConfigError(f"stages[{i}]", "must be an object")
+            unknown = set(raw) - {f.name for f in dataclasses.fields(Stage)}
+            if unknown:
+                raise PruningConfigError(f"stages[{i}]", f"unknown keys {sorted(unknown)}")
+            for required in ("layer", "keep"):
+                if required not in raw:
+                    raise PruningConfigError(f"stages[{i}].{required}", "is required")
+            out.append(Stage(**raw))
+        return cls(tuple(out), name).validate()
+
+
+PRESETS: dict[str, PruningConfig] = {
+    "none": PruningConfig((), "none"),
+    # FastV: K=3, R=0.75, RoPE criterion.
+    "fastv": PruningConfig((Stage(3, 0.25, "rope"),), "fastv"),
+    # FEATHER: RoPE-free criterion, stride-3 grid in stage 1, two cuts.
+    "feather": PruningConfig(
+        (Stage(8, 0.30, "rope_free", 3), Stage(16, 0.09, "rope_free")), "feather"),
+    # PyramidDrop: halve at 8, 16 and 24, RoPE criterion, no grid.
+    "pyramiddrop": PruningConfig(
+        (Stage(8, 0.5, "rope"), Stage(16, 0.5, "rope"), Stage(24, 0.5, "rope")), "pyramiddrop"),
+}
+
+
+def resolve(spec: "str | Mapping[str, Any] | PruningConfig | None",
+            default: "PruningConfig | None" = None) -> PruningConfig:
+    """Turn a preset name, a {"preset", "stages"} mapping or a config into a
+    validated PruningConfig. None means `default` (or no pruning).
+
+    Explicit `stages` win over `preset`; the preset then only names the run.
+    """
+    if spec is None:
+        return default if default is not None else PRESETS["none"]
+    if isinstance(spec, PruningConfig):
+        return spec.validate()
+    if isinstance(spec, str):
+        if spec not in PRESETS:
+            raise PruningConfigError("preset", f"unknown preset {spec!r}; choose from {sorted(PRESETS)}")
+        return PRESETS[spec]
+    if not isinstance(spec, Mapping):
+        raise PruningConfigError("feather", "must be a preset name or an object with 'preset' and/or 'stages'")
+    unknown = set(spec) - {"preset", "stages"}
+    if unknown:
+        raise PruningConfigError("feather", f"unknown keys {sorted(unknown)}")
+    preset = spec.get("preset")
+    stages = spec.get("stages")
+    if stages is not None:
+        if not isinstance(stages, Sequence) or isinstance(stages, (str, bytes)):
+            raise PruningConfigError("stages", "must be a list of stages")
+        name = preset if isinstance(preset, str) else "custom"
+        return PruningConfig.from_stages(stages, name)
+    if preset is None:
+        return default if default is not None else PRESETS["none"]
+    if not isinstance(preset, str):
+        raise PruningConfigError("preset", "must be a string")
+    return resolve(preset)
