@@ -18,3 +18,7 @@ def register() -> None:
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model(
             ARCHITECTURE, "feather_vllm.model:FeatherLlavaForConditionalGeneration")
+
+    from feather_vllm import kv
+
+    kv.install()

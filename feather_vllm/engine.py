@@ -1,0 +1,57 @@
+"""Engine settings that keep pruning exact, shared by every entry point.
+
+The cut must see the whole image and the last prompt token in one step, so
+chunked prefill is off, long prompts are never capped, multimodal inputs are
+never chunked, and one step's token budget fits a whole prompt for every
+sequence (VLLM_NOTES.md, "Scheduling and caching traps"). Anything the
+scheduler still splits runs unpruned (see pruning/schedule.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from feather_vllm import ARCHITECTURE
+
+
+def engine_kwargs(
+    model: str,
+    *,
+    dtype: str = "auto",
+    max_model_len: int = 2048,
+    max_num_seqs: int = 64,
+    block_size: int | None = None,
+    kv_cache_bytes: int | None = None,
+    default_preset: str | None = None,
+    enable_prefix_caching: bool = False,
+    seed: int = 0,
+    **overrides: Any,
+) -> dict[str, Any]:
+    """Keyword arguments for `vllm.LLM(...)` or `AsyncEngineArgs(...)`.
+
+    `default_preset` becomes the engine-wide pruning default (requests
+    without `extra_args["feather"]` use it); None means no pruning.
+    """
+    hf_overrides: dict[str, Any] = {"architectures": [ARCHITECTURE]}
+    if default_preset is not None:
+        hf_overrides["feather_default"] = default_preset
+    kwargs: dict[str, Any] = dict(
+        model=model,
+        dtype=dtype,
+        seed=seed,
+        max_model_len=max_model_len,
+        max_num_seqs=max_num_seqs,
+        hf_overrides=hf_overrides,
+        enable_chunked_prefill=False,
+        long_prefill_token_threshold=0,
+        disable_chunked_mm_input=True,
+        max_num_batched_tokens=max_model_len + max_num_seqs,
+        enable_prefix_caching=enable_prefix_caching,
+        limit_mm_per_prompt={"image": 1},
+    )
+    if block_size is not None:
+        kwargs["block_size"] = block_size
+    if kv_cache_bytes is not None:
+        kwargs["kv_cache_memory_bytes"] = kv_cache_bytes
+    kwargs.update(overrides)
+    return kwargs

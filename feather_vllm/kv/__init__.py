@@ -1,0 +1,15 @@
+"""The only package that touches vLLM internals (pinned: vLLM 0.32.0).
+
+`install()` is called from the plugin entry point in every vLLM process.
+"""
+
+from __future__ import annotations
+
+VLLM_VERSION = "0.32.0"
+
+
+def install() -> None:
+    """Install the runner hooks (idempotent)."""
+    from feather_vllm.kv import runner_hook
+
+    runner_hook.install()

@@ -1,0 +1,56 @@
+"""Test helpers: deterministic images, prompts and engine construction."""
+
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+PROMPTS = ["Where is the red square?", "Describe the picture in one word."]
+
+
+def test_images() -> list[Image.Image]:
+    """Three 336x336 images of different kinds (noise, object, gradient)."""
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, 256, (336, 336, 3), dtype=np.uint8)
+    scene = np.full((336, 336, 3), 128, dtype=np.uint8)
+    scene[40:140, 200:300] = (220, 30, 30)
+    ramp = np.linspace(0, 255, 336, dtype=np.uint8)
+    gradient = np.stack([np.tile(ramp, (336, 1)), np.tile(ramp[:, None], (1, 336)),
+                         np.full((336, 336), 90, np.uint8)], axis=-1)
+    return [Image.fromarray(a) for a in (noise, scene, gradient)]
+
+
+def chat(image: Image.Image | None, text: str) -> list[dict[str, Any]]:
+    content: list[dict[str, Any]] = []
+    if image is not None:
+        content.append({"type": "image_pil", "image_pil": image})
+    content.append({"type": "text", "text": text})
+    return [{"role": "user", "content": content}]
+
+
+def make_llm(checkpoint: Path, stock: bool = False, **kwargs: Any):
+    """A single-process vLLM engine on `checkpoint` with the pruning-safe
+    settings; `stock=True` keeps vLLM's own LlavaForConditionalGeneration."""
+    from vllm import LLM
+
+    from feather_vllm.engine import engine_kwargs
+
+    kw = engine_kwargs(str(checkpoint), dtype="float32", max_model_len=1024,
+                       max_num_seqs=16, **kwargs)
+    if stock:
+        kw.pop("hf_overrides")
+    return LLM(enforce_eager=True, distributed_executor_backend="uni", **kw)
+
+
+def shutdown(llm) -> None:
+    """Release an engine so that another can start in the same process."""
+    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()
+    cleanup_dist_env_and_memory()
