@@ -12,7 +12,7 @@ from PIL import Image
 PROMPTS = ["Where is the red square?", "Describe the picture in one word."]
 
 
-def test_images() -> list[Image.Image]:
+def sample_images() -> list[Image.Image]:
     """Three 336x336 images of different kinds (noise, object, gradient)."""
     rng = np.random.default_rng(0)
     noise = rng.integers(0, 256, (336, 336, 3), dtype=np.uint8)

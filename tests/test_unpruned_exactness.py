@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.helpers import PROMPTS, chat, make_llm, shutdown, test_images
+from tests.helpers import PROMPTS, chat, make_llm, shutdown, sample_images
 
 MAX_TOKENS = 16
 
@@ -14,7 +14,7 @@ def _generate(llm, extra_args=None):
 
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, logprobs=0,
                             ignore_eos=True, extra_args=extra_args)
-    convs = [chat(img, p) for img in test_images() for p in PROMPTS]
+    convs = [chat(img, p) for img in sample_images() for p in PROMPTS]
     outs = llm.chat(convs, params, use_tqdm=False)
     return [(list(o.outputs[0].token_ids),
              [lp[t].logprob for lp, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)],
@@ -60,7 +60,7 @@ def test_greedy_tokens_equal_transformers(runs, tiny_checkpoint):
     processor = AutoProcessor.from_pretrained(tiny_checkpoint)
     model = LlavaForConditionalGeneration.from_pretrained(tiny_checkpoint, dtype=torch.float32).eval()
     i = 0
-    for image in test_images():
+    for image in sample_images():
         for prompt in PROMPTS:
             text = processor.apply_chat_template(
                 [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}],
