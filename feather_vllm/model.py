@@ -38,6 +38,7 @@ from vllm.model_executor.models.llava import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
+from feather_vllm.kv import staged
 from feather_vllm.kv import step as kv_step
 from feather_vllm.pruning import config as pcfg
 from feather_vllm.pruning.schedule import decide
@@ -49,6 +50,18 @@ logger = logging.getLogger(__name__)
 DEFAULT_PRESET_ENV = "FEATHER_DEFAULT_PRESET"
 # Requests whose kept tokens stay inspectable after they finish (analysis).
 _RECORD_LIMIT = 512
+
+
+def kv_boundaries(hf_config: Any, num_layers: int) -> list[int]:
+    """Decoder layers where a new KV-cache stage starts.
+
+    `feather_kv_boundaries` in the model config (hf_overrides) sets them; the
+    default is the union of the presets' cut layers. `[]` keeps one full KV
+    group (pruned layers then still reserve full-length blocks)."""
+    configured = getattr(hf_config, "feather_kv_boundaries", None)
+    if configured is None:
+        configured = {s.layer for preset in pcfg.PRESETS.values() for s in preset.stages}
+    return sorted(b for b in set(configured) if 0 < b < num_layers)
 
 
 @dataclasses.dataclass
@@ -113,6 +126,12 @@ class FeatherLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         self.pruning_unsupported = self._unsupported_reason()
         if self.pruning_unsupported:
             logger.warning("FEATHER pruning disabled: %s", self.pruning_unsupported)
+            self.kv_boundaries: list[int] = []
+        else:
+            self.kv_boundaries = kv_boundaries(config, self.num_decoder_layers)
+            if self.kv_boundaries:
+                staged.stage_attention_layers(list(self.language_model.model.layers), self.kv_boundaries,
+                                              self.num_decoder_layers, default)
 
     def _unsupported_reason(self) -> str | None:
         if get_pp_group().world_size > 1:
