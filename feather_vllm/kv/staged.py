@@ -121,39 +121,54 @@ def _staged_spec(manager: KVCacheManager) -> StagedFullAttentionSpec | None:
     return None
 
 
+def _image_ranges(request: Any) -> list[tuple[int, int]]:
+    return [(f.mm_position.offset, f.mm_position.length)
+            for f in (request.mm_features or []) if f.modality == "image"]
+
+
+def _requested_config(spec: StagedFullAttentionSpec, request: Any) -> pcfg.PruningConfig | None:
+    """The request's valid, enabled pruning settings, or None."""
+    extra = request.sampling_params.extra_args if request.sampling_params else None
+    value = (extra or {}).get("feather")
+    try:
+        cfg = pcfg.resolve(value if value is not None else spec.feather_default)
+        cfg.validate(spec.feather_num_layers)
+    except pcfg.PruningConfigError:
+        return None  # the worker serves it unpruned too
+    return cfg if cfg.enabled else None
+
+
 def _plan_request(spec: StagedFullAttentionSpec, request: Any, num_new_tokens: int,
                   num_computed: int) -> bool:
     """Decide (once per started prefill) whether `request` runs pruned and
     record its KV plan. Returns True when a new decision was recorded."""
     rid = request.request_id
-    ranges = [(f.mm_position.offset, f.mm_position.length)
-              for f in (request.mm_features or []) if f.modality == "image"]
-    prompt_len = request.num_prompt_tokens
-    if not ranges or num_computed >= prompt_len or \
+    ranges = _image_ranges(request)
+    if not ranges or num_computed >= request.num_prompt_tokens or \
             num_computed + num_new_tokens <= min(o for o, _ in ranges):
         return False
     if rid in _plans and num_computed != 0:
         return False
-    extra = request.sampling_params.extra_args if request.sampling_params else None
-    spec_value = (extra or {}).get("feather")
-    try:
-        cfg = pcfg.resolve(spec_value if spec_value is not None else spec.feather_default)
-        cfg.validate(spec.feather_num_layers)
-    except pcfg.PruningConfigError:
-        _plans[rid] = None  # the worker serves it unpruned too
-        return True
-    if not cfg.enabled:
+    cfg = _requested_config(spec, request)
+    decision = decide(num_computed, num_new_tokens, request.num_prompt_tokens, ranges)
+    if cfg is None or not decision.prune:
         _plans[rid] = None
-        return True
-    decision = decide(num_computed, num_new_tokens, prompt_len, ranges)
-    if not decision.prune:
-        _plans[rid] = None
-        if decision.reason:
+        if cfg is not None and decision.reason:
             fallbacks[decision.reason] = fallbacks.get(decision.reason, 0) + 1
         return True
     n = ranges[0][1]
     _plans[rid] = RequestKVPlan(n, tuple(zip(cfg.cut_layers, kept_per_stage_max(cfg, n))))
     return True
+
+
+def _prefix_hit_cap(spec: StagedFullAttentionSpec, request: Any) -> int | None:
+    """Longest prefix-cache hit a request may take and still be pruned: the
+    cut must compute every image token, so only text before the image can
+    come from the cache."""
+    ranges = _image_ranges(request)
+    if len(ranges) != 1 or _requested_config(spec, request) is None:
+        return None
+    return ranges[0][0]
 
 
 def stage_attention_layers(layers: list[Any], boundaries: list[int], num_layers: int,
@@ -205,6 +220,26 @@ def install() -> None:
         return blocks
 
     KVCacheManager.allocate_slots = allocate_slots
+
+    original_computed = KVCacheManager.get_computed_blocks
+
+    @functools.wraps(original_computed)
+    def get_computed_blocks(self, request):
+        spec = getattr(self, "_feather_spec", False)
+        if spec is False:
+            spec = self._feather_spec = _staged_spec(self)
+        cap = _prefix_hit_cap(spec, request) if spec is not None else None
+        if cap is None:
+            return original_computed(self, request)
+        coordinator = self.coordinator
+        find = coordinator.find_longest_cache_hit
+        coordinator.find_longest_cache_hit = lambda hashes, max_len: find(hashes, min(max_len, cap))
+        try:
+            return original_computed(self, request)
+        finally:
+            del coordinator.find_longest_cache_hit  # back to the class method
+
+    KVCacheManager.get_computed_blocks = get_computed_blocks
 
     original_free = KVCacheManager.free
 
