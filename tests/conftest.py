@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import os
 
-# Before vLLM is imported anywhere: offline, single-process engine, a fixed
-# CPU KV budget (auto-sizing misreads this sandbox's NUMA node).
+# Before vLLM is imported anywhere: offline, single-process engine. The KV
+# budget is set per engine (kv_cache_memory_bytes): the CPU platform lets
+# VLLM_CPU_KVCACHE_SPACE override it, so that variable must stay unset here.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from pathlib import Path  # noqa: E402

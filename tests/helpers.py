@@ -39,6 +39,7 @@ def make_llm(checkpoint: Path, stock: bool = False, **kwargs: Any):
 
     from feather_vllm.engine import engine_kwargs
 
+    kwargs.setdefault("kv_cache_bytes", 2**30)
     kw = engine_kwargs(str(checkpoint), dtype="float32", max_model_len=1024,
                        max_num_seqs=16, **kwargs)
     if stock:
@@ -47,10 +48,24 @@ def make_llm(checkpoint: Path, stock: bool = False, **kwargs: Any):
 
 
 def shutdown(llm) -> None:
-    """Release an engine so that another can start in the same process."""
-    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
-
+    """Release an engine. The process-wide distributed state stays: other
+    single-process engines in this process keep using it."""
     llm.llm_engine.engine_core.shutdown()
     del llm
     gc.collect()
-    cleanup_dist_env_and_memory()
+
+
+def engine_parts(llm) -> tuple[Any, Any, Any]:
+    """(scheduler, KV-cache manager, model) of a single-process engine."""
+    core = llm.llm_engine.engine_core.engine_core
+    model = llm.llm_engine.model_executor.driver_worker.worker.model_runner.get_model()
+    return core.scheduler, core.scheduler.kv_cache_manager, model
+
+
+def image_prompt(image: Image.Image, text: str) -> dict[str, Any]:
+    """A raw LLaVA-1.5 prompt for `LLMEngine.add_request`."""
+    return {"prompt": f"<s>USER: <image>\n{text}\nASSISTANT:", "multi_modal_data": {"image": image}}
+
+
+def blocks_per_group(kv_manager, request_id: str) -> list[int]:
+    return [len(m.req_to_blocks.get(request_id, ())) for m in kv_manager.coordinator.single_type_managers]

@@ -1,0 +1,105 @@
+"""Pruned KV under other engine settings: one KV group, a small KV budget
+(capacity, preemption), chunked prefill (fallback) and prefix caching.
+Each test starts its own engine (one engine at a time per process)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.helpers import chat, engine_parts, image_prompt, make_llm, sample_images, shutdown
+from tests.test_kv_cache import BLOCK, PRESETS, QUESTION, _params
+
+CONVS_PER_IMAGE = (QUESTION, "Describe the picture.")
+
+
+def _convs():
+    return [chat(img, q) for img in sample_images() for q in CONVS_PER_IMAGE]
+
+
+def _tokens(llm, preset, max_tokens=160, convs=None):
+    outs = llm.chat(convs or _convs(), _params(preset, max_tokens), use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outs]
+
+
+@pytest.fixture(scope="module")
+def reference_tokens(tiny_checkpoint):
+    """Greedy tokens on the default engine (staged KV, roomy budget)."""
+    llm = make_llm(tiny_checkpoint, block_size=BLOCK)
+    try:
+        return {p: _tokens(llm, p) for p in PRESETS}
+    finally:
+        shutdown(llm)
+
+
+def test_outputs_match_single_kv_group(tiny_checkpoint, reference_tokens):
+    """Staged KV groups change where KV lives, not what the model computes."""
+    llm = make_llm(tiny_checkpoint, block_size=BLOCK,
+                   hf_overrides={"architectures": ["FeatherLlavaForConditionalGeneration"],
+                                 "feather_kv_boundaries": []})
+    try:
+        _, kv, _ = engine_parts(llm)
+        assert len(kv.kv_cache_config.kv_cache_groups) == 1
+        single = {p: _tokens(llm, p) for p in PRESETS}
+    finally:
+        shutdown(llm)
+    assert single == reference_tokens
+    assert reference_tokens["feather"] != reference_tokens["none"]
+
+
+def test_capacity_and_preemption_at_fixed_budget(tiny_checkpoint, reference_tokens):
+    """At one small KV budget, feather runs >= 2x as many image requests at
+    once as none (seen in the scheduler), and requests preempted for lack of
+    KV recompute to the same tokens."""
+    small = make_llm(tiny_checkpoint, block_size=BLOCK, kv_cache_bytes=24 * 2**20)
+    try:
+        scheduler, kv, _ = engine_parts(small)
+        engine = small.llm_engine
+        peak = {}
+        for preset in ("none", "feather"):
+            for i in range(24):
+                engine.add_request(f"cap-{preset}-{i}", image_prompt(sample_images()[i % 3], QUESTION),
+                                   _params(preset, 48))
+            running = 0
+            while engine.has_unfinished_requests():
+                engine.step()
+                running = max(running, len(scheduler.running))
+            peak[preset] = running
+        assert peak["feather"] >= 2 * peak["none"], peak
+        # Same small budget: requests get preempted (KV exhausted while
+        # decoding) and recompute to exactly the roomy engine's tokens.
+        preempted: list[str] = []
+        preempt = scheduler._preempt_request
+        scheduler._preempt_request = lambda req, *a, **k: (preempted.append(req.request_id), preempt(req, *a, **k))[1]
+        for preset in PRESETS:
+            before = len(preempted)
+            assert _tokens(small, preset, convs=_convs() * 4) == reference_tokens[preset] * 4, preset
+            if preset in ("none", "fastv"):
+                assert len(preempted) > before, preset
+    finally:
+        shutdown(small)
+
+
+def test_chunked_prefill_falls_back_unpruned(tiny_checkpoint, reference_tokens):
+    from feather_vllm.kv import staged
+
+    chunked = make_llm(tiny_checkpoint, block_size=BLOCK, enable_chunked_prefill=True,
+                       max_num_batched_tokens=256, disable_chunked_mm_input=False)
+    try:
+        before = sum(staged.fallbacks.values())
+        assert _tokens(chunked, "feather") == reference_tokens["none"]
+        assert sum(staged.fallbacks.values()) - before == 6
+        assert any("split" in reason for reason in staged.fallbacks)
+        _, _, model = engine_parts(chunked)
+        assert all(r["fallback"] for r in model._records.values())
+    finally:
+        shutdown(chunked)
+
+
+def test_prefix_caching_keeps_pruned_outputs(tiny_checkpoint, reference_tokens):
+    cached = make_llm(tiny_checkpoint, block_size=BLOCK, enable_prefix_caching=True)
+    try:
+        for _ in range(2):  # the second round hits the cache
+            for preset in PRESETS:
+                assert _tokens(cached, preset) == reference_tokens[preset], preset
+    finally:
+        shutdown(cached)
