@@ -74,8 +74,8 @@ PROFILES: dict[str, Profile] = {
     # ~620-token image prompt takes about a second on 2 cores.
     "bench": Profile(
         vision_hidden=128, vision_mlp=256, vision_layers=2, vision_heads=4,
-        text_hidden=512, text_mlp=1376, text_layers=32, text_heads=8,
-        text_kv_heads=8, vocab_size=1024, init_std=0.05, dtype="float32",
+        text_hidden=768, text_mlp=2048, text_layers=32, text_heads=12,
+        text_kv_heads=12, vocab_size=1024, init_std=0.05, dtype="float32",
     ),
 }
 
