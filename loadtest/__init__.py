@@ -1,0 +1,1 @@
+"""Load generation and benchmarks for feather-vllm (and any OpenAI-compatible server)."""

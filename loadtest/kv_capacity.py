@@ -1,0 +1,118 @@
+"""KV blocks per image request and max concurrent image requests at a fixed
+KV budget, per preset, observed in the real engine's scheduler.
+
+python -m loadtest.kv_capacity [--model DIR] [--kv-cache-mib 640] [--block-size 32]
+
+Prints each preset's figures as ratios to `none`, next to the cost model's
+prediction. Without --model it builds the `bench` checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+PRESETS = ["none", "fastv", "feather", "pyramiddrop"]
+QUESTION = "Where is the red square?"
+
+
+def _image():
+    import numpy as np
+    from PIL import Image
+
+    scene = np.full((336, 336, 3), 128, dtype=np.uint8)
+    scene[40:140, 200:300] = (220, 30, 30)
+    return Image.fromarray(scene)
+
+
+def measure(model: str, kv_cache_mib: int, block_size: int, requests: int, max_tokens: int) -> dict[str, Any]:
+    from vllm import LLM, SamplingParams
+
+    from feather_vllm.engine import engine_kwargs
+    from feather_vllm.pruning import config as pcfg
+    from feather_vllm.pruning.cost import kv_blocks, stage_tokens
+
+    llm = LLM(enforce_eager=True, distributed_executor_backend="uni",
+              **engine_kwargs(model, dtype="float32", max_model_len=1024, max_num_seqs=64,
+                              block_size=block_size, kv_cache_bytes=kv_cache_mib * 2**20))
+    engine = llm.llm_engine
+    scheduler = engine.engine_core.engine_core.scheduler
+    kv = scheduler.kv_cache_manager
+    runner_model = engine.model_executor.driver_worker.worker.model_runner.get_model()
+    groups = kv.kv_cache_config.kv_cache_groups
+    firsts = [0, *runner_model.kv_boundaries]
+    prompt = {"prompt": f"<s>USER: <image>\n{QUESTION}\nASSISTANT:", "multi_modal_data": {"image": _image()}}
+    results: dict[str, Any] = {"block_size": block_size, "kv_cache_mib": kv_cache_mib,
+                               "num_blocks": kv.block_pool.num_gpu_blocks, "presets": {}}
+    for preset in PRESETS:
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True,
+                                extra_args={"feather": preset})
+        # Blocks one request holds right after its prefill, per KV group.
+        engine.add_request(f"{preset}-probe", prompt, params)
+        engine.step()
+        (rid,) = list(kv.coordinator.single_type_managers[0].req_to_blocks)
+        held = [len(m.req_to_blocks.get(rid, ())) for m in kv.coordinator.single_type_managers]
+        request = scheduler.requests[rid]
+        image_tokens = sum(f.mm_position.length for f in request.mm_features)
+        text_tokens = request.num_prompt_tokens - image_tokens
+        while engine.has_unfinished_requests():
+            engine.step()
+        # Predicted from the pure cost model: each group reserves its stage's tokens.
+        reserve = stage_tokens(pcfg.resolve(preset), runner_model.kv_boundaries, image_tokens, text_tokens)
+        predicted = [kv_blocks(reserve[firsts.index(g.kv_cache_spec.feather_first_layer)], block_size)
+                     for g in groups]
+        # Peak of requests running at once when many arrive together.
+        for i in range(requests):
+            engine.add_request(f"{preset}-{i}", prompt, params)
+        peak = 0
+        while engine.has_unfinished_requests():
+            engine.step()
+            peak = max(peak, len(scheduler.running))
+        results["presets"][preset] = {"blocks_per_group": held, "blocks": sum(held),
+                                      "predicted_blocks": sum(predicted), "max_concurrent": peak}
+    return results
+
+
+def report(results: dict[str, Any]) -> str:
+    base = results["presets"]["none"]
+    lines = [f"KV budget {results['kv_cache_mib']} MiB = {results['num_blocks']} blocks of "
+             f"{results['block_size']} tokens; one image request (576 image tokens)",
+             f"{'preset':<12} {'blocks/req':>10} {'x none':>7} {'predicted':>9} "
+             f"{'max concurrent':>15} {'x none':>7} {'predicted':>9}"]
+    for preset, r in results["presets"].items():
+        lines.append(
+            f"{preset:<12} {r['blocks']:>10} {r['blocks'] / base['blocks']:>7.2f} "
+            f"{r['predicted_blocks'] / base['predicted_blocks']:>9.2f} {r['max_concurrent']:>15} "
+            f"{r['max_concurrent'] / base['max_concurrent']:>7.2f} "
+            f"{base['predicted_blocks'] / r['predicted_blocks']:>9.2f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m loadtest.kv_capacity", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="checkpoint dir (default: build the bench profile)")
+    parser.add_argument("--kv-cache-mib", type=int, default=640)
+    parser.add_argument("--block-size", type=int, default=32)
+    parser.add_argument("--requests", type=int, default=40)
+    parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--json", default="results/kv_capacity.json")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)  # it would override the budget
+    model = args.model
+    if model is None:
+        from feather_vllm.checkpoints import ensure_checkpoint
+
+        model = str(ensure_checkpoint("bench", "checkpoints/bench"))
+    results = measure(model, args.kv_cache_mib, args.block_size, args.requests, args.max_tokens)
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(results, indent=2))
+    print(report(results))
+
+
+if __name__ == "__main__":
+    main()
