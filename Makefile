@@ -12,13 +12,9 @@ setup:
 checkpoints: setup
 	@$(PY) -c "from feather_vllm.checkpoints import ensure_checkpoint; ensure_checkpoint('tiny', '$(DEMO_MODEL)')"
 
-# Set up, build the demo checkpoint if absent, serve it (OpenAI-compatible).
+# Set up, build the demo checkpoint if absent, serve it with the gateway.
 serve: checkpoints
-	HF_HUB_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-2} \
-	$(PY) -m vllm.entrypoints.openai.api_server --model $(DEMO_MODEL) \
-	  --hf-overrides '{"architectures": ["FeatherLlavaForConditionalGeneration"]}' \
-	  --enforce-eager --dtype float32 --max-model-len 2048 --no-enable-chunked-prefill \
-	  --disable-chunked-mm-input --max-num-batched-tokens 2112 --no-enable-prefix-caching \
+	$(PY) -m server --model $(DEMO_MODEL) --served-model-name demo --dtype float32 \
 	  --host $(HOST) --port $(PORT)
 
 # Set up, then run the whole test suite. Exit code 5 (no tests ran) fails.

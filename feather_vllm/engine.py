@@ -24,6 +24,7 @@ def engine_kwargs(
     kv_cache_bytes: int | None = None,
     default_preset: str | None = None,
     enable_prefix_caching: bool = False,
+    max_images_per_prompt: int = 1,
     seed: int = 0,
     **overrides: Any,
 ) -> dict[str, Any]:
@@ -47,7 +48,7 @@ def engine_kwargs(
         disable_chunked_mm_input=True,
         max_num_batched_tokens=max_model_len + max_num_seqs,
         enable_prefix_caching=enable_prefix_caching,
-        limit_mm_per_prompt={"image": 1},
+        limit_mm_per_prompt={"image": max_images_per_prompt},
     )
     if block_size is not None:
         kwargs["block_size"] = block_size

@@ -69,3 +69,61 @@ def image_prompt(image: Image.Image, text: str) -> dict[str, Any]:
 
 def blocks_per_group(kv_manager, request_id: str) -> list[int]:
     return [len(m.req_to_blocks.get(request_id, ())) for m in kv_manager.coordinator.single_type_managers]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """`python -m server` in a subprocess on a free loopback port."""
+
+    def __init__(self, checkpoint: Path, *args: str, startup_timeout: float = 180.0) -> None:
+        import os
+        import subprocess
+        import sys
+        import tempfile
+        import time
+
+        import httpx
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
+        env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "server", "--model", str(checkpoint), "--port", str(self.port),
+             "--dtype", "float32", "--kv-cache-gib", "1", "--max-model-len", "1024", *args],
+            stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + startup_timeout
+        self.saw_503 = False
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {self.logs()[-3000:]}")
+            try:
+                status = httpx.get(self.url + "/health", timeout=2).status_code
+            except httpx.HTTPError:
+                status = None
+            self.saw_503 |= status == 503
+            if status == 200:
+                return
+            time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"server not ready in {startup_timeout} s: {self.logs()[-3000:]}")
+
+    def logs(self) -> str:
+        self.log.flush()
+        return Path(self.log.name).read_text()
+
+    def stop(self) -> None:
+        import subprocess
+
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()

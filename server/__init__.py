@@ -1,0 +1,1 @@
+"""OpenAI-compatible FastAPI gateway for feather-vllm."""

@@ -1,0 +1,81 @@
+"""OpenAI-style errors: `{"error": {"message", "type", "param", "code"}}`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+          413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable"}
+
+
+class APIError(Exception):
+    """An error answered to the client with an OpenAI error body."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers or {}
+
+
+def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": _TYPES.get(status, "server_error"),
+                      "param": param, "code": code}}
+
+
+def error_response(err: APIError) -> JSONResponse:
+    return JSONResponse(error_body(err.status, err.message, err.param, err.code), err.status, headers=err.headers)
+
+
+# Union-member tags pydantic puts in error locations; not field names.
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+_PART_TAGS = {"text", "image_url"}  # discriminator values right after a list index
+
+
+def _validation_param(loc: tuple[Any, ...]) -> str | None:
+    """`("body", "messages", 0, "role")` -> "messages[0].role"."""
+    out = ""
+    after_index = False
+    for p in loc[1:] if loc and loc[0] == "body" else loc:
+        if isinstance(p, int):
+            out += f"[{p}]"
+            after_index = True
+            continue
+        if not (p in _TYPE_TAGS or "[" in str(p) or (after_index and p in _PART_TAGS)):
+            out += ("." if out else "") + str(p)
+        after_index = False
+    return out or None
+
+
+def install(app: FastAPI) -> None:
+    """Every error leaves the server as OpenAI error JSON with a fitting status."""
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, err: APIError) -> JSONResponse:
+        return error_response(err)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, err: RequestValidationError) -> JSONResponse:
+        # With unions pydantic reports every branch; the deepest error is the useful one.
+        first = max(err.errors(), key=lambda e: len(e.get("loc", ())), default={"loc": (), "msg": "invalid request"})
+        param = _validation_param(tuple(first.get("loc", ())))
+        if first.get("type") == "json_invalid":
+            message = "request body is not valid JSON"
+            param = None
+        else:
+            message = f"{param + ': ' if param else ''}{first.get('msg', 'invalid value')}"
+        return JSONResponse(error_body(400, message, param, first.get("type")), 400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, err: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(error_body(err.status_code, str(err.detail)), err.status_code,
+                            headers=getattr(err, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, err: Exception) -> JSONResponse:
+        return JSONResponse(error_body(500, f"internal error: {type(err).__name__}"), 500)

@@ -1,0 +1,157 @@
+"""Typed request and response bodies of the OpenAI chat completions API,
+with the `feather` pruning extension."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ImageURL(_Strict):
+    url: StrictStr
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: StrictStr
+
+
+class ImagePart(_Strict):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: StrictStr | list[ContentPart] | None = None
+    name: StrictStr | None = None
+
+
+class StreamOptions(_Strict):
+    include_usage: StrictBool = False
+
+
+class StageSettings(_Strict):
+    layer: StrictInt
+    keep: StrictFloat | StrictInt
+    criterion: Literal["rope", "rope_free"] = "rope_free"
+    grid_stride: StrictInt | None = None
+
+
+class FeatherSettings(_Strict):
+    """Per-request pruning: a preset, explicit stages, or both (stages win)."""
+
+    preset: StrictStr | None = None
+    stages: list[StageSettings] | None = None
+
+
+class ChatCompletionRequest(BaseModel):
+    # OpenAI clients send fields we do not use (user, metadata, ...): ignore them.
+    model_config = ConfigDict(extra="ignore")
+
+    model: StrictStr
+    messages: list[Message] = Field(min_length=1)
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    n: StrictInt = Field(1, ge=1, le=8)
+    max_tokens: StrictInt | None = Field(None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(None, ge=1)
+    temperature: StrictFloat | StrictInt | None = Field(None, ge=0, le=2)
+    top_p: StrictFloat | StrictInt | None = Field(None, gt=0, le=1)
+    seed: StrictInt | None = None
+    stop: StrictStr | list[StrictStr] | None = None
+    logprobs: StrictBool = False
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=20)
+    feather: FeatherSettings | None = None
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class StageReport(BaseModel):
+    layer: int
+    kept: int  # image tokens kept (for a grid stage: the most it can keep, which KV reserves)
+    kept_min: int  # the least it can keep
+
+
+class KVBlocksReport(BaseModel):
+    used: int
+    unpruned: int
+
+
+class FeatherReport(BaseModel):
+    preset: str
+    image_tokens: int
+    stages: list[StageReport]
+    kv_blocks: KVBlocksReport
+    fallback: dict[str, str] | None = None
+
+
+class ChatMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None
+
+
+class Choice(BaseModel):
+    index: int
+    message: ChatMessage
+    logprobs: dict[str, Any] | None = None
+    finish_reason: str | None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage
+    feather: FeatherReport | None = None
+
+
+class Delta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChunkChoice(BaseModel):
+    index: int
+    delta: Delta
+    logprobs: dict[str, Any] | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+    feather: FeatherReport | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "feather-vllm"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

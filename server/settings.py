@@ -1,0 +1,73 @@
+"""Gateway settings: environment variables (FEATHER_*) and CLI flags."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every setting is an env var `FEATHER_<NAME>` and a flag `--<name>`."""
+
+    model_config = SettingsConfigDict(env_prefix="FEATHER_", extra="ignore")
+
+    model: str = Field(description="checkpoint directory (llava-hf layout)")
+    served_model_name: str | None = Field(None, description="name clients use (default: the model dir's name)")
+    host: str = "127.0.0.1"
+    port: int = 8000
+    default_preset: str = Field("none", description="pruning preset for requests that name none")
+    kv_boundaries: list[int] | None = Field(None, description="KV stage boundaries (default: the presets' cut layers)")
+    kv_cache_gib: float = Field(2.0, description="KV cache budget in GiB")
+    block_size: int | None = Field(None, description="KV block size in tokens (default: vLLM's)")
+    max_model_len: int = 2048
+    max_num_seqs: int = 32
+    dtype: str = "auto"
+    max_images_per_request: int = 1
+    max_image_bytes: int = 10 * 2**20
+    max_image_pixels: int = 4096 * 4096
+    max_body_bytes: int = 25 * 2**20
+    image_fetch_timeout_s: float = 10.0
+    max_image_redirects: int = 3
+    allowed_image_hosts: list[str] | None = Field(None, description="if set, only these hosts are fetched")
+    allow_private_image_hosts: bool = Field(False, description="allow fetching loopback/private/link-local hosts")
+    allow_file_urls: bool = False
+    allowed_local_dir: Path | None = Field(None, description="file:// URLs must lie under this directory")
+    api_key: str | None = Field(None, description="require 'Authorization: Bearer <key>' on /v1/*")
+    max_waiting_requests: int = Field(64, description="requests beyond max_num_seqs that may wait")
+    log_level: str = "info"
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or Path(self.model).name
+
+
+def _flag_type(annotation: Any):
+    text = str(annotation)
+    if "list[int]" in text:
+        return lambda s: [int(x) for x in s.split(",") if x.strip()]
+    if "list[str]" in text:
+        return lambda s: [x.strip() for x in s.split(",") if x.strip()]
+    if annotation is bool:
+        return lambda s: s.lower() in ("1", "true", "yes", "on")
+    for t in (int, float):
+        if annotation is t or text.startswith(f"{t.__name__} |"):
+            return t
+    return str
+
+
+def parse_args(argv: list[str] | None = None) -> Settings:
+    """CLI flags override environment variables, which override defaults."""
+    parser = argparse.ArgumentParser(prog="python -m server", description="feather-vllm OpenAI-compatible gateway")
+    for name, field in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        help_text = (field.description or "") + f" [env FEATHER_{name.upper()}]"
+        if field.annotation is bool:
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            parser.add_argument(flag, dest=name, type=_flag_type(field.annotation), default=None, help=help_text)
+    args = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+    return Settings(**args)

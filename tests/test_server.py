@@ -1,0 +1,355 @@
+"""The gateway over real HTTP with the real engine: chats with images,
+streaming, presets and their reports, the official OpenAI client,
+concurrency, auth, and bad input answered 4xx while the server keeps serving."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+
+import httpx
+import pytest
+from PIL import Image
+
+from tests.helpers import ServerProcess, sample_images
+
+KEY = "test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+QUESTION = "Where is the red square?"
+PRESETS = ["none", "fastv", "feather", "pyramiddrop"]
+
+
+def png_data_url(image: Image.Image, fmt: str = "PNG") -> str:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt)
+    return f"data:image/{fmt.lower()};base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoint, tmp_path_factory):
+    local = tmp_path_factory.mktemp("images")
+    sample_images()[1].save(local / "scene.png")
+    proc = ServerProcess(tiny_checkpoint, "--served-model-name", "tiny", "--api-key", KEY,
+                         "--max-num-seqs", "4", "--max-waiting-requests", "4",
+                         "--max-image-bytes", "200000", "--max-image-pixels", "1000000",
+                         "--allow-file-urls", "--allowed-local-dir", str(local))
+    proc.local_dir = local
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with httpx.Client(base_url=server.url, headers=AUTH, timeout=120) as c:
+        yield c
+
+
+def image_chat(image_url: str | None = None, text: str = QUESTION, **extra) -> dict:
+    content = [{"type": "text", "text": text}]
+    if image_url is not None:
+        content.insert(0, {"type": "image_url", "image_url": {"url": image_url}})
+    body = {"model": "tiny", "messages": [{"role": "user", "content": content}],
+            "max_tokens": 8, "temperature": 0}
+    body.update(extra)
+    return body
+
+
+@pytest.fixture(scope="module")
+def scene_url():
+    return png_data_url(sample_images()[1])
+
+
+@pytest.fixture(scope="module")
+def offline_texts(tiny_checkpoint, server):
+    """Greedy texts of the same chats from vLLM's offline engine (the server
+    process is already up; this engine runs in the test process)."""
+    from vllm import SamplingParams
+
+    from tests.helpers import chat, make_llm, shutdown
+
+    llm = make_llm(tiny_checkpoint)
+    try:
+        out = {}
+        for preset in PRESETS:
+            params = SamplingParams(max_tokens=8, temperature=0.0, extra_args={"feather": preset})
+            out[preset] = llm.chat(chat(sample_images()[1], QUESTION), params, use_tqdm=False)[0].outputs[0].text
+        return out
+    finally:
+        shutdown(llm)
+
+
+def test_health_models_and_startup_503(server, client):
+    assert server.saw_503  # /health said 503 while the engine loaded
+    assert client.get("/health").json() == {"status": "ok"}
+    models = client.get("/v1/models").json()
+    assert models["object"] == "list" and [m["id"] for m in models["data"]] == ["tiny"]
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_image_chat_per_preset_matches_offline_engine(client, scene_url, offline_texts, preset):
+    r = client.post("/v1/chat/completions", json=image_chat(scene_url, feather={"preset": preset}))
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "chat.completion" and body["model"] == "tiny"
+    assert body["choices"][0]["message"]["content"] == offline_texts[preset]
+    assert body["choices"][0]["finish_reason"] == "length"
+    assert body["usage"] == {"prompt_tokens": 591, "completion_tokens": 8, "total_tokens": 599}
+    report = body["feather"]
+    assert report["preset"] == preset and report["image_tokens"] == 576 and report["fallback"] is None
+    expected_stages = {
+        "none": [],
+        "fastv": [{"layer": 3, "kept": 144, "kept_min": 144}],
+        "feather": [{"layer": 8, "kept": 236, "kept_min": 172}, {"layer": 16, "kept": 21, "kept_min": 15}],
+        "pyramiddrop": [{"layer": 8, "kept": 288, "kept_min": 288}, {"layer": 16, "kept": 144, "kept_min": 144},
+                        {"layer": 24, "kept": 72, "kept_min": 72}],
+    }[preset]
+    assert report["stages"] == expected_stages
+    # Default block size 128 on CPU: 12 KV groups over 5 stages.
+    blocks = report["kv_blocks"]
+    assert blocks["unpruned"] == 12 * 5
+    assert (blocks["used"] < blocks["unpruned"]) == (preset != "none")
+
+
+def test_text_chat_and_determinism(client):
+    body = {"model": "tiny", "messages": [{"role": "system", "content": "Be brief."},
+                                          {"role": "user", "content": "hello there"}],
+            "max_tokens": 6, "temperature": 0}
+    a = client.post("/v1/chat/completions", json=body).json()
+    b = client.post("/v1/chat/completions", json=body).json()
+    assert a["choices"][0]["message"]["content"] == b["choices"][0]["message"]["content"]
+    assert a["feather"]["image_tokens"] == 0 and a["feather"]["stages"] == []
+    assert a["usage"]["completion_tokens"] == 6
+
+
+def test_streaming_equals_plain_and_reports_last(client, scene_url):
+    plain = client.post("/v1/chat/completions", json=image_chat(scene_url, feather={"preset": "feather"})).json()
+    body = image_chat(scene_url, feather={"preset": "feather"}, stream=True, stream_options={"include_usage": True})
+    events = []
+    with client.stream("POST", "/v1/chat/completions", json=body) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                events.append(line[6:])
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert text == plain["choices"][0]["message"]["content"]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == plain["usage"]
+    assert chunks[-1]["feather"] == plain["feather"]
+    assert any(c["choices"] and c["choices"][0].get("finish_reason") == "length" for c in chunks)
+
+
+def test_n_seed_stop_and_logprobs(client, scene_url):
+    r = client.post("/v1/chat/completions", json=image_chat(scene_url, n=2, temperature=1.0, seed=7))
+    choices = r.json()["choices"]
+    assert [c["index"] for c in choices] == [0, 1]
+    again = client.post("/v1/chat/completions", json=image_chat(scene_url, n=2, temperature=1.0, seed=7)).json()
+    assert [c["message"]["content"] for c in again["choices"]] == [c["message"]["content"] for c in choices]
+    r = client.post("/v1/chat/completions", json=image_chat(scene_url, logprobs=True, top_logprobs=3))
+    content = r.json()["choices"][0]["logprobs"]["content"]
+    assert len(content) == 8
+    assert all(len(t["top_logprobs"]) == 3 and t["logprob"] <= 0 for t in content)
+    assert content[0]["top_logprobs"][0]["logprob"] >= content[0]["top_logprobs"][1]["logprob"]
+
+
+def test_openai_client_unchanged(server, scene_url):
+    import openai
+
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY)
+    response = client.chat.completions.create(
+        model="tiny", max_tokens=8, temperature=0,
+        messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": scene_url}},
+                                               {"type": "text", "text": QUESTION}]}],
+        extra_body={"feather": {"stages": [{"layer": 8, "keep": 0.5, "criterion": "rope_free", "grid_stride": 3},
+                                           {"layer": 16, "keep": 0.1}]}})
+    assert response.usage.completion_tokens == 8
+    report = response.model_extra["feather"]
+    assert report["preset"] == "custom" and [s["layer"] for s in report["stages"]] == [8, 16]
+    stream = client.chat.completions.create(model="tiny", max_tokens=4, temperature=0, stream=True,
+                                            messages=[{"role": "user", "content": "hi"}])
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                       extra_body={"feather": {"preset": "fastest"}})
+    assert err.value.body["param"] == "feather.preset"
+
+
+def test_concurrent_mixed_presets_equal_sequential(server, client, scene_url):
+    images = [png_data_url(img) for img in sample_images()[1:]]  # the noise image exceeds the byte limit
+    bodies = [image_chat(images[i % 2], feather={"preset": PRESETS[i % 4]}) for i in range(8)]
+    sequential = [client.post("/v1/chat/completions", json=b).json()["choices"][0]["message"]["content"]
+                  for b in bodies]
+
+    async def run():
+        async with httpx.AsyncClient(base_url=server.url, headers=AUTH, timeout=120) as c:
+            return await asyncio.gather(*(c.post("/v1/chat/completions", json=b) for b in bodies))
+
+    responses = asyncio.run(run())
+    assert [r.status_code for r in responses] == [200] * 8
+    assert [r.json()["choices"][0]["message"]["content"] for r in responses] == sequential
+
+
+def test_auth(server):
+    assert httpx.get(server.url + "/v1/models").status_code == 401
+    r = httpx.post(server.url + "/v1/chat/completions", json=image_chat(), headers={"Authorization": "Bearer no"})
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    assert httpx.get(server.url + "/health").status_code == 200  # probes need no key
+
+
+def _big_png() -> str:
+    return png_data_url(Image.new("RGB", (1100, 1000), (10, 20, 30)))
+
+
+def _noisy_png() -> str:
+    import numpy as np
+
+    noise = np.random.default_rng(0).integers(0, 256, (300, 300, 3), dtype=np.uint8)
+    return png_data_url(Image.fromarray(noise))  # ~270 kB > the 200 kB limit
+
+
+def _bad_inputs(scene_url: str, local_dir) -> list[tuple[str, dict | str, int, str | None]]:
+    """(kind, body or raw text, status, param)."""
+    ok = image_chat(scene_url)
+    msg = ok["messages"]
+
+    def with_(**kw):
+        return {**ok, **kw}
+
+    def part(p):
+        return with_(messages=[{"role": "user", "content": [p, {"type": "text", "text": "hi"}]}])
+
+    return [
+        ("malformed JSON", '{"model": "tiny", "messages": [', 400, None),
+        ("body is a list", "[1, 2]", 400, None),
+        ("missing model", {"messages": msg}, 400, "model"),
+        ("missing messages", {"model": "tiny"}, 400, "messages"),
+        ("empty messages", with_(messages=[]), 400, "messages"),
+        ("unknown role", with_(messages=[{"role": "wizard", "content": "hi"}]), 400, "messages[0].role"),
+        ("content wrong type", with_(messages=[{"role": "user", "content": 42}]), 400, "messages[0].content"),
+        ("unknown content part", part({"type": "audio", "audio": "x"}), 400, "messages[0].content[0]"),
+        ("stream not boolean", with_(stream="yes"), 400, "stream"),
+        ("max_tokens zero", with_(max_tokens=0), 400, "max_tokens"),
+        ("max_tokens a string", with_(max_tokens="ten"), 400, "max_tokens"),
+        ("temperature too high", with_(temperature=5), 400, "temperature"),
+        ("top_p zero", with_(top_p=0), 400, "top_p"),
+        ("n too large", with_(n=100), 400, "n"),
+        ("top_logprobs without logprobs", with_(top_logprobs=2), 400, "top_logprobs"),
+        ("top_logprobs too large", with_(logprobs=True, top_logprobs=50), 400, "top_logprobs"),
+        ("max_tokens beyond context", with_(max_tokens=5000), 400, "max_tokens"),
+        ("prompt beyond context", with_(messages=[{"role": "user", "content": "word " * 3000}]), 400, "messages"),
+        ("unknown model", with_(model="gpt-9"), 404, "model"),
+        ("unknown preset", with_(feather={"preset": "fastest"}), 400, "feather.preset"),
+        ("feather not an object", with_(feather="fastv"), 400, "feather"),
+        ("unknown feather key", with_(feather={"mode": "x"}), 400, "feather.mode"),
+        ("cut layer out of range", with_(feather={"stages": [{"layer": 40, "keep": 0.5}]}), 400,
+         "feather.stages[0].layer"),
+        ("cut layer not a KV boundary", with_(feather={"stages": [{"layer": 5, "keep": 0.5}]}), 400,
+         "feather.stages[0].layer"),
+        ("keep fraction zero", with_(feather={"stages": [{"layer": 8, "keep": 0}]}), 400,
+         "feather.stages[0].keep"),
+        ("keep fraction above one", with_(feather={"stages": [{"layer": 8, "keep": 1.5}]}), 400,
+         "feather.stages[0].keep"),
+        ("cuts not increasing", with_(feather={"stages": [{"layer": 16, "keep": 0.5}, {"layer": 8, "keep": 0.5}]}),
+         400, "feather.stages[1].layer"),
+        ("unknown criterion", with_(feather={"stages": [{"layer": 8, "keep": 0.5, "criterion": "magic"}]}), 400,
+         "feather.stages[0].criterion"),
+        ("too many images", with_(messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": scene_url}},
+            {"type": "image_url", "image_url": {"url": scene_url}}, {"type": "text", "text": "hi"}]}]),
+         400, "messages"),
+        ("image in assistant message", with_(messages=[{"role": "assistant", "content": [
+            {"type": "image_url", "image_url": {"url": scene_url}}]}, {"role": "user", "content": "hi"}]),
+         400, "messages[0].content[0]"),
+        ("broken base64", part({"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@@"}}), 400,
+         "messages[0].content[0].image_url.url"),
+        ("data URL not an image type", part({"type": "image_url", "image_url": {
+            "url": "data:text/plain;base64,aGVsbG8="}}), 400, "messages[0].content[0].image_url.url"),
+        ("non-image bytes", part({"type": "image_url", "image_url": {
+            "url": "data:image/png;base64," + base64.b64encode(b"not an image at all").decode()}}), 400,
+         "messages[0].content[0].image_url.url"),
+        ("truncated image", part({"type": "image_url", "image_url": {"url": scene_url[:200]}}), 400,
+         "messages[0].content[0].image_url.url"),
+        ("image too many bytes", part({"type": "image_url", "image_url": {"url": _noisy_png()}}), 413,
+         "messages[0].content[0].image_url.url"),
+        ("image too many pixels", part({"type": "image_url", "image_url": {"url": _big_png()}}), 413,
+         "messages[0].content[0].image_url.url"),
+        ("loopback image URL", part({"type": "image_url", "image_url": {"url": "http://127.0.0.1:9/x.png"}}), 400,
+         "messages[0].content[0].image_url.url"),
+        ("link-local image URL", part({"type": "image_url", "image_url": {
+            "url": "http://169.254.169.254/latest/meta-data"}}), 400, "messages[0].content[0].image_url.url"),
+        ("unresolvable image host", part({"type": "image_url", "image_url": {
+            "url": "http://no-such-host.invalid/x.png"}}), 400, "messages[0].content[0].image_url.url"),
+        ("unsupported URL scheme", part({"type": "image_url", "image_url": {"url": "ftp://example.com/x.png"}}), 400,
+         "messages[0].content[0].image_url.url"),
+        ("file URL outside the allowed dir", part({"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}),
+         400, "messages[0].content[0].image_url.url"),
+        ("file URL naming no file", part({"type": "image_url", "image_url": {
+            "url": f"file://{local_dir}/missing.png"}}), 400, "messages[0].content[0].image_url.url"),
+        ("image_url not an object", part({"type": "image_url", "image_url": "http://x"}), 400,
+         "messages[0].content[0].image_url"),
+    ]
+
+
+def test_bad_input_answers_4xx_and_server_keeps_serving(server, client, scene_url):
+    cases = _bad_inputs(scene_url, server.local_dir)
+    assert len(cases) >= 30
+    for kind, body, status, param in cases:
+        if isinstance(body, str):
+            r = client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+        else:
+            r = client.post("/v1/chat/completions", json=body)
+        assert r.status_code == status, (kind, r.status_code, r.text)
+        error = r.json()["error"]
+        assert error["message"] and error["type"], kind
+        assert error["param"] == param, (kind, error)
+    assert client.get("/health").status_code == 200
+    ok = client.post("/v1/chat/completions", json=image_chat(scene_url))
+    assert ok.status_code == 200
+
+
+def test_file_url_inside_allowed_dir(client, server, offline_texts):
+    r = client.post("/v1/chat/completions", json=image_chat(f"file://{server.local_dir}/scene.png"))
+    assert r.status_code == 200
+    assert r.json()["choices"][0]["message"]["content"] == offline_texts["none"]
+
+
+def test_body_too_large(client):
+    r = client.post("/v1/chat/completions", content=b"x" * (26 * 2**20), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_queue_full_answers_429_with_retry_after(server, scene_url):
+    body = image_chat(scene_url, max_tokens=200)
+
+    async def run():
+        async with httpx.AsyncClient(base_url=server.url, headers=AUTH, timeout=300) as c:
+            return await asyncio.gather(*(c.post("/v1/chat/completions", json=body) for _ in range(14)))
+
+    responses = asyncio.run(run())
+    statuses = [r.status_code for r in responses]
+    assert statuses.count(200) == 8 and statuses.count(429) == 6, statuses  # 4 running + 4 waiting
+    limited = next(r for r in responses if r.status_code == 429)
+    assert limited.headers["retry-after"] == "1"
+    assert limited.json()["error"]["type"] == "rate_limit_error"
+
+
+def test_client_disconnect_aborts_stream(server, client, scene_url):
+    body = image_chat(scene_url, max_tokens=900, stream=True)
+    with client.stream("POST", "/v1/chat/completions", json=body) as r:
+        for i, _ in enumerate(r.iter_lines()):
+            if i > 4:
+                break  # leave mid-stream
+    import time
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        text = client.get("/metrics").text
+        running = [line for line in text.splitlines() if line.startswith("vllm:num_requests_running")]
+        if running and all(line.endswith(" 0.0") for line in running):
+            break
+        time.sleep(0.5)
+    assert running and all(line.endswith(" 0.0") for line in running), running
+    assert "feather_requests_running 0.0" in text
