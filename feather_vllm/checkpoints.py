@@ -59,6 +59,8 @@ class Profile:
     vocab_size: int
     init_std: float
     dtype: str
+    # Whole words the tokenizer keeps as single tokens (the demo's answers).
+    word_tokens: tuple[str, ...] = ()
 
 
 PROFILES: dict[str, Profile] = {
@@ -76,6 +78,17 @@ PROFILES: dict[str, Profile] = {
         vision_hidden=128, vision_mlp=256, vision_layers=2, vision_heads=4,
         text_hidden=768, text_mlp=2048, text_layers=32, text_heads=12,
         text_kv_heads=12, vocab_size=1024, init_std=0.05, dtype="float32",
+    ),
+    # The trained demo (feather_vllm/demo): a 1.5M-parameter LLaVA that
+    # answers where an object is. Answers, colours and shapes are single
+    # tokens, so every question has the same length.
+    "demo": Profile(
+        vision_hidden=64, vision_mlp=128, vision_layers=2, vision_heads=2,
+        text_hidden=64, text_mlp=128, text_layers=32, text_heads=2,
+        text_kv_heads=2, vocab_size=360, init_std=0.02, dtype="float32",
+        word_tokens=("top-left", "top-center", "top-right", "middle-left", "center", "middle-right",
+                     "bottom-left", "bottom-center", "bottom-right",
+                     " red", " green", " blue", " yellow", " square", " circle"),
     ),
 }
 
@@ -100,7 +113,7 @@ def _corpus(seed: int, lines: int = 4000) -> list[str]:
     return out
 
 
-def build_tokenizer(vocab_size: int, seed: int):
+def build_tokenizer(vocab_size: int, seed: int, word_tokens: tuple[str, ...] = ()):
     """Train a byte-level BPE tokenizer locally and wrap it for transformers."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -115,6 +128,10 @@ def build_tokenizer(vocab_size: int, seed: int):
         show_progress=False,
     )
     tok.train_from_iterator(_corpus(seed), trainer=trainer)
+    if word_tokens:
+        from tokenizers import AddedToken
+
+        tok.add_tokens([AddedToken(w, normalized=False, special=False) for w in word_tokens])
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<s>",
@@ -146,10 +163,17 @@ def _to_llava_hf_layout(state_dict: dict) -> dict:
     return out
 
 
+def save_model(model, out: Path) -> None:
+    """Weights in the llava-hf layout, plus the config."""
+    from safetensors.torch import save_file
+
+    save_file(_to_llava_hf_layout(model.state_dict()), out / "model.safetensors", metadata={"format": "pt"})
+    model.config.save_pretrained(out)
+
+
 def build_checkpoint(profile: str, out: str | Path, seed: int = 0) -> Path:
     """Write a random-weight LLaVA-1.5-layout checkpoint to `out`."""
     import torch
-    from safetensors.torch import save_file
     from transformers import (
         CLIPImageProcessorPil,
         CLIPVisionConfig,
@@ -162,7 +186,7 @@ def build_checkpoint(profile: str, out: str | Path, seed: int = 0) -> Path:
     p = PROFILES[profile]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(p.vocab_size, seed)
+    tokenizer = build_tokenizer(p.vocab_size, seed, p.word_tokens)
     vocab = len(tokenizer)
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
 
@@ -207,11 +231,10 @@ def build_checkpoint(profile: str, out: str | Path, seed: int = 0) -> Path:
     model = LlavaForConditionalGeneration(config).to(getattr(torch, p.dtype)).eval()
     # Spread the logits so that greedy decoding has clear winners: equality
     # tests across implementations must not hinge on near-ties.
-    with torch.no_grad():
-        model.lm_head.weight.normal_(0.0, 1.0 / p.text_hidden**0.5 * 4)
-    save_file(_to_llava_hf_layout(model.state_dict()), out / "model.safetensors",
-              metadata={"format": "pt"})
-    config.save_pretrained(out)
+    if not p.word_tokens:  # random profiles; the demo is trained from its own init
+        with torch.no_grad():
+            model.lm_head.weight.normal_(0.0, 1.0 / p.text_hidden**0.5 * 4)
+    save_model(model, out)
 
     image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": 336},
