@@ -16,7 +16,6 @@ A batch in which no request is pruned runs the stock LLaVA forward.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import logging
 import os
@@ -38,6 +37,7 @@ from vllm.model_executor.models.llava import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
+from feather_vllm import records
 from feather_vllm.kv import staged
 from feather_vllm.kv import step as kv_step
 from feather_vllm.pruning import config as pcfg
@@ -48,8 +48,6 @@ from feather_vllm.pruning.selection import select_stage
 logger = logging.getLogger(__name__)
 
 DEFAULT_PRESET_ENV = "FEATHER_DEFAULT_PRESET"
-# Requests whose kept tokens stay inspectable after they finish (analysis).
-_RECORD_LIMIT = 512
 
 
 def kv_boundaries(hf_config: Any, num_layers: int) -> list[int]:
@@ -121,7 +119,6 @@ class FeatherLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         default = getattr(config, "feather_default", None) or os.environ.get(DEFAULT_PRESET_ENV)
         self.default_config = pcfg.resolve(default).validate(self.num_decoder_layers)
         self._states: dict[str, RequestPruning] = {}
-        self._records: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()
         self._tp = get_tensor_model_parallel_world_size()
         self.pruning_unsupported = self._unsupported_reason()
         if self.pruning_unsupported:
@@ -152,22 +149,11 @@ class FeatherLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         self._states.pop(req_id, None)
 
     def pruning_record(self, req_id: str) -> dict[str, Any] | None:
-        """What was kept for a recent request (for analysis and tests).
-
-        Accepts the engine's internal id or the caller's id (vLLM appends a
-        random suffix to the latter)."""
-        if req_id in self._records:
-            return self._records[req_id]
-        for key in reversed(self._records):
-            if key.rsplit("-", 1)[0] == req_id:
-                return self._records[key]
-        return None
+        """What was kept for a recent request (engine or caller request id)."""
+        return records.get(req_id)
 
     def _record(self, req_id: str, state: RequestPruning) -> None:
-        self._records[req_id] = state.summary()
-        self._records.move_to_end(req_id)
-        while len(self._records) > _RECORD_LIMIT:
-            self._records.popitem(last=False)
+        records.put(req_id, state.summary())
 
     def _resolve(self, spec: Any) -> pcfg.PruningConfig:
         if spec is None:

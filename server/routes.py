@@ -239,8 +239,10 @@ class _Call:
             if report.fallback:
                 metrics.FALLBACKS.labels(report.fallback["reason"]).inc()
 
-    def _report(self) -> FeatherReport:
-        return build_report(self.config, self.prompt_ids, max(self.generated, default=0), self.state.layout)
+    def _report(self, final: Any) -> FeatherReport:
+        params = getattr(final, "kv_transfer_params", None) or {}
+        return build_report(self.config, self.prompt_ids, max(self.generated, default=0), self.state.layout,
+                            params.get("feather"))
 
     def _usage(self) -> Usage:
         completion = sum(self.generated)
@@ -269,7 +271,7 @@ class _Call:
                 for out in final.outputs:
                     self._on_tokens(len(out.token_ids) - self.generated[out.index])
                     self.generated[out.index] = len(out.token_ids)
-            report = self._report()
+            report = self._report(final)
         except asyncio.CancelledError:
             await self.state.engine.abort(self.request_id)
             raise
@@ -307,7 +309,7 @@ class _Call:
                 if await request.is_disconnected():
                     break
             finished = out is not None and out.finished
-            report = self._report()
+            report = self._report(out)
             # The last chunk carries the pruning report (and usage when asked).
             yield self._chunk(choices=[], usage=self._usage() if include_usage else None, feather=report)
             yield "data: [DONE]\n\n"

@@ -84,8 +84,11 @@ class Usage(BaseModel):
 
 class StageReport(BaseModel):
     layer: int
-    kept: int  # image tokens kept (for a grid stage: the most it can keep, which KV reserves)
-    kept_min: int  # the least it can keep
+    kept: int  # image tokens kept: exact when `exact`, else the most this stage can keep
+    kept_min: int  # the least this stage can keep
+    kept_max: int  # the most this stage can keep (what its KV reserves)
+    mean_row: float | None = None  # of the kept tokens, 0 = top row, 1 = bottom (when exact)
+    quadrant_coverage: dict[str, float] | None = None  # fraction of each quadrant kept (when exact)
 
 
 class KVBlocksReport(BaseModel):
@@ -96,6 +99,7 @@ class KVBlocksReport(BaseModel):
 class FeatherReport(BaseModel):
     preset: str
     image_tokens: int
+    exact: bool  # kept counts measured in the engine (else the method's bounds)
     stages: list[StageReport]
     kv_blocks: KVBlocksReport
     fallback: dict[str, str] | None = None

@@ -3,23 +3,54 @@
 Used by tests only. It shares the method (scoring.py / selection.py) with
 the engine but none of the vLLM path: an explicit loop over the Hugging
 Face decoder layers of one sequence, each layer given only the tokens it
-keeps (with their original position ids and an explicit causal mask), and
-decoding by recomputing that pruned forward for every new token with the
-kept sets frozen at the prompt — so a generated token can only ever see,
-in each layer, the tokens that layer keeps.
+keeps, with their original position ids and an explicit causal mask.
+
+The prompt pass decides the kept sets: for a cut at layer L the criterion
+is computed inside layer L-1 (q/k projections of input_layernorm of the
+hidden state entering L-1, with or without RoPE at the original positions),
+and the dropped image tokens are removed before layer L runs. Text tokens
+are never dropped. Decoding is greedy and continues at position ids
+prompt_len, prompt_len + 1, ... Two decode modes give the same result:
+
+- "cache" (default): each layer keeps its own KV cache of exactly the tokens
+  that layer processed in the prompt pass, plus the generated ones;
+- "recompute": the whole pruned forward is recomputed for every new token
+  with the kept sets frozen at the prompt (slow, but needs no cache at all).
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from feather_vllm.pruning.config import PruningConfig
 from feather_vllm.pruning.scoring import last_token_image_attention
-from feather_vllm.pruning.selection import select_stage
+from feather_vllm.pruning.selection import grid_side, select_stage
+
+
+class _PerLayerKV:
+    """The minimal cache interface HF attention calls (`update`): one
+    independent (keys, values) pair per layer, so each layer holds only the
+    tokens it was given."""
+
+    def __init__(self) -> None:
+        self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args, **kwargs):
+        if layer_idx in self.kv:
+            old_k, old_v = self.kv[layer_idx]
+            keys, values = torch.cat([old_k, keys], dim=-2), torch.cat([old_v, values], dim=-2)
+        self.kv[layer_idx] = (keys, values)
+        return keys, values
+
+    def tokens(self, layer_idx: int) -> int:
+        return self.kv[layer_idx][0].shape[-2]
 
 
 def _embed(model, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+    """Text embeddings with the projected image features scattered in."""
     inner = model.model
     embeds = inner.get_input_embeddings()(input_ids)
     features = inner.get_image_features(
@@ -49,10 +80,11 @@ def _score(layer, hidden: torch.Tensor, cos, sin, last: int, image_rows: torch.T
 
 @torch.no_grad()
 def _forward(model, embeds: torch.Tensor, image_start: int, num_image: int, prompt_len: int,
-             config: PruningConfig, kept: dict[int, torch.Tensor] | None):
-    """Pruned forward of one sequence. With `kept` None the stages are
-    decided here (prompt pass); otherwise the given kept sets are applied.
-    Returns (last-position logits, kept sets per cut layer)."""
+             config: PruningConfig, kept: dict[int, torch.Tensor] | None, cache: _PerLayerKV | None = None):
+    """Pruned forward of one sequence from position 0. With `kept` None the
+    stages are decided here (prompt pass); otherwise the given kept sets are
+    applied. Returns (last-position logits, kept sets per cut layer, tokens
+    present in each layer)."""
     lm = model.model.language_model
     seq_len = embeds.shape[1]
     decide = kept is None
@@ -61,46 +93,93 @@ def _forward(model, embeds: torch.Tensor, image_start: int, num_image: int, prom
     rows = torch.arange(seq_len)  # original positions of the tokens present
     hidden = embeds
     stages = {s.layer: s for s in config.stages}
+    layer_tokens = []
     for index, layer in enumerate(lm.layers):
         if index in stages:
             before, present = present, kept[index]
             keep = ~torch.isin(rows, before[~torch.isin(before, present)] + image_start)
             hidden, rows = hidden[:, keep], rows[keep]
-        position_ids = rows.unsqueeze(0)
+        layer_tokens.append(rows.numel())
+        position_ids = rows.unsqueeze(0)  # original positions: RoPE as if unpruned
         cos, sin = lm.rotary_emb(hidden, position_ids=position_ids)
         n = rows.numel()
-        mask = torch.full((n, n), torch.finfo(hidden.dtype).min).triu(1)[None, None]
+        # Rows are ascending original positions, so "causal" on the compacted
+        # sequence is causal on the original one.
+        mask = torch.full((n, n), torch.finfo(hidden.dtype).min, dtype=hidden.dtype).triu(1)[None, None]
         if decide and index + 1 in stages:
             image_rows = torch.searchsorted(rows, present + image_start)
             last = int(torch.searchsorted(rows, torch.tensor(prompt_len - 1)))
             stage = stages[index + 1]
             scores = _score(layer, hidden, cos, sin, last, image_rows, stage.criterion == "rope")
             kept[index + 1] = select_stage(scores, present, stage, num_image)
-        out = layer(hidden, attention_mask=mask, position_ids=position_ids, position_embeddings=(cos, sin))
+        out = layer(hidden, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
+                    use_cache=cache is not None, position_embeddings=(cos, sin))
         hidden = out[0] if isinstance(out, tuple) else out
     hidden = lm.norm(hidden)
     logits = model.lm_head(hidden[:, -1])
-    return logits[0].float(), kept
+    return logits[0].float(), kept, layer_tokens
 
 
 @torch.no_grad()
-def reference_generate(model, input_ids: torch.Tensor, pixel_values: torch.Tensor,
-                       config: PruningConfig, max_new_tokens: int) -> dict:
-    """Greedy pruned generation: token ids, their logprobs, kept sets."""
+def _decode_step(model, token: int, position: int, cache: _PerLayerKV) -> torch.Tensor:
+    """One generated token through every layer against that layer's cache."""
+    lm = model.model.language_model
+    hidden = model.model.get_input_embeddings()(torch.tensor([[token]]))
+    position_ids = torch.tensor([[position]])
+    cos, sin = lm.rotary_emb(hidden, position_ids=position_ids)
+    for layer in lm.layers:
+        # A single query may attend to every cached token: no mask needed.
+        out = layer(hidden, attention_mask=None, position_ids=position_ids, past_key_values=cache,
+                    use_cache=True, position_embeddings=(cos, sin))
+        hidden = out[0] if isinstance(out, tuple) else out
+    return model.lm_head(lm.norm(hidden)[:, -1])[0].float()
+
+
+def _image_span(model, input_ids: torch.Tensor, config: PruningConfig) -> tuple[int, int]:
+    """(start, count) of the one contiguous image-token run; refuses what the
+    method does not cover when pruning is asked for."""
     ids = input_ids[0]
-    image_positions = torch.nonzero(ids == model.config.image_token_index).flatten()
-    image_start, num_image = int(image_positions[0]), image_positions.numel()
-    prompt_len = ids.numel()
+    positions = torch.nonzero(ids == model.config.image_token_index).flatten()
+    if positions.numel() == 0:
+        raise ValueError("no image tokens in the prompt")
+    start, count = int(positions[0]), positions.numel()
+    if config.enabled:
+        if not torch.equal(positions, torch.arange(start, start + count)):
+            raise ValueError("image tokens must form one contiguous run (one image per request)")
+        grid_side(count)  # NonSquareGridError: out of the method's scope
+        if start + count >= ids.numel():
+            raise ValueError("no text after the image: the last prompt token would be an image token")
+        config.validate(len(model.model.language_model.layers))
+    return start, count
+
+
+@torch.no_grad()
+def reference_generate(model, input_ids: torch.Tensor, pixel_values: torch.Tensor, config: PruningConfig,
+                       max_new_tokens: int, decode: Literal["cache", "recompute"] = "cache") -> dict:
+    """Greedy pruned generation of one prompt (batch of 1).
+
+    Returns token_ids, logprobs (float32 log_softmax of each chosen token),
+    kept (per stage: surviving image indices, 0-based within the image,
+    ascending) and layer_tokens (tokens each decoder layer processed in the
+    prompt pass). Load the model in float32 for exact comparisons.
+    """
+    image_start, num_image = _image_span(model, input_ids, config)
+    prompt_len = input_ids.shape[1]
     embeds = _embed(model, input_ids, pixel_values)
+    cache = _PerLayerKV() if decode == "cache" else None
+    logits, kept, layer_tokens = _forward(model, embeds, image_start, num_image, prompt_len, config, None, cache)
     tokens: list[int] = []
     logprobs: list[float] = []
-    kept = None
-    for _ in range(max_new_tokens):
-        logits, kept = _forward(model, embeds, image_start, num_image, prompt_len, config, kept)
+    for step in range(max_new_tokens):
+        if step:
+            if cache is not None:
+                logits = _decode_step(model, tokens[-1], prompt_len + step - 1, cache)
+            else:
+                new = model.model.get_input_embeddings()(torch.tensor([[tokens[-1]]]))
+                embeds = torch.cat([embeds, new], dim=1)
+                logits, _, _ = _forward(model, embeds, image_start, num_image, prompt_len, config, kept)
         token = int(torch.argmax(logits))
         tokens.append(token)
         logprobs.append(float(torch.log_softmax(logits, -1)[token]))
-        new = model.model.get_input_embeddings()(torch.tensor([[token]]))
-        embeds = torch.cat([embeds, new], dim=1)
     return {"token_ids": tokens, "logprobs": logprobs,
-            "kept": [kept[s.layer].tolist() for s in config.stages]}
+            "kept": [kept[s.layer].tolist() for s in config.stages], "layer_tokens": layer_tokens}

@@ -13,6 +13,7 @@ import httpx
 import pytest
 from PIL import Image
 
+from feather_vllm.pruning.config import resolve
 from tests.helpers import ServerProcess, sample_images
 
 KEY = "test-key"
@@ -67,14 +68,18 @@ def offline_texts(tiny_checkpoint, server):
     process is already up; this engine runs in the test process)."""
     from vllm import SamplingParams
 
-    from tests.helpers import chat, make_llm, shutdown
+    from tests.helpers import chat, engine_parts, make_llm, shutdown
 
     llm = make_llm(tiny_checkpoint)
     try:
+        _, _, model = engine_parts(llm)
         out = {}
         for preset in PRESETS:
             params = SamplingParams(max_tokens=8, temperature=0.0, extra_args={"feather": preset})
-            out[preset] = llm.chat(chat(sample_images()[1], QUESTION), params, use_tqdm=False)[0].outputs[0].text
+            result = llm.chat(chat(sample_images()[1], QUESTION), params, use_tqdm=False)[0]
+            record = model.pruning_record(result.request_id)
+            out[preset] = result.outputs[0].text
+            out[preset, "kept"] = [len(s["kept"]) for s in record["stages"]] if record else []
         return out
     finally:
         shutdown(llm)
@@ -98,14 +103,15 @@ def test_image_chat_per_preset_matches_offline_engine(client, scene_url, offline
     assert body["usage"] == {"prompt_tokens": 591, "completion_tokens": 8, "total_tokens": 599}
     report = body["feather"]
     assert report["preset"] == preset and report["image_tokens"] == 576 and report["fallback"] is None
-    expected_stages = {
-        "none": [],
-        "fastv": [{"layer": 3, "kept": 144, "kept_min": 144}],
-        "feather": [{"layer": 8, "kept": 236, "kept_min": 172}, {"layer": 16, "kept": 21, "kept_min": 15}],
-        "pyramiddrop": [{"layer": 8, "kept": 288, "kept_min": 288}, {"layer": 16, "kept": 144, "kept_min": 144},
-                        {"layer": 24, "kept": 72, "kept_min": 72}],
-    }[preset]
-    assert report["stages"] == expected_stages
+    assert report["exact"] is True  # kept tokens measured in the engine, not bounds
+    bounds = {"none": [], "fastv": [(144, 144)], "feather": [(172, 236), (15, 21)],
+              "pyramiddrop": [(288, 288), (144, 144), (72, 72)]}[preset]
+    assert [(s["kept_min"], s["kept_max"]) for s in report["stages"]] == bounds
+    assert [s["layer"] for s in report["stages"]] == list(resolve(preset).cut_layers)
+    assert [s["kept"] for s in report["stages"]] == offline_texts[preset, "kept"]
+    for stage in report["stages"]:
+        assert 0 <= stage["mean_row"] <= 1 and set(stage["quadrant_coverage"]) == {
+            "top_left", "top_right", "bottom_left", "bottom_right"}
     # Default block size 128 on CPU: 12 KV groups over 5 stages.
     blocks = report["kv_blocks"]
     assert blocks["unpruned"] == 12 * 5

@@ -95,3 +95,27 @@ def test_llama_layer_forward_is_what_the_scoring_layer_mirrors():
                  "attn_output = self.attn(q, k, v)",
                  "output, _ = self.o_proj(attn_output)"):
         assert line in attn_src, line
+
+
+def test_scheduler_free_request_returns_transfer_params():
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    assert _params(Scheduler._free_request)[:2] == ["self", "request"]
+    assert "kv_transfer_params, ec_transfer_params = self._free_request(request)" in \
+        inspect.getsource(Scheduler.update_from_output)
+
+
+def test_step_outputs_carry_records():
+    """ModelRunnerOutput must keep extra attributes through pickling, and the
+    scheduler must receive it in update_from_output."""
+    import pickle
+
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.outputs import ModelRunnerOutput
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    out = ModelRunnerOutput(req_ids=["a"], req_id_to_index={"a": 0})
+    out.feather_records = {"a": {"stages": []}}
+    assert pickle.loads(pickle.dumps(out)).feather_records == {"a": {"stages": []}}
+    assert _params(Scheduler.update_from_output)[:3] == ["self", "scheduler_output", "model_runner_output"]
+    assert hasattr(GPUModelRunner, "sample_tokens")

@@ -10,7 +10,8 @@ VLLM_VERSION = "0.32.0"
 
 def install() -> None:
     """Install the runner and KV-manager hooks (idempotent)."""
-    from feather_vllm.kv import runner_hook, staged
+    from feather_vllm.kv import output_hook, runner_hook, staged
 
     runner_hook.install()
     staged.install()
+    output_hook.install()

@@ -9,6 +9,8 @@ runner inherits them):
   per request its rows, prompt, image placeholders and `extra_args`.
 - `_on_request_state_removed`: a finished or aborted request's pruning state
   is dropped.
+- `sample_tokens`: the step's output carries the pruning records written in
+  this step (`feather_records`) to the scheduler's process.
 `AttentionGroup.build_metadata` is wrapped to record the
 `CommonAttentionMetadata` that vLLM built for each KV-cache group, so the
 model can rebuild the metadata of pruned layers from the same base.
@@ -20,6 +22,7 @@ import functools
 from copy import copy
 from typing import Any
 
+from feather_vllm import records
 from feather_vllm.kv import step
 
 _recording: dict[int, tuple[Any, Any]] | None = None
@@ -67,6 +70,16 @@ def _groups(runner: Any, recorded: dict[int, tuple[Any, Any]]) -> tuple[list[ste
     return views, layer_group
 
 
+def _with_records(output: Any) -> Any:
+    """Attach new pruning records to a step output (pickled to the engine
+    core with its attributes)."""
+    if output is not None and hasattr(output, "__dict__") and hasattr(output, "req_ids"):
+        new = records.drain_new()
+        if new:
+            output.feather_records = new
+    return output
+
+
 def install() -> None:
     """Patch the runner once per process (idempotent)."""
     from vllm.v1.worker import utils as worker_utils
@@ -94,11 +107,19 @@ def install() -> None:
         _in_execute = True
         try:
             with step.publish(None):
-                return original_execute(self, *args, **kwargs)
+                return _with_records(original_execute(self, *args, **kwargs))
         finally:
             _in_execute = False
 
     GPUModelRunner.execute_model = execute_model
+
+    original_sample = GPUModelRunner.sample_tokens
+
+    @functools.wraps(original_sample)
+    def sample_tokens(self, *args, **kwargs):
+        return _with_records(original_sample(self, *args, **kwargs))
+
+    GPUModelRunner.sample_tokens = sample_tokens
 
     original_build = GPUModelRunner._build_attention_metadata
 

@@ -14,6 +14,8 @@ class NonSquareGridError(ValueError):
 
 
 def grid_side(num_image_tokens: int) -> int:
+    """Side of the square patch grid; refuses any other layout, which the
+    method (uniform grid, raster rows) does not cover."""
     side = math.isqrt(num_image_tokens)
     if side * side != num_image_tokens or side == 0:
         raise NonSquareGridError(
@@ -37,8 +39,12 @@ def select_stage(scores: torch.Tensor, survivors: torch.Tensor, stage: Stage,
                  num_image_tokens: int) -> torch.Tensor:
     """New survivors (original image indices, ascending) of one stage.
 
-    `scores[i]` scores `survivors[i]`; ties rank the lower index first.
+    `scores[i]` scores `survivors[i]`; ties rank the lower index first. The
+    top `int(n_in * keep)` (at least 1) by score, united with the grid
+    tokens still among `survivors` when the stage has a grid.
     """
+    if scores.numel() != survivors.numel():
+        raise ValueError(f"{scores.numel()} scores for {survivors.numel()} surviving image tokens")
     survivors = survivors.long().cpu()
     k = stage_keep_count(survivors.numel(), stage)
     order = torch.sort(scores.float().cpu(), descending=True, stable=True).indices
