@@ -28,5 +28,12 @@ pip install -e ".[cpu,dev]"
 #    for the one import that still needs a shim.
 pip uninstall -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 
+# 4. promtool (Debian's prometheus package) checks the deploy/ configs in the
+#    tests; best effort: only as root with apt, and the tests skip without it.
+if ! command -v promtool >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    (apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus) >/dev/null 2>&1 \
+        || echo "note: could not install promtool; its checks will be skipped"
+fi
+
 echo "$want" > "$STAMP"
 echo "set-up done: $VENV"

@@ -359,3 +359,59 @@ def test_client_disconnect_aborts_stream(server, client, scene_url):
         time.sleep(0.5)
     assert running and all(line.endswith(" 0.0") for line in running), running
     assert "feather_requests_running 0.0" in text
+
+
+def _samples(client) -> dict[tuple[str, tuple], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = {}
+    for family in text_string_to_metric_families(client.get("/metrics").text):
+        for s in family.samples:
+            out[s.name, tuple(sorted(s.labels.items()))] = s.value
+    return out
+
+
+def test_metrics_follow_requests(client, scene_url):
+    before = _samples(client)
+    r = client.post("/v1/chat/completions", json=image_chat(scene_url, feather={"preset": "fastv"}))
+    report = r.json()["feather"]
+    bad = client.post("/v1/chat/completions", json=image_chat(scene_url, feather={"preset": "fastest"}))
+    assert bad.status_code == 400
+    after = _samples(client)
+
+    def delta(name, **labels):
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    assert delta("feather_requests_total", status="200", preset="fastv") == 1
+    assert delta("feather_requests_total", status="400", preset="fastest") == 1
+    assert delta("feather_time_to_first_token_seconds_count", preset="fastv") == 1
+    assert delta("feather_request_duration_seconds_count", preset="fastv") == 1
+    assert delta("feather_prompt_tokens_total", preset="fastv") == 591
+    assert delta("feather_generation_tokens_total", preset="fastv") == 8
+    assert delta("feather_image_tokens_total", preset="fastv") == 576
+    assert delta("feather_image_tokens_kept_total", preset="fastv", layer="3") == report["stages"][0]["kept"] == 144
+    assert delta("feather_kv_blocks_used_total", preset="fastv") == report["kv_blocks"]["used"]
+    assert delta("feather_kv_blocks_unpruned_total", preset="fastv") == report["kv_blocks"]["unpruned"]
+    assert after["feather_requests_running", ()] == 0 and after["feather_requests_waiting", ()] == 0
+    assert any(name.startswith("vllm:") for name, _ in after)  # the engine's own metrics, same endpoint
+
+
+def test_dashboard_queries_name_exported_metrics(client, scene_url):
+    import re
+    from pathlib import Path
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with client.stream("POST", "/v1/chat/completions", json=image_chat(scene_url, stream=True)) as r:
+        assert r.status_code == 200 and list(r.iter_lines())
+    # Families declared without samples yet (e.g. no fallback so far) count too.
+    exported = set()
+    for family in text_string_to_metric_families(client.get("/metrics").text):
+        suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_count", "_sum"]}.get(family.type, [""])
+        exported |= {family.name + s for s in suffixes} | {s.name for s in family.samples}
+    dashboard = json.loads((Path(__file__).parents[1] / "deploy/grafana/dashboards/feather.json").read_text())
+    rules = (Path(__file__).parents[1] / "deploy/prometheus/rules.yml").read_text()
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]] + re.findall(r"expr: (.*)", rules)
+    named = {m for e in exprs for m in re.findall(r"\b((?:feather_|vllm:)[a-z_:]+)", e)}
+    assert named and named <= exported, named - exported

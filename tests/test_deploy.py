@@ -1,0 +1,115 @@
+"""Deployment files checked with real tools where they install here
+(promtool from Debian's prometheus package, kubernetes-validate's bundled
+schemas, yamllint, dockerfile-parse), otherwise parsed and checked."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from feather_vllm import kv
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+
+
+def test_prometheus_config_and_rules_pass_promtool(tmp_path):
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool not installed (scripts/setup.sh installs Debian's prometheus package as root)")
+    config = yaml.safe_load((DEPLOY / "prometheus/prometheus.yml").read_text())
+    shutil.copy(DEPLOY / "prometheus/rules.yml", tmp_path / "rules.yml")
+    config["rule_files"] = [str(tmp_path / "rules.yml")]  # the container path, made local
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    for args in (["check", "config", str(tmp_path / "prometheus.yml")],
+                 ["check", "rules", str(DEPLOY / "prometheus/rules.yml")]):
+        result = subprocess.run([promtool, *args], capture_output=True, text=True)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "SUCCESS" in result.stdout + result.stderr
+
+
+def test_kubernetes_manifests_validate_against_schemas():
+    import kubernetes_validate
+
+    for name in ("deployment.yaml", "service.yaml", "pvc.yaml"):
+        for doc in yaml.safe_load_all((DEPLOY / "k8s" / name).read_text()):
+            kubernetes_validate.validate(doc, "1.30", strict=True)
+    deployment = yaml.safe_load((DEPLOY / "k8s/deployment.yaml").read_text())
+    pod = deployment["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"]["path"] == "/health"
+    startup = container["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 900  # model loading takes minutes
+    assert {v["name"] for v in pod["volumes"]} == {"model", "dshm"}
+    assert deployment["spec"]["template"]["metadata"]["annotations"]["prometheus.io/path"] == "/metrics"
+    kustomization = yaml.safe_load((DEPLOY / "k8s/kustomization.yaml").read_text())
+    assert all((DEPLOY / "k8s" / r).exists() for r in kustomization["resources"])
+    monitor = yaml.safe_load((DEPLOY / "k8s/servicemonitor.yaml").read_text())
+    service = yaml.safe_load((DEPLOY / "k8s/service.yaml").read_text())
+    assert monitor["kind"] == "ServiceMonitor"
+    assert monitor["spec"]["selector"]["matchLabels"] == service["metadata"]["labels"]
+    assert monitor["spec"]["endpoints"][0]["port"] == service["spec"]["ports"][0]["name"]
+
+
+def test_yaml_files_pass_yamllint():
+    from yamllint import linter
+    from yamllint.config import YamlLintConfig
+
+    config = YamlLintConfig("extends: relaxed\nrules: {line-length: {max: 140}}")
+    for path in sorted(DEPLOY.rglob("*.yml")) + sorted(DEPLOY.rglob("*.yaml")):
+        problems = [p for p in linter.run(path.read_text(), config) if p.level == "error"]
+        assert not problems, (path, problems)
+
+
+def test_dockerfile_targets_and_pins():
+    from dockerfile_parse import DockerfileParser
+
+    parser = DockerfileParser(str(ROOT / "Dockerfile"))
+    froms = [i["value"] for i in parser.structure if i["instruction"] == "FROM"]
+    assert froms == ["vllm/vllm-openai:${VLLM_VERSION} AS gpu", "python:3.11-slim AS cpu"]
+    instructions = [(i["instruction"], i["value"]) for i in parser.structure]
+    assert ("ARG", f"VLLM_VERSION=v{kv.VLLM_VERSION}") in instructions  # image pinned to the hooks' vLLM
+    assert sum(1 for k, v in instructions if k == "HEALTHCHECK" and "/health" in v) == 2
+    assert sum(1 for k, v in instructions if k == "USER" and v == "feather") == 2
+    assert sum(1 for k, v in instructions if k == "ENTRYPOINT" and '"server"' in v) == 2
+    for kind, value in instructions:
+        if kind == "COPY":
+            for source in value.split()[:-1]:
+                assert (ROOT / source).exists(), source
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert ".venv" in ignored and "checkpoints" in ignored
+
+
+def test_compose_file_wires_gateway_prometheus_grafana():
+    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert set(services) == {"gateway", "prometheus", "grafana"}
+    gateway = services["gateway"]
+    assert gateway["build"]["target"] == "gpu"
+    assert gateway["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+    assert "8000:8000" in gateway["ports"]
+    for service in services.values():
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith("./"):
+                assert (DEPLOY / source).exists(), source
+    targets = yaml.safe_load((DEPLOY / "prometheus/prometheus.yml").read_text())["scrape_configs"][0]
+    assert targets["static_configs"][0]["targets"] == ["gateway:8000"]
+    cpu = yaml.safe_load((DEPLOY / "docker-compose.cpu.yml").read_text().replace("!reset", ""))
+    assert cpu["services"]["gateway"]["build"]["target"] == "cpu"
+
+
+def test_grafana_provisioning_matches_dashboard():
+    datasource = yaml.safe_load((DEPLOY / "grafana/provisioning/datasources/prometheus.yml").read_text())
+    uid = datasource["datasources"][0]["uid"]
+    dashboard = json.loads((DEPLOY / "grafana/dashboards/feather.json").read_text())
+    assert len(dashboard["panels"]) >= 10
+    for panel in dashboard["panels"]:
+        assert panel["datasource"]["uid"] == uid and panel["targets"]
