@@ -51,15 +51,9 @@ DEFAULT_PRESET_ENV = "FEATHER_DEFAULT_PRESET"
 
 
 def kv_boundaries(hf_config: Any, num_layers: int) -> list[int]:
-    """Decoder layers where a new KV-cache stage starts.
-
-    `feather_kv_boundaries` in the model config (hf_overrides) sets them; the
-    default is the union of the presets' cut layers. `[]` keeps one full KV
-    group (pruned layers then still reserve full-length blocks)."""
-    configured = getattr(hf_config, "feather_kv_boundaries", None)
-    if configured is None:
-        configured = {s.layer for preset in pcfg.PRESETS.values() for s in preset.stages}
-    return sorted(b for b in set(configured) if 0 < b < num_layers)
+    """The KV stage boundaries set for this model (hf_overrides
+    `feather_kv_boundaries`), or the presets' cut layers."""
+    return pcfg.kv_boundaries(getattr(hf_config, "feather_kv_boundaries", None), num_layers)
 
 
 @dataclasses.dataclass

@@ -104,7 +104,7 @@ def _dropping_forward(model, inputs, rng: np.random.Generator):
 
 
 def train(out: Path, steps: int, seed: int, pruning_aware: bool, threads: int, batch_size: int = 8,
-          lr: float = 3e-3) -> dict:
+          lr: float = 3e-3, save_every: int = 0) -> dict:
     from tqdm import tqdm
     from transformers import AutoProcessor
 
@@ -162,6 +162,8 @@ def train(out: Path, steps: int, seed: int, pruning_aware: bool, threads: int, b
         scheduler.step()
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         bar.set_postfix(loss=f"{running:.3f}", size=f"{lo}-{hi}")
+        if save_every and (step + 1) % save_every == 0:
+            save_model(model, out)  # a usable checkpoint if the run is cut short
     model.eval()
     save_model(model, out)
     return {"steps": steps, "final_loss": running, "pruning_aware": pruning_aware, "seed": seed}
@@ -181,8 +183,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--pruning-aware", action="store_true")
+    parser.add_argument("--save-every", type=int, default=0, help="also save every N steps")
     args = parser.parse_args(argv)
-    summary = train(args.out, args.steps, args.seed, args.pruning_aware, args.threads)
+    summary = train(args.out, args.steps, args.seed, args.pruning_aware, args.threads,
+                    save_every=args.save_every)
     print(f"saved to {args.out}: {summary}")
 
 

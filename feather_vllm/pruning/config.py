@@ -157,3 +157,14 @@ def resolve(spec: "str | Mapping[str, Any] | PruningConfig | None",
     if not isinstance(preset, str):
         raise PruningConfigError("preset", "must be a string")
     return resolve(preset)
+
+
+def kv_boundaries(configured: Sequence[int] | None, num_layers: int) -> list[int]:
+    """Decoder layers where a new KV-cache stage starts.
+
+    `configured` (the model config's `feather_kv_boundaries`) sets them; the
+    default is the union of the presets' cut layers. `[]` keeps one full KV
+    group (pruned layers then still reserve full-length blocks)."""
+    if configured is None:
+        configured = {s.layer for preset in PRESETS.values() for s in preset.stages}
+    return sorted(b for b in set(configured) if 0 < b < num_layers)

@@ -1,0 +1,249 @@
+"""Pruned vs unpruned serving, measured side by side in one run.
+
+python -m loadtest.benchmark [--model DIR] [--out results/] [--rounds 5]
+
+Starts the gateway on the `bench` checkpoint (built if absent) with a fixed
+KV budget, and vLLM's own OpenAI server (stock LLaVA, same checkpoint and
+settings), then measures, with presets interleaved round by round so that
+machine noise hits all alike:
+  1. prefill time: TTFT at concurrency 1;
+  2. saturated throughput: closed loop at high concurrency;
+  3. max concurrent image requests at the fixed KV budget, observed from the
+     engine (`vllm:num_requests_running`, sampled during 2.);
+  4. the gateway's overhead: TTFT at concurrency 1 against vLLM's server.
+Prints each as a ratio to `none` next to the cost model's prediction, and
+writes JSON and plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from loadtest.generator import LoadConfig, run_load, summarize
+from loadtest.plots import plot_latency_vs_load, plot_presets
+
+PRESETS = ["none", "fastv", "feather", "pyramiddrop"]
+MAX_MODEL_LEN = 1024
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A server subprocess, ready once /health answers 200."""
+
+    def __init__(self, argv: list[str], log: Path, port: int) -> None:
+        self.url = f"http://127.0.0.1:{port}"
+        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        env.pop("VLLM_CPU_KVCACHE_SPACE", None)
+        self.log = open(log, "w")
+        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+
+    def wait(self, timeout: float = 600) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited, see {self.log.name}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        raise RuntimeError(f"server not ready after {timeout} s, see {self.log.name}")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+def start_servers(model: str, out: Path, kv_gib: float, block_size: int, max_num_seqs: int) -> tuple[Server, Server]:
+    gw_port, vllm_port = _free_port(), _free_port()
+    gateway = Server([sys.executable, "-m", "server", "--model", model, "--served-model-name", "bench",
+                      "--port", str(gw_port), "--dtype", "float32", "--kv-cache-gib", str(kv_gib),
+                      "--block-size", str(block_size), "--max-model-len", str(MAX_MODEL_LEN),
+                      "--max-num-seqs", str(max_num_seqs), "--max-waiting-requests", "256"],
+                     out / "gateway.log", gw_port)
+    stock = Server([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
+                    "--served-model-name", "bench", "--port", str(vllm_port), "--dtype", "float32",
+                    "--enforce-eager", "--kv-cache-memory-bytes", str(int(kv_gib * 2**30)),
+                    "--block-size", str(block_size), "--max-model-len", str(MAX_MODEL_LEN),
+                    "--max-num-seqs", str(max_num_seqs), "--no-enable-chunked-prefill",
+                    "--disable-chunked-mm-input", "--no-enable-prefix-caching",
+                    "--max-num-batched-tokens", str(MAX_MODEL_LEN + max_num_seqs),
+                    "--limit-mm-per-prompt", '{"image": 1}'],
+                   out / "vllm_server.log", vllm_port)
+    gateway.wait()
+    stock.wait()
+    return gateway, stock
+
+
+def _load(url: str, preset: str | None, *, requests: int, concurrency: int, max_tokens: int) -> LoadConfig:
+    return LoadConfig(url=url, model="bench", presets=[preset], requests=requests, concurrency=concurrency,
+                      max_tokens=max_tokens)
+
+
+async def _peak_running(url: str, stop: asyncio.Event) -> int:
+    """Highest `vllm:num_requests_running` the engine reports while a load runs."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    peak = 0
+    async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+        while not stop.is_set():
+            text = (await client.get("/metrics")).text
+            for family in text_string_to_metric_families(text):
+                if family.name == "vllm:num_requests_running":
+                    peak = max(peak, int(sum(s.value for s in family.samples)))
+            await asyncio.sleep(0.2)
+    return peak
+
+
+async def _saturate(url: str, preset: str, requests: int, concurrency: int, max_tokens: int):
+    stop = asyncio.Event()
+    watcher = asyncio.create_task(_peak_running(url, stop))
+    results = await run_load(_load(url, preset, requests=requests, concurrency=concurrency,
+                                   max_tokens=max_tokens), progress=False)
+    stop.set()
+    return results, await watcher
+
+
+def predictions(model: str, block_size: int) -> dict[str, dict[str, float]]:
+    """Cost-model ratios to `none` for the bench prompt (576 image + text tokens)."""
+    from transformers import AutoConfig
+
+    from feather_vllm.pruning import config as pcfg
+    from feather_vllm.pruning.cost import flops_ratio, kv_blocks_for_request
+
+    config = AutoConfig.from_pretrained(model)
+    text = config.text_config
+    boundaries = pcfg.kv_boundaries(getattr(config, "feather_kv_boundaries", None), text.num_hidden_layers)
+    n_image, n_text = 576, 15
+    out = {}
+    for preset in PRESETS:
+        cfg = pcfg.resolve(preset)
+
+        def blocks(c):
+            return kv_blocks_for_request(c, boundaries, text.num_hidden_layers, n_image, n_text, block_size, 32)
+
+        out[preset] = {
+            "prefill": flops_ratio(cfg, text.num_hidden_layers, text.hidden_size, text.intermediate_size,
+                                   n_image, n_text),
+            "kv_blocks": blocks(cfg) / blocks(pcfg.PRESETS["none"]),
+        }
+        out[preset]["concurrency"] = 1 / out[preset]["kv_blocks"]
+    return out
+
+
+async def measure(gateway: Server, stock: Server, rounds: int, sat_requests: int, sat_concurrency: int,
+                  max_tokens: int) -> dict[str, Any]:
+    ttft = {p: [] for p in PRESETS}
+    overhead = {"gateway": [], "vllm": []}
+    # Warm both servers (first requests pay one-off costs).
+    for url in (gateway.url, stock.url):
+        await run_load(_load(url, None, requests=2, concurrency=1, max_tokens=2), progress=False)
+    for _ in range(rounds):
+        for preset in PRESETS:  # interleaved: noise hits every preset alike
+            (r,) = await run_load(_load(gateway.url, preset, requests=1, concurrency=1, max_tokens=4),
+                                  progress=False)
+            ttft[preset].append(r.ttft)
+        for name, url, preset in (("gateway", gateway.url, "none"), ("vllm", stock.url, None)):
+            (r,) = await run_load(_load(url, preset, requests=1, concurrency=1, max_tokens=4), progress=False)
+            overhead[name].append(r.ttft)
+    saturated: dict[str, list] = {p: [] for p in PRESETS}
+    peaks = {p: 0 for p in PRESETS}
+    for _ in range(2):
+        for preset in PRESETS:
+            results, peak = await _saturate(gateway.url, preset, sat_requests // 2, sat_concurrency, max_tokens)
+            saturated[preset] += results
+            peaks[preset] = max(peaks[preset], peak)
+    return {"ttft_c1": ttft, "overhead_ttft_c1": overhead,
+            "saturated": {p: summarize(saturated[p]) for p in PRESETS},
+            "saturated_c1": {p: summarize([_as_result(t) for t in ttft[p]]) for p in PRESETS},
+            "max_concurrent": peaks}
+
+
+def _as_result(ttft: float):
+    from loadtest.generator import RequestResult
+
+    return RequestResult(preset=None, ok=True, ttft=ttft, e2e=ttft, output_tokens=1)
+
+
+def report(m: dict[str, Any], pred: dict[str, dict[str, float]]) -> str:
+    med = {p: statistics.median(v) for p, v in m["ttft_c1"].items()}
+    thr = {p: m["saturated"][p]["output_token_throughput"] for p in PRESETS}
+    conc = m["max_concurrent"]
+    lines = [f"{'preset':<12} {'TTFT c=1 ms':>11} {'x none':>7} {'pred':>6}   {'sat. tok/s':>10} {'x none':>7}"
+             f"   {'max running':>11} {'x none':>7} {'pred':>6}"]
+    for p in PRESETS:
+        lines.append(f"{p:<12} {med[p] * 1000:>11.0f} {med[p] / med['none']:>7.2f} {pred[p]['prefill']:>6.2f}"
+                     f"   {thr[p]:>10.1f} {thr[p] / thr['none']:>7.2f}"
+                     f"   {conc[p]:>11} {conc[p] / max(conc['none'], 1):>7.2f} {pred[p]['concurrency']:>6.2f}")
+    gw = statistics.median(m["overhead_ttft_c1"]["gateway"])
+    vl = statistics.median(m["overhead_ttft_c1"]["vllm"])
+    lines.append(f"gateway overhead: p50 TTFT at c=1 (preset none) {gw * 1000:.0f} ms vs vLLM's own server "
+                 f"{vl * 1000:.0f} ms: x{gw / vl:.3f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m loadtest.benchmark", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="checkpoint dir (default: build the bench profile)")
+    parser.add_argument("--out", type=Path, default=Path("results"))
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--kv-cache-gib", type=float, default=0.6)
+    parser.add_argument("--block-size", type=int, default=32)
+    parser.add_argument("--saturation-requests", type=int, default=24)
+    parser.add_argument("--saturation-concurrency", type=int, default=16)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    model = args.model
+    if model is None:
+        from feather_vllm.checkpoints import ensure_checkpoint
+
+        model = str(ensure_checkpoint("bench", "checkpoints/bench"))
+    started = time.time()
+    pred = predictions(model, args.block_size)
+    gateway, stock = start_servers(model, args.out, args.kv_cache_gib, args.block_size,
+                                   max_num_seqs=args.saturation_concurrency)
+    try:
+        m = asyncio.run(measure(gateway, stock, args.rounds, args.saturation_requests,
+                                args.saturation_concurrency, args.max_tokens))
+    finally:
+        gateway.stop()
+        stock.stop()
+    result = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
+              "settings": vars(args) | {"model": model, "out": str(args.out)},
+              "wall_s": time.time() - started, "measured": m, "predicted": pred}
+    (args.out / "benchmark.json").write_text(json.dumps(result, indent=2, default=str))
+    plot_presets(m["saturated"], args.out / "throughput_per_preset.png",
+                 f"saturated load ({args.saturation_concurrency} concurrent), bench checkpoint")
+    plot_latency_vs_load({p: [(1, m["saturated_c1"][p]), (args.saturation_concurrency, m["saturated"][p])]
+                          for p in PRESETS}, args.out / "latency_vs_load.png", "latency and throughput vs load")
+    print(report(m, pred))
+    print(f"wall time {result['wall_s'] / 60:.1f} min; results in {args.out}/")
+
+
+if __name__ == "__main__":
+    main()
