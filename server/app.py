@@ -6,8 +6,7 @@ import asyncio
 import contextlib
 import logging
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI
 
 from server import errors, routes
 from server.engine import engine_layout, start_engine
@@ -42,14 +41,7 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="feather-vllm", lifespan=lifespan)
     app.state.gateway = state
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > settings.max_body_bytes:
-            return JSONResponse(errors.error_body(413, f"request body is {length} bytes; the limit is "
-                                                       f"{settings.max_body_bytes}"), 413)
-        return await call_next(request)
-
+    app.add_middleware(errors.BodyLimit, limit=settings.max_body_bytes)
     errors.install(app)
     app.include_router(routes.router)
     return app

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
           413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable"}
@@ -46,10 +47,44 @@ def _validation_param(loc: tuple[Any, ...]) -> str | None:
             out += f"[{p}]"
             after_index = True
             continue
-        if not (p in _TYPE_TAGS or "[" in str(p) or (after_index and p in _PART_TAGS)):
+        tag = p in _TYPE_TAGS or "[" in str(p) or str(p).startswith("constrained-")
+        if not (tag or (after_index and p in _PART_TAGS)):
             out += ("." if out else "") + str(p)
         after_index = False
     return out or None
+
+
+class BodyLimit:
+    """ASGI middleware: request bodies over `limit` bytes get 413, whether
+    announced by Content-Length or sent chunked without one (counted as
+    they arrive, so an oversized body is never held in memory)."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope.get("headers", ())).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.limit:
+            response = JSONResponse(error_body(413, f"request body is {int(length)} bytes; the limit is "
+                                                    f"{self.limit}"), 413)
+            await response(scope, receive, send)
+            return
+        received = 0
+
+        async def limited() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    # FastAPI re-raises HTTPExceptions from body reading; the handler below answers it.
+                    raise HTTPException(413, f"request body exceeds the limit of {self.limit} bytes")
+            return message
+
+        await self.app(scope, limited, send)
 
 
 def install(app: FastAPI) -> None:
@@ -62,7 +97,10 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, err: RequestValidationError) -> JSONResponse:
         # With unions pydantic reports every branch; the deepest error is the useful one.
-        first = max(err.errors(), key=lambda e: len(e.get("loc", ())), default={"loc": (), "msg": "invalid request"})
+        # Prefer a branch's real complaint (too long, out of range) over another
+        # branch's type mismatch, e.g. for `stop`: str | list[str].
+        first = max(err.errors(), key=lambda e: (not str(e.get("type", "")).endswith("_type"), len(e.get("loc", ()))),
+                    default={"loc": (), "msg": "invalid request"})
         param = _validation_param(tuple(first.get("loc", ())))
         if first.get("type") == "json_invalid":
             message = "request body is not valid JSON"

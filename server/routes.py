@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
+import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -33,6 +36,7 @@ from server.schemas import (
 from server.state import GatewayState
 
 router = APIRouter()
+logger = logging.getLogger("server")
 
 
 def state_of(request: Request) -> GatewayState:
@@ -44,7 +48,7 @@ def require_key(request: Request, state: GatewayState = Depends(state_of)) -> No
     if key is None:
         return
     header = request.headers.get("authorization", "")
-    if header != f"Bearer {key}":
+    if not secrets.compare_digest(header.encode(), f"Bearer {key}".encode()):
         raise APIError(401, "missing or invalid API key (Authorization: Bearer <key>)", code="invalid_api_key")
 
 
@@ -81,6 +85,52 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
         raise
     metrics.REQUESTS.labels("200", preset_label).inc()
     return response
+
+
+def _refuse_unsupported(body: ChatCompletionRequest) -> None:
+    """OpenAI features this server does not implement are refused, not
+    silently ignored: a client asking for JSON mode or tools must know."""
+    unsupported = {"tools": bool(body.tools), "functions": bool(body.functions),
+                   "tool_choice": body.tool_choice not in (None, "none"),
+                   "function_call": body.function_call not in (None, "none"),
+                   "response_format": body.response_format not in (None, {"type": "text"}),
+                   "logit_bias": bool(body.logit_bias), "audio": body.audio is not None,
+                   "prediction": body.prediction is not None}
+    for field, used in unsupported.items():
+        if used:
+            raise APIError(400, f"{field} is not supported by this server", param=field, code="unsupported_parameter")
+
+
+def _unencodable(value: Any, path: str = "") -> str | None:
+    """Path of the first string that is not valid Unicode (a lone surrogate
+    from a JSON escape such as "\\ud800"), else None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or "body"
+        return None
+    if isinstance(value, dict):
+        items = ((f"{path}.{k}" if path else str(k), v) for k, v in value.items())
+    elif isinstance(value, list):
+        items = ((f"{path}[{i}]", v) for i, v in enumerate(value))
+    else:
+        return None
+    for sub_path, sub in items:
+        found = _unencodable(sub, sub_path)
+        if found:
+            return found
+    return None
+
+
+def _check_input(body: ChatCompletionRequest) -> None:
+    """Checks across fields, and what the schema cannot express."""
+    _refuse_unsupported(body)
+    bad = _unencodable(body.model_dump(exclude_none=True))
+    if bad:
+        raise APIError(400, f"{bad}: text contains a lone surrogate (not valid Unicode)", param=bad)
+    if body.n > 1 and body.temperature == 0:
+        raise APIError(400, "n > 1 needs sampling (temperature > 0): greedy decoding has one answer", param="n")
 
 
 def _resolve_pruning(body: ChatCompletionRequest, state: GatewayState) -> pcfg.PruningConfig:
@@ -138,6 +188,7 @@ async def _conversation(body: ChatCompletionRequest, state: GatewayState) -> lis
 
 def _sampling_params(body: ChatCompletionRequest, config: pcfg.PruningConfig, max_tokens: int, stream: bool):
     from vllm import SamplingParams
+    from vllm.exceptions import VLLMValidationError
     from vllm.sampling_params import RequestOutputKind
 
     logprobs = None
@@ -145,17 +196,23 @@ def _sampling_params(body: ChatCompletionRequest, config: pcfg.PruningConfig, ma
         logprobs = body.top_logprobs or 0
     elif body.top_logprobs:
         raise APIError(400, "top_logprobs requires logprobs: true", param="top_logprobs")
-    return SamplingParams(
-        n=body.n,
-        max_tokens=max_tokens,
-        temperature=1.0 if body.temperature is None else float(body.temperature),
-        top_p=1.0 if body.top_p is None else float(body.top_p),
-        seed=body.seed,
-        stop=body.stop,
-        logprobs=logprobs,
-        extra_args={"feather": config.to_dict()},
-        output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
-    )
+    try:
+        return SamplingParams(
+            n=body.n,
+            max_tokens=max_tokens,
+            temperature=1.0 if body.temperature is None else float(body.temperature),
+            top_p=1.0 if body.top_p is None else float(body.top_p),
+            frequency_penalty=float(body.frequency_penalty or 0.0),
+            presence_penalty=float(body.presence_penalty or 0.0),
+            seed=body.seed,
+            stop=body.stop,
+            logprobs=logprobs,
+            ignore_eos=body.ignore_eos,
+            extra_args={"feather": config.to_dict()},
+            output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
+        )
+    except (VLLMValidationError, ValueError) as e:  # what the schema let through and vLLM refuses
+        raise APIError(400, str(e), param=getattr(e, "parameter", None)) from None
 
 
 async def _chat(body: ChatCompletionRequest, request: Request, state: GatewayState) -> Response:
@@ -163,6 +220,7 @@ async def _chat(body: ChatCompletionRequest, request: Request, state: GatewaySta
     if body.model != settings.model_name:
         raise APIError(404, f"model {body.model!r} does not exist; this server serves {settings.model_name!r}",
                        param="model", code="model_not_found")
+    _check_input(body)
     if not state.admit():
         raise APIError(429, "too many requests waiting; retry later", code="queue_full",
                        headers={"Retry-After": "1"})
@@ -186,11 +244,54 @@ async def _chat(body: ChatCompletionRequest, request: Request, state: GatewaySta
         raise
     call = _Call(state, body, config, engine_input, prompt_ids, params)
     if body.stream:
-        return StreamingResponse(call.stream(request), media_type="text/event-stream")
+        return _EventStream(call, request)
+    # A client that leaves before the answer cancels the request (and frees its KV).
+    work = asyncio.ensure_future(call.complete())
+    gone = asyncio.ensure_future(_disconnected(request))
     try:
-        return JSONResponse((await call.complete()).model_dump(exclude_none=False))
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        state.release()
+        gone.cancel()
+        if not work.done():
+            work.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await work
+        await call.close()
+    if work.cancelled():
+        raise APIError(499, "client closed the request", code="client_closed_request")
+    return JSONResponse(work.result().model_dump(exclude_none=False))
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client disconnects (the body is already read)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _engine_error(err: Exception) -> APIError:
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    if isinstance(err, EngineDeadError):
+        return APIError(503, "the engine has died; the server must be restarted", code="engine_dead",
+                        headers={"Retry-After": "30"})
+    return APIError(500, f"the engine failed on this request: {type(err).__name__}", code="engine_error")
+
+
+class _EventStream(StreamingResponse):
+    """SSE response that always settles its request: however the response
+    ends (finished, client gone, never started), the engine request is
+    aborted if unfinished and the admission slot is released."""
+
+    def __init__(self, call: "_Call", request: Request) -> None:
+        super().__init__(call.stream(request), media_type="text/event-stream")
+        self.call = call
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
+            await self.call.close()
 
 
 class _Call:
@@ -207,7 +308,24 @@ class _Call:
         self.first_token_at: float | None = None
         self.last_token_at: float | None = None
         self.generated = [0] * body.n
+        self.started = False  # the engine has the request
+        self.finished = False  # the engine finished it
+        self.closed = False
+        self.report: FeatherReport | None = None
         metrics.WAITING.inc()
+
+    async def close(self) -> None:
+        """Settle the request once: abort it in the engine if it is still
+        there, record its metrics, release its admission slot."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            if self.started and not self.finished:
+                await self.state.engine.abort(self.request_id)
+        finally:
+            self._finish(self.report)
+            self.state.release()
 
     def _on_tokens(self, count: int) -> None:
         if count <= 0:
@@ -265,18 +383,19 @@ class _Call:
 
     async def complete(self) -> ChatCompletionResponse:
         final = None
-        report = None
+        self.started = True
         try:
             async for final in self.state.engine.generate(self.engine_input, self.params, self.request_id):
                 for out in final.outputs:
                     self._on_tokens(len(out.token_ids) - self.generated[out.index])
                     self.generated[out.index] = len(out.token_ids)
-            report = self._report(final)
         except asyncio.CancelledError:
-            await self.state.engine.abort(self.request_id)
             raise
-        finally:
-            self._finish(report)
+        except Exception as e:
+            logger.exception("engine failed on %s", self.request_id)
+            raise _engine_error(e) from None
+        self.finished = final is not None and final.finished
+        report = self.report = self._report(final)
         choices = [Choice(index=o.index, message=ChatMessage(content=o.text),
                           logprobs=self._logprobs(o), finish_reason=o.finish_reason) for o in final.outputs]
         return ChatCompletionResponse(id=self.request_id, created=self.created, model=self.state.settings.model_name,
@@ -291,31 +410,41 @@ class _Call:
         return f"data: {json.dumps(data)}\n\n"
 
     async def stream(self, request: Request) -> AsyncIterator[str]:
-        finished = False
         out = None
-        report = None
+        role_sent = False
         include_usage = bool(self.body.stream_options and self.body.stream_options.include_usage)
         try:
-            yield self._chunk(choices=[ChunkChoice(index=i, delta=Delta(role="assistant", content=""))
-                                       for i in range(self.body.n)])
-            async for out in self.state.engine.generate(self.engine_input, self.params, self.request_id):
-                for o in out.outputs:
-                    self._on_tokens(len(o.token_ids))
-                    self.generated[o.index] += len(o.token_ids)
-                    if o.text or o.finish_reason:
-                        yield self._chunk(choices=[ChunkChoice(
-                            index=o.index, delta=Delta(content=o.text or None),
-                            logprobs=self._logprobs(o), finish_reason=o.finish_reason)])
-                if await request.is_disconnected():
-                    break
-            finished = out is not None and out.finished
-            report = self._report(out)
+            self.started = True
+            try:
+                async for out in self.state.engine.generate(self.engine_input, self.params, self.request_id):
+                    if not role_sent:
+                        # Like vLLM's server, the role chunk goes out with the first
+                        # engine output: clients time the first token from it.
+                        role_sent = True
+                        yield self._chunk(choices=[ChunkChoice(index=i, delta=Delta(role="assistant", content=""))
+                                                   for i in range(self.body.n)])
+                    for o in out.outputs:
+                        self._on_tokens(len(o.token_ids))
+                        self.generated[o.index] += len(o.token_ids)
+                        if o.text or o.finish_reason:
+                            yield self._chunk(choices=[ChunkChoice(
+                                index=o.index, delta=Delta(content=o.text or None),
+                                logprobs=self._logprobs(o), finish_reason=o.finish_reason)])
+                    if await request.is_disconnected():
+                        return  # close() aborts it in the engine and frees its KV
+            except (asyncio.CancelledError, GeneratorExit):
+                raise
+            except Exception as e:
+                # Headers are sent: report the failure in-band, as vLLM's server does.
+                logger.exception("engine failed on %s", self.request_id)
+                err = _engine_error(e)
+                yield f"data: {json.dumps(error_body(err.status, err.message, code=err.code))}\n\n"
+                yield "data: [DONE]\n\n"
+                return
+            self.finished = out is not None and out.finished
+            self.report = self._report(out)
             # The last chunk carries the pruning report (and usage when asked).
-            yield self._chunk(choices=[], usage=self._usage() if include_usage else None, feather=report)
+            yield self._chunk(choices=[], usage=self._usage() if include_usage else None, feather=self.report)
             yield "data: [DONE]\n\n"
         finally:
-            if not finished:
-                # Client went away (or the stream broke): free its KV now.
-                await self.state.engine.abort(self.request_id)
-            self._finish(report)
-            self.state.release()
+            await self.close()

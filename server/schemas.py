@@ -46,7 +46,7 @@ class StageSettings(_Strict):
     layer: StrictInt
     keep: StrictFloat | StrictInt
     criterion: Literal["rope", "rope_free"] = "rope_free"
-    grid_stride: StrictInt | None = None
+    grid_stride: StrictInt | None = Field(None, le=4096)
 
 
 class FeatherSettings(_Strict):
@@ -54,6 +54,10 @@ class FeatherSettings(_Strict):
 
     preset: StrictStr | None = None
     stages: list[StageSettings] | None = None
+
+
+MAX_STOP_SEQUENCES = 16
+StopString = Annotated[StrictStr, Field(min_length=1, max_length=1000)]
 
 
 class ChatCompletionRequest(BaseModel):
@@ -69,11 +73,24 @@ class ChatCompletionRequest(BaseModel):
     max_completion_tokens: StrictInt | None = Field(None, ge=1)
     temperature: StrictFloat | StrictInt | None = Field(None, ge=0, le=2)
     top_p: StrictFloat | StrictInt | None = Field(None, gt=0, le=1)
-    seed: StrictInt | None = None
-    stop: StrictStr | list[StrictStr] | None = None
+    seed: StrictInt | None = Field(None, ge=-2**63, le=2**63 - 1)
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_SEQUENCES)] | None = None
+    frequency_penalty: StrictFloat | StrictInt | None = Field(None, ge=-2, le=2)
+    presence_penalty: StrictFloat | StrictInt | None = Field(None, ge=-2, le=2)
     logprobs: StrictBool = False
     top_logprobs: StrictInt | None = Field(None, ge=0, le=20)
+    ignore_eos: StrictBool = False  # vLLM's extension, for benchmarks
     feather: FeatherSettings | None = None
+    # OpenAI features this server does not implement: refused when used,
+    # never silently ignored (see routes._refuse_unsupported).
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+    response_format: dict[str, Any] | None = None
+    logit_bias: dict[str, Any] | None = None
+    audio: Any = None
+    prediction: Any = None
 
 
 class Usage(BaseModel):

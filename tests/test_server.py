@@ -159,6 +159,9 @@ def test_n_seed_stop_and_logprobs(client, scene_url):
     assert len(content) == 8
     assert all(len(t["top_logprobs"]) == 3 and t["logprob"] <= 0 for t in content)
     assert content[0]["top_logprobs"][0]["logprob"] >= content[0]["top_logprobs"][1]["logprob"]
+    r = client.post("/v1/chat/completions", json=image_chat(scene_url, stop=["\n", "ASSISTANT"], presence_penalty=0.5,
+                                                            frequency_penalty=0.5, max_completion_tokens=4))
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 4
 
 
 def test_openai_client_unchanged(server, scene_url):
@@ -296,6 +299,26 @@ def _bad_inputs(scene_url: str, local_dir) -> list[tuple[str, dict | str, int, s
             "url": f"file://{local_dir}/missing.png"}}), 400, "messages[0].content[0].image_url.url"),
         ("image_url not an object", part({"type": "image_url", "image_url": "http://x"}), 400,
          "messages[0].content[0].image_url"),
+        ("n > 1 with greedy decoding", with_(n=2), 400, "n"),
+        ("empty stop string", with_(stop=[""]), 400, "stop[0]"),
+        ("too many stop sequences", with_(stop=["x"] * 17), 400, "stop"),
+        ("seed beyond int64", with_(seed=2**64), 400, "seed"),
+        ("presence_penalty out of range", with_(presence_penalty=3), 400, "presence_penalty"),
+        ("grid stride beyond bound", with_(feather={"stages": [{"layer": 8, "keep": 0.5, "grid_stride": 2**70}]}),
+         400, "feather.stages[0].grid_stride"),
+        ("lone surrogate in text", json.dumps(with_(messages=[{"role": "user", "content": "SURROGATE"}]))
+         .replace("SURROGATE", "\\ud800"), 400, "messages[0].content"),
+        ("tools requested", with_(tools=[{"type": "function", "function": {"name": "f"}}]), 400, "tools"),
+        ("JSON mode requested", with_(response_format={"type": "json_object"}), 400, "response_format"),
+        ("image URL port out of range", part({"type": "image_url", "image_url": {
+            "url": "http://example.com:99999/x.png"}}), 400, "messages[0].content[0].image_url.url"),
+        ("image URL with a malformed IPv6 host", part({"type": "image_url", "image_url": {
+            "url": "https://[zz]/x.png"}}), 400, "messages[0].content[0].image_url.url"),
+        ("IPv4-mapped loopback image URL", part({"type": "image_url", "image_url": {
+            "url": "http://[::ffff:127.0.0.1]/x.png"}}), 400, "messages[0].content[0].image_url.url"),
+        ("EPS image (never handed to Ghostscript)", part({"type": "image_url", "image_url": {
+            "url": "data:image/eps;base64," + base64.b64encode(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 9 9\n")
+            .decode()}}), 400, "messages[0].content[0].image_url.url"),
     ]
 
 
@@ -326,6 +349,14 @@ def test_body_too_large(client):
     r = client.post("/v1/chat/completions", content=b"x" * (26 * 2**20), headers={"content-type": "application/json"})
     assert r.status_code == 413 and r.json()["error"]["type"] == "invalid_request_error"
 
+    def chunks():  # no Content-Length: the limit is counted as the body arrives
+        for _ in range(27):
+            yield b"x" * 2**20
+
+    r = client.post("/v1/chat/completions", content=chunks(), headers={"content-type": "application/json"})
+    assert "content-length" not in r.request.headers
+    assert r.status_code == 413 and r.json()["error"]["type"] == "invalid_request_error"
+
 
 def test_queue_full_answers_429_with_retry_after(server, scene_url):
     body = image_chat(scene_url, max_tokens=200)
@@ -343,9 +374,12 @@ def test_queue_full_answers_429_with_retry_after(server, scene_url):
 
 
 def test_client_disconnect_aborts_stream(server, client, scene_url):
-    body = image_chat(scene_url, max_tokens=900, stream=True)
+    # Text only: room for 1000 tokens, which the tiny model takes seconds to generate.
+    body = image_chat(None, max_tokens=1000, stream=True)
     with client.stream("POST", "/v1/chat/completions", json=body) as r:
-        for i, _ in enumerate(r.iter_lines()):
+        assert r.status_code == 200
+        for i, line in enumerate(r.iter_lines()):
+            assert line != "data: [DONE]"
             if i > 4:
                 break  # leave mid-stream
     import time
@@ -359,6 +393,26 @@ def test_client_disconnect_aborts_stream(server, client, scene_url):
         time.sleep(0.5)
     assert running and all(line.endswith(" 0.0") for line in running), running
     assert "feather_requests_running 0.0" in text
+
+
+def test_client_disconnect_aborts_plain_request(server, client, scene_url):
+    """A non-streamed request whose client leaves is aborted too (status 499
+    in the metrics), not generated to the end for nobody."""
+    import time
+
+    before = _samples(client).get(("feather_requests_total", (("preset", "default"), ("status", "499"))), 0.0)
+    with pytest.raises(httpx.ReadTimeout):
+        client.post("/v1/chat/completions", json=image_chat(None, max_tokens=1000), timeout=1)
+    def settled(samples) -> bool:
+        gone = samples.get(("feather_requests_total", (("preset", "default"), ("status", "499"))), 0.0) - before
+        engine = [v for (name, _), v in samples.items() if name == "vllm:num_requests_running"]
+        return gone == 1 and samples[("feather_requests_running", ())] == 0 and engine and not any(engine)
+
+    deadline = time.monotonic() + 30
+    while not settled(samples := _samples(client)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert settled(samples), samples
+    assert client.post("/v1/chat/completions", json=image_chat(scene_url)).status_code == 200
 
 
 def _samples(client) -> dict[tuple[str, tuple], float]:
