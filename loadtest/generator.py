@@ -142,7 +142,7 @@ async def run_load(cfg: LoadConfig, progress: bool = True) -> list[RequestResult
     headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     results: list[RequestResult] = []
-    bar = tqdm(total=cfg.requests, desc="requests", unit="req", disable=not progress)
+    bar = tqdm(total=None if cfg.duration_s else cfg.requests, desc="requests", unit="req", disable=not progress)
     t0 = time.perf_counter()
     deadline = t0 + cfg.duration_s if cfg.duration_s else None
 
