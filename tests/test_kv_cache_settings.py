@@ -104,3 +104,31 @@ def test_prefix_caching_keeps_pruned_outputs(tiny_checkpoint, reference_tokens):
                 assert _tokens(cached, preset) == reference_tokens[preset], preset
     finally:
         shutdown(cached)
+
+
+def test_non_square_image_tokens_run_unpruned_and_say_so(tiny_checkpoint):
+    """500 image embeddings are no square patch grid: served unpruned (same
+    tokens as `none`), with the reason recorded, never pruned wrongly."""
+    import torch
+    from vllm import SamplingParams
+
+    from feather_vllm.kv import staged
+
+    llm = make_llm(tiny_checkpoint, block_size=BLOCK, enable_mm_embeds=True)
+    try:
+        _, _, model = engine_parts(llm)
+        embeds = torch.randn(1, 500, 64, generator=torch.Generator().manual_seed(0)) * 0.1
+        prompt = {"prompt": "<s>USER: <image>\nWhere is it?\nASSISTANT:", "multi_modal_data": {"image": embeds}}
+        before = staged.fallbacks.copy()
+        outs = {p: llm.generate(prompt, SamplingParams(max_tokens=8, temperature=0.0, extra_args={"feather": p}),
+                                use_tqdm=False)[0] for p in ("none", "feather", "fastv")}
+        assert len(outs["none"].prompt_token_ids) == 514
+        for preset in ("feather", "fastv"):
+            assert list(outs[preset].outputs[0].token_ids) == list(outs["none"].outputs[0].token_ids)
+            record = model.pruning_record(outs[preset].request_id)
+            assert record["stages"] == [] and "non-square" in record["fallback"]
+        reasons = [r for r in staged.fallbacks if staged.fallbacks[r] > before.get(r, 0)]
+        assert len(reasons) == 1 and "non-square" in reasons[0]
+        assert staged.fallbacks[reasons[0]] - before.get(reasons[0], 0) == 2
+    finally:
+        shutdown(llm)
