@@ -1,21 +1,31 @@
 # feather-vllm: the two commands a new user needs are `make serve` and `make test`.
 PY := .venv/bin/python
-DEMO_MODEL ?= checkpoints/tiny
+# The trained demo model ships in the package (a few MB); no training needed.
+DEMO_MODEL ?= feather_vllm/demo/weights
 PORT ?= 8000
 HOST ?= 127.0.0.1
 
-.PHONY: setup serve test checkpoints bench clean
+.PHONY: setup serve test checkpoints bench demo-train clean
 
 setup:
 	@bash scripts/setup.sh
 
+# Random-weight checkpoints for tests and benchmarks.
 checkpoints: setup
-	@$(PY) -c "from feather_vllm.checkpoints import ensure_checkpoint; ensure_checkpoint('tiny', '$(DEMO_MODEL)')"
+	@$(PY) -c "from feather_vllm.checkpoints import ensure_checkpoint as e; e('tiny', 'checkpoints/tiny'); e('bench', 'checkpoints/bench')"
 
-# Set up, build the demo checkpoint if absent, serve it with the gateway.
-serve: checkpoints
+# Set up and serve the shipped demo model with the gateway.
+serve: setup
 	$(PY) -m server --model $(DEMO_MODEL) --served-model-name demo --dtype float32 \
 	  --host $(HOST) --port $(PORT)
+
+# Re-train the demo model from its seed (about 35 min on 2 cores).
+demo-train: setup
+	$(PY) -m feather_vllm.demo.train --out $(DEMO_MODEL) --steps 1800 --seed 0
+
+# The serving benchmark: pruned vs unpruned, and vs vLLM's own server.
+bench: setup
+	$(PY) -m loadtest.benchmark
 
 # Set up, then run the whole test suite. Exit code 5 (no tests ran) fails.
 test: setup
