@@ -113,6 +113,7 @@ class FeatherLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         default = getattr(config, "feather_default", None) or os.environ.get(DEFAULT_PRESET_ENV)
         self.default_config = pcfg.resolve(default).validate(self.num_decoder_layers)
         self._states: dict[str, RequestPruning] = {}
+        records.clear()  # request ids restart with every engine
         self._tp = get_tensor_model_parallel_world_size()
         self.pruning_unsupported = self._unsupported_reason()
         if self.pruning_unsupported:

@@ -42,3 +42,9 @@ def drain_new() -> dict[str, dict[str, Any]]:
     global _new
     out, _new = _new, {}
     return out
+
+
+def clear() -> None:
+    """Forget everything (a new engine in this process starts its own ids)."""
+    _records.clear()
+    _new.clear()
