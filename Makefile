@@ -19,9 +19,11 @@ serve: setup
 	$(PY) -m server --model $(DEMO_MODEL) --served-model-name demo --dtype float32 \
 	  --host $(HOST) --port $(PORT)
 
-# Re-train the demo model from its seed (about 35 min on 2 cores).
+# Re-train the demo model from its seed (about 35 min on 2 cores). The
+# pruning-aware variant: make demo-train DEMO_MODEL=feather_vllm/demo/weights_pruning_aware TRAIN_FLAGS=--pruning-aware
+TRAIN_FLAGS ?=
 demo-train: setup
-	$(PY) -m feather_vllm.demo.train --out $(DEMO_MODEL) --steps 1800 --seed 0
+	$(PY) -m feather_vllm.demo.train --out $(DEMO_MODEL) --steps 1800 --seed 0 $(TRAIN_FLAGS)
 
 # The serving benchmark: pruned vs unpruned, and vs vLLM's own server.
 bench: setup

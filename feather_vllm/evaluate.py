@@ -19,7 +19,9 @@ IoU >= 0.5.
 Per setting: accuracy with its standard error, the paired difference to
 `none` (same items) with its standard error, accuracy by where the target
 is (top / middle / bottom third) and, when the endpoint is feather-vllm's
-gateway, the kept tokens' mean row and quadrant coverage per stage.
+gateway, the kept tokens' mean row and quadrant coverage per stage. The PNG
+also draws kept-token maps of the first `--maps` scenes (the gateway's
+`"return_kept": true`): each token shaded by how many stages it survived.
 """
 
 from __future__ import annotations
@@ -75,9 +77,16 @@ def _data_url(image: Image.Image) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def builtin_items(n: int, seed: int) -> list[dict[str, Any]]:
-    return [{"image_url": _data_url(s.image), "question": s.question, "cell": s.cell, "row": s.row,
-             "size": s.image.size} for s in held_out(n, seed)]
+def builtin_items(n: int, seed: int, maps: int = 0) -> list[dict[str, Any]]:
+    """Held-out scenes; the first `maps` also keep their image for kept-token maps."""
+    items = []
+    for i, s in enumerate(held_out(n, seed)):
+        item = {"image_url": _data_url(s.image), "question": s.question, "cell": s.cell, "row": s.row,
+                "size": s.image.size}
+        if i < maps:
+            item["image"] = s.image
+        items.append(item)
+    return items
 
 
 def jsonl_items(path: Path) -> list[dict[str, Any]]:
@@ -106,7 +115,8 @@ async def _ask(client: httpx.AsyncClient, model: str, item: dict[str, Any], sett
                                 {"type": "image_url", "image_url": {"url": item["image_url"]}},
                                 {"type": "text", "text": item["question"]}]}]}
     if setting is not None:
-        body["feather"] = setting
+        # Items drawn as kept-token maps ask the gateway for the kept indices.
+        body["feather"] = {**setting, "return_kept": True} if "image" in item else setting
     response = await client.post("/v1/chat/completions", json=body)
     response.raise_for_status()
     data = response.json()
@@ -190,14 +200,62 @@ def print_table(report: dict[str, Any]) -> None:
         print(f"{name:<14} {100 * e['accuracy']:>7.1f} ± {100 * e['se']:>4.1f} {diff:>16}{by_row}   {stages}")
 
 
-def plot(report: dict[str, Any], path: Path, title: str) -> None:
+def kept_maps(items: list[dict[str, Any]], answers: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """For each item kept for a map: its image, question and, per pruned
+    setting, how many stages each image token survived and the reply."""
+    maps = []
+    for index, item in enumerate(items):
+        if "image" not in item:
+            continue
+        panels = {}
+        for name, results in answers.items():
+            report = results[index].get("feather") or {}
+            stages = [s.get("kept_indices") for s in report.get("stages", [])]
+            if not stages or any(kept is None for kept in stages):
+                continue  # unpruned, a fallback, or a server that does not report indices
+            survived = [0] * report["image_tokens"]
+            for kept in stages:
+                for i in kept:
+                    survived[i] += 1
+            panels[name] = {"survived": survived, "stages": len(stages), "reply": results[index]["reply"],
+                            "correct": results[index]["correct"],
+                            "kept": [len(kept) for kept in stages]}
+        if panels:
+            maps.append({"image": item["image"], "question": item["question"], "panels": panels})
+    return maps
+
+
+def _draw_map(ax, image: Image.Image, panel: dict[str, Any]) -> None:
+    """The image darkened where tokens were dropped: full brightness for
+    tokens that survived every stage (outlined in red), darker the earlier a
+    token went."""
+    import numpy as np
+
+    side = math.isqrt(len(panel["survived"]))
+    pixels = np.asarray(image.convert("RGB").resize((side * 14, side * 14)), dtype=float) / 255
+    depth = np.asarray(panel["survived"], dtype=float).reshape(side, side) / panel["stages"]
+    shade = np.kron(0.15 + 0.85 * depth, np.ones((14, 14)))
+    ax.imshow(pixels * shade[..., None])
+    ax.contour(np.kron(depth == 1, np.ones((14, 14))), levels=[0.5], colors="red", linewidths=0.6)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def plot(report: dict[str, Any], path: Path, title: str, maps: list[dict[str, Any]] | None = None) -> None:
+    """Accuracy per setting, accuracy by target row and, when `maps` has
+    scenes, their kept-token maps per pruned setting."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = list(report)
-    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.2))
+    maps = maps or []
+    columns = sorted({name for m in maps for name in m["panels"]}, key=names.index)
+    fig = plt.figure(figsize=(12, 4.2 + 2.6 * len(maps)), layout="constrained")
+    charts, grid = fig.subfigures(2, 1, height_ratios=[4.2, max(2.6 * len(maps), 0.01)]) if maps \
+        else (fig, None)
+    a, b = charts.subplots(1, 2)
     a.bar(names, [100 * report[n]["accuracy"] for n in names],
           yerr=[100 * report[n]["se"] for n in names], capsize=4, color="tab:blue")
     a.set_ylabel("accuracy (%)")
@@ -211,8 +269,24 @@ def plot(report: dict[str, Any], path: Path, title: str) -> None:
     b.set_ylabel("accuracy (%)")
     b.set_title("by where the target is")
     b.legend(fontsize=8)
+    if grid is not None:
+        axes = grid.subplots(len(maps), len(columns) + 1, squeeze=False)
+        for row, scene in zip(axes, maps):
+            row[0].imshow(scene["image"])
+            row[0].set_xticks([])
+            row[0].set_yticks([])
+            row[0].set_title(scene["question"], fontsize=8)
+            for ax, name in zip(row[1:], columns):
+                panel = scene["panels"].get(name)
+                if panel is None:
+                    ax.axis("off")
+                    continue
+                _draw_map(ax, scene["image"], panel)
+                mark = "right" if panel["correct"] else "wrong"
+                reply = "".join(c if c.isprintable() else "?" for c in panel["reply"].strip()[:24])
+                ax.set_title(f"{name}: kept {'/'.join(map(str, panel['kept']))}\n\"{reply}\" ({mark})", fontsize=8)
+        grid.suptitle("kept image tokens (brighter = survived more stages; red: kept to the last stage)", fontsize=10)
     fig.suptitle(title)
-    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -232,10 +306,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--png", type=Path)
+    parser.add_argument("--maps", type=int, default=3, help="scenes drawn as kept-token maps in the PNG")
     parser.add_argument("--no-pruning-field", action="store_true",
                         help="send no `feather` field (servers that do not know it); evaluates one setting")
     args = parser.parse_args(argv)
-    items = jsonl_items(args.jsonl) if args.jsonl else builtin_items(args.scenes, args.seed)
+    items = jsonl_items(args.jsonl) if args.jsonl else builtin_items(args.scenes, args.seed, args.maps)
     if args.no_pruning_field:
         settings: dict[str, dict | None] = {"none": None}
     else:
@@ -245,14 +320,17 @@ def main(argv: list[str] | None = None) -> None:
     answers = asyncio.run(evaluate(args.url, args.model, items, settings, args.concurrency,
                                    args.max_tokens if not args.jsonl else max(args.max_tokens, 32), args.api_key))
     report = summarize(items, answers)
+    maps = kept_maps(items, answers)
     print_table(report)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"items": len(items), "settings": settings, "report": report,
-                                         "answers": {k: [{"reply": r["reply"], "correct": r["correct"]} for r in v]
-                                                     for k, v in answers.items()}}, indent=2))
+        args.json.write_text(json.dumps({
+            "items": len(items), "settings": settings, "report": report,
+            "answers": {k: [{"reply": r["reply"], "correct": r["correct"]} for r in v] for k, v in answers.items()},
+            "maps": [{"question": m["question"], "panels": m["panels"]} for m in maps]}, indent=2))
     if args.png:
-        plot(report, args.png, f"{args.model}: {len(items)} {'references' if args.jsonl else 'held-out scenes'}")
+        plot(report, args.png, f"{args.model}: {len(items)} {'references' if args.jsonl else 'held-out scenes'}",
+             maps)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,8 @@ def image_ranges(prompt_token_ids: Sequence[int], image_token_id: int) -> list[t
 
 
 def build_report(config: PruningConfig, prompt_token_ids: Sequence[int], num_generated: int,
-                 layout: EngineLayout, engine_record: dict[str, Any] | None = None) -> FeatherReport:
+                 layout: EngineLayout, engine_record: dict[str, Any] | None = None,
+                 return_kept: bool = False) -> FeatherReport:
     """What pruning did to one request.
 
     `engine_record` is what the model recorded (RequestOutput's
@@ -66,7 +67,8 @@ def build_report(config: PruningConfig, prompt_token_ids: Sequence[int], num_gen
         stages.append(StageReport(
             layer=stage.layer, kept=len(kept) if kept is not None else hi, kept_min=lo, kept_max=hi,
             mean_row=mean_row(kept, n_image) if kept else None,
-            quadrant_coverage=quadrant_coverage(kept, n_image) if kept else None))
+            quadrant_coverage=quadrant_coverage(kept, n_image) if kept else None,
+            kept_indices=[int(i) for i in kept] if kept is not None and return_kept else None))
 
     def blocks(cfg: PruningConfig) -> int:
         return kv_blocks_for_request(cfg, layout.kv_boundaries, layout.num_layers, n_image, n_text,

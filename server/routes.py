@@ -134,7 +134,7 @@ def _check_input(body: ChatCompletionRequest) -> None:
 
 
 def _resolve_pruning(body: ChatCompletionRequest, state: GatewayState) -> pcfg.PruningConfig:
-    spec = body.feather.model_dump(exclude_none=True) if body.feather else None
+    spec = body.feather.model_dump(exclude_none=True, exclude={"return_kept"}) if body.feather else None
     try:
         config = pcfg.resolve(spec or None, state.default_config).validate(state.layout.num_layers)
     except pcfg.PruningConfigError as e:
@@ -304,6 +304,7 @@ class _Call:
         self.request_id = f"chatcmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.preset = config.name
+        self.return_kept = bool(body.feather and body.feather.return_kept)
         self.start = time.perf_counter()
         self.first_token_at: float | None = None
         self.last_token_at: float | None = None
@@ -360,7 +361,7 @@ class _Call:
     def _report(self, final: Any) -> FeatherReport:
         params = getattr(final, "kv_transfer_params", None) or {}
         return build_report(self.config, self.prompt_ids, max(self.generated, default=0), self.state.layout,
-                            params.get("feather"))
+                            params.get("feather"), return_kept=self.return_kept)
 
     def _usage(self) -> Usage:
         completion = sum(self.generated)

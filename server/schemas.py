@@ -54,6 +54,9 @@ class FeatherSettings(_Strict):
 
     preset: StrictStr | None = None
     stages: list[StageSettings] | None = None
+    # Also report each stage's kept image-token indices (raster order), e.g.
+    # to draw kept-token maps; off by default, the lists are long.
+    return_kept: StrictBool = False
 
 
 MAX_STOP_SEQUENCES = 16
@@ -106,6 +109,7 @@ class StageReport(BaseModel):
     kept_max: int  # the most this stage can keep (what its KV reserves)
     mean_row: float | None = None  # of the kept tokens, 0 = top row, 1 = bottom (when exact)
     quadrant_coverage: dict[str, float] | None = None  # fraction of each quadrant kept (when exact)
+    kept_indices: list[int] | None = None  # the kept image tokens, raster order (when exact and asked for)
 
 
 class KVBlocksReport(BaseModel):

@@ -5,40 +5,48 @@ from __future__ import annotations
 
 import pytest
 
-from feather_vllm.demo import WEIGHTS_DIR
+from feather_vllm.demo import PRUNING_AWARE_WEIGHTS_DIR, WEIGHTS_DIR
 from feather_vllm.demo.scenes import CELLS, held_out, make_scene
 from feather_vllm.evaluate import parse_cell
+from feather_vllm.pruning import PRESETS, uniform_grid
 
 needs_weights = pytest.mark.skipif(not (WEIGHTS_DIR / "model.safetensors").exists(),
                                    reason="demo weights not trained yet")
 
 
-@pytest.fixture(scope="module")
-def answers():
-    """Greedy answers of the shipped model on 90 held-out scenes, per preset."""
+def _greedy_answers(weights, presets: tuple[str, ...], scenes) -> dict[str, list[str]]:
     from vllm import SamplingParams
 
     from tests.helpers import chat, make_llm, shutdown
 
-    scenes = held_out(90)
-    llm = make_llm(WEIGHTS_DIR)
+    llm = make_llm(weights)
     try:
         out = {}
-        for preset in ("none", "feather"):
+        for preset in presets:
             params = SamplingParams(max_tokens=4, temperature=0.0, extra_args={"feather": preset})
             results = llm.chat([chat(s.image, s.question) for s in scenes], params, use_tqdm=False)
             out[preset] = [r.outputs[0].text for r in results]
-        return scenes, out
+        return out
     finally:
         shutdown(llm)
+
+
+def _accuracy(texts: list[str], scenes) -> float:
+    return sum(parse_cell(text) == s.cell for text, s in zip(texts, scenes)) / len(scenes)
+
+
+@pytest.fixture(scope="module")
+def answers():
+    """Greedy answers of the shipped model on 90 held-out scenes, per preset."""
+    scenes = held_out(90)
+    return scenes, _greedy_answers(WEIGHTS_DIR, ("none", "feather"), scenes)
 
 
 @needs_weights
 def test_unpruned_answers_are_cells_and_well_above_chance(answers):
     scenes, out = answers
-    parsed = [parse_cell(text) for text in out["none"]]
     assert all(text.strip() in CELLS for text in out["none"]), out["none"][:5]  # one readable word, then EOS
-    accuracy = sum(p == s.cell for p, s in zip(parsed, scenes)) / len(scenes)
+    accuracy = _accuracy(out["none"], scenes)
     assert accuracy >= 0.8, accuracy  # chance is 1/9; the README reports the full evaluation
 
 
@@ -46,6 +54,60 @@ def test_unpruned_answers_are_cells_and_well_above_chance(answers):
 def test_pruned_answers_stay_readable(answers):
     _, out = answers
     assert sum(parse_cell(text) is not None for text in out["feather"]) >= 0.9 * len(out["feather"])
+
+
+@pytest.mark.skipif(not (PRUNING_AWARE_WEIGHTS_DIR / "model.safetensors").exists(),
+                    reason="pruning-aware demo weights not trained yet")
+def test_pruning_aware_weights_localize_under_feather_pruning():
+    scenes = held_out(90)
+    out = _greedy_answers(PRUNING_AWARE_WEIGHTS_DIR, ("feather",), scenes)
+    # 84.2% on 1000 held-out scenes (README); chance is 1/9.
+    assert _accuracy(out["feather"], scenes) >= 0.7, out["feather"][:5]
+
+
+def test_dropping_forward_without_cuts_is_the_models_forward():
+    import numpy as np
+    import torch
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from feather_vllm.demo.train import _batch, _dropping_forward
+
+    processor = AutoProcessor.from_pretrained(WEIGHTS_DIR)
+    model = LlavaForConditionalGeneration.from_pretrained(WEIGHTS_DIR).float().eval()
+    tokenizer = processor.tokenizer
+    inputs, _ = _batch(processor, held_out(2), [tokenizer.convert_tokens_to_ids(c) for c in CELLS],
+                       tokenizer.eos_token_id)
+    with torch.no_grad():
+        expected = model(**inputs, logits_to_keep=2).logits
+        uncut = _dropping_forward(model, inputs, np.random.default_rng(0), schedule=lambda rng: ())
+        log: dict = {}
+        cut = _dropping_forward(model, inputs, np.random.default_rng(0),
+                                schedule=lambda rng: PRESETS["feather"].stages, kept_log=log)
+    assert torch.allclose(uncut, expected, atol=1e-5)
+    assert not torch.allclose(cut, expected, atol=1e-3)  # the cuts reach the answer
+    grid = set(uniform_grid(576, 3).tolist())
+    for b in range(2):
+        first, second = log[b, 8], log[b, 16]
+        assert grid <= set(first.tolist()) and 172 <= len(first) <= 236  # 172 random ∪ the 81-token grid
+        assert set(second.tolist()) <= set(first.tolist()) and len(second) == int(len(first) * 0.09)
+    assert not torch.equal(log[0, 8], log[1, 8])  # random per sample
+
+
+def test_drop_schedule_jitters_the_presets():
+    import numpy as np
+
+    from feather_vllm.demo.train import _drop_schedule
+
+    rng = np.random.default_rng(0)
+    seen = set()
+    for _ in range(200):
+        stages = _drop_schedule(rng)
+        preset = next(p for p in PRESETS.values() if p.stages and p.cut_layers == tuple(s.layer for s in stages))
+        seen.add(preset.name)
+        for stage, base in zip(stages, preset.stages):
+            assert stage.grid_stride == base.grid_stride
+            assert 0.5 * base.keep <= stage.keep <= min(1.0, 1.5 * base.keep)
+    assert seen == {"fastv", "feather", "pyramiddrop"}
 
 
 def test_scenes_label_the_cell_of_the_centre():

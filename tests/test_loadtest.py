@@ -96,6 +96,16 @@ def test_evaluate_builtin_scenes_through_gateway(server, tmp_path):
     assert 172 <= feather["stages"][0]["kept"] <= 236 and 0 <= feather["stages"][0]["mean_row"] <= 1
     assert feather["vs_none"]["difference"] == pytest.approx(feather["accuracy"] - report["none"]["accuracy"])
     assert [s["layer"] for s in report["stages1"]["stages"]] == [8]
+    # Kept-token maps of the first 3 scenes: per pruned setting, how many
+    # stages each of the 576 tokens survived, consistent with the kept counts.
+    assert len(data["maps"]) == 3
+    for scene, reply in zip(data["maps"], data["answers"]["feather"]):
+        assert set(scene["panels"]) == {"feather", "stages1"}
+        panel = scene["panels"]["feather"]
+        assert panel["reply"] == reply["reply"] and panel["stages"] == 2 and len(panel["survived"]) == 576
+        assert [sum(n >= k for n in panel["survived"]) for k in (1, 2)] == panel["kept"]
+        assert 172 <= panel["kept"][0] <= 236
+        assert scene["panels"]["stages1"]["kept"] == [115]  # int(576 * 0.2)
     assert (tmp_path / "eval.png").stat().st_size > 1000
 
 

@@ -80,6 +80,7 @@ def offline_texts(tiny_checkpoint, server):
             record = model.pruning_record(result.request_id)
             out[preset] = result.outputs[0].text
             out[preset, "kept"] = [len(s["kept"]) for s in record["stages"]] if record else []
+            out[preset, "indices"] = [list(s["kept"]) for s in record["stages"]] if record else []
         return out
     finally:
         shutdown(llm)
@@ -112,10 +113,23 @@ def test_image_chat_per_preset_matches_offline_engine(client, scene_url, offline
     for stage in report["stages"]:
         assert 0 <= stage["mean_row"] <= 1 and set(stage["quadrant_coverage"]) == {
             "top_left", "top_right", "bottom_left", "bottom_right"}
+        assert stage["kept_indices"] is None  # only when asked for
     # Default block size 128 on CPU: 12 KV groups over 5 stages.
     blocks = report["kv_blocks"]
     assert blocks["unpruned"] == 12 * 5
     assert (blocks["used"] < blocks["unpruned"]) == (preset != "none")
+
+
+@pytest.mark.parametrize("preset", ["fastv", "feather"])
+def test_return_kept_gives_the_engines_kept_indices(client, scene_url, offline_texts, preset):
+    r = client.post("/v1/chat/completions",
+                    json=image_chat(scene_url, feather={"preset": preset, "return_kept": True}))
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["choices"][0]["message"]["content"] == offline_texts[preset]
+    indices = [s["kept_indices"] for s in body["feather"]["stages"]]
+    assert indices == offline_texts[preset, "indices"]
+    assert [len(i) for i in indices] == [s["kept"] for s in body["feather"]["stages"]]
 
 
 def test_text_chat_and_determinism(client):

@@ -7,8 +7,9 @@ Recipe measured on 2 CPU cores (../shared/DEMO_MODEL.md): loss on the
 answer only, AdamW, cosine schedule, a size curriculum, a 2-D position
 init for the vision tower and a wide projector init. About 1 s per step.
 
-`--pruning-aware` drops random image tokens at the presets' cut layers in
-half of the batches, so that the model learns to answer from fewer tokens.
+`--pruning-aware` drops random image tokens on the presets' schedules (cut
+layers and kept counts, jittered) in half of the batches, so that the model
+learns to answer from fewer tokens.
 """
 
 from __future__ import annotations
@@ -17,14 +18,15 @@ import argparse
 import math
 import shutil
 import tempfile
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from feather_vllm.demo.scenes import CELLS, make_scene
-
-CUT_LAYERS = (3, 8, 16, 24)
+from feather_vllm.pruning import PRESETS, Stage, select_stage
 
 
 def _init_vision_positions(model) -> None:
@@ -61,9 +63,27 @@ def _batch(processor, scenes, answer_ids: list[int], eos_id: int):
     return inputs, targets
 
 
-def _dropping_forward(model, inputs, rng: np.random.Generator):
-    """Forward through the decoder with random image tokens masked out (as
-    keys) from a random cut layer on, cumulatively, per sample."""
+def _drop_schedule(rng: np.random.Generator) -> tuple[Stage, ...]:
+    """The stages of one pruning preset (fastv, feather or pyramiddrop, at
+    random) with each keep fraction scaled by a random factor in [0.5, 1.5],
+    so that the model meets the presets' cut layers and depths and the
+    explicit stages around them."""
+    names = [name for name, preset in PRESETS.items() if preset.stages]
+    preset = PRESETS[names[rng.integers(len(names))]]
+    return tuple(replace(stage, keep=min(1.0, stage.keep * rng.uniform(0.5, 1.5))) for stage in preset.stages)
+
+
+def _dropping_forward(model, inputs, rng: np.random.Generator,
+                      schedule: Callable[[np.random.Generator], tuple[Stage, ...]] = _drop_schedule,
+                      kept_log: dict[tuple[int, int], torch.Tensor] | None = None):
+    """Forward through the decoder with image tokens dropped (masked out as
+    keys) at the cut layers of a random preset schedule, per sample. Each cut
+    keeps a random subset of the surviving image tokens of the size the
+    preset keeps (united with FEATHER's uniform grid where the stage has
+    one): the presets' selection with random scores instead of attention.
+    `schedule(rng)` gives a sample's stages (default: a jittered preset);
+    `kept_log`, when given, receives each (sample, layer)'s survivors. The
+    order of random draws is that of the shipped weights' training run."""
     inner = model.model
     lm = inner.language_model
     ids = inputs["input_ids"]
@@ -80,20 +100,22 @@ def _dropping_forward(model, inputs, rng: np.random.Generator):
     cos_sin = lm.rotary_emb(embeds, position_ids=positions)
     causal = torch.full((length, length), float("-inf")).triu(1)
     dropped = torch.zeros(batch, length, dtype=torch.bool)
-    schedule = {}
-    for b in range(batch):
-        cuts = sorted(rng.choice(CUT_LAYERS, size=rng.integers(1, 3), replace=False))
-        keep = 1.0
-        for layer in cuts:
-            keep *= rng.uniform(0.1, 0.6)
-            schedule.setdefault(int(layer), []).append((b, keep))
-    hidden = embeds
     image_rows = [torch.nonzero(is_image[b]).flatten() for b in range(batch)]
+    survivors = [torch.arange(rows.numel()) for rows in image_rows]
+    cuts: dict[int, list[tuple[int, Stage]]] = {}
+    for b in range(batch):
+        for stage in schedule(rng):
+            cuts.setdefault(stage.layer, []).append((b, stage))
+    hidden = embeds
     for index, layer in enumerate(lm.layers):
-        for b, keep in schedule.get(index, []):
-            rows = image_rows[b]
-            drop = rows[torch.from_numpy(rng.random(rows.numel()) > keep)]
-            dropped[b, drop] = True
+        for b, stage in cuts.get(index, []):
+            scores = torch.from_numpy(rng.random(survivors[b].numel()))
+            kept = select_stage(scores, survivors[b], stage, image_rows[b].numel())
+            gone = survivors[b][~torch.isin(survivors[b], kept)]
+            dropped[b, image_rows[b][gone]] = True
+            survivors[b] = kept
+            if kept_log is not None:
+                kept_log[b, index] = kept
         mask = causal[None, None].expand(batch, 1, length, length).clone()
         mask.masked_fill_(dropped[:, None, None, :], float("-inf"))
         mask[:, :, torch.arange(length), torch.arange(length)] = 0.0  # a row always sees itself
