@@ -232,6 +232,7 @@ def _draw_map(ax, image: Image.Image, panel: dict[str, Any]) -> None:
     import numpy as np
 
     side = math.isqrt(len(panel["survived"]))
+    # Drawn at 14 px per token (CLIP's patch): exact for the square demo scenes.
     pixels = np.asarray(image.convert("RGB").resize((side * 14, side * 14)), dtype=float) / 255
     depth = np.asarray(panel["survived"], dtype=float).reshape(side, side) / panel["stages"]
     shade = np.kron(0.15 + 0.85 * depth, np.ones((14, 14)))
@@ -253,8 +254,7 @@ def plot(report: dict[str, Any], path: Path, title: str, maps: list[dict[str, An
     maps = maps or []
     columns = sorted({name for m in maps for name in m["panels"]}, key=names.index)
     fig = plt.figure(figsize=(12, 4.2 + 2.6 * len(maps)), layout="constrained")
-    charts, grid = fig.subfigures(2, 1, height_ratios=[4.2, max(2.6 * len(maps), 0.01)]) if maps \
-        else (fig, None)
+    charts, grid = fig.subfigures(2, 1, height_ratios=[4.2, 2.6 * len(maps)]) if maps else (fig, None)
     a, b = charts.subplots(1, 2)
     a.bar(names, [100 * report[n]["accuracy"] for n in names],
           yerr=[100 * report[n]["se"] for n in names], capsize=4, color="tab:blue")
