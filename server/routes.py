@@ -304,7 +304,6 @@ class _Call:
         self.request_id = f"chatcmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.preset = config.name
-        self.return_kept = bool(body.feather and body.feather.return_kept)
         self.start = time.perf_counter()
         self.first_token_at: float | None = None
         self.last_token_at: float | None = None
@@ -361,7 +360,8 @@ class _Call:
     def _report(self, final: Any) -> FeatherReport:
         params = getattr(final, "kv_transfer_params", None) or {}
         return build_report(self.config, self.prompt_ids, max(self.generated, default=0), self.state.layout,
-                            params.get("feather"), return_kept=self.return_kept)
+                            params.get("feather"),
+                            return_kept=bool(self.body.feather and self.body.feather.return_kept))
 
     def _usage(self) -> Usage:
         completion = sum(self.generated)
