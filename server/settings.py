@@ -30,19 +30,37 @@ class Settings(BaseSettings):
     max_image_bytes: int = 10 * 2**20
     max_image_pixels: int = 4096 * 4096
     max_body_bytes: int = 25 * 2**20
-    image_fetch_timeout_s: float = 10.0
+    max_image_aspect_ratio: float = Field(20.0, description="longer/shorter image side above this is refused "
+                                          "(vLLM's resize to the model's short side would blow it up)")
+    image_fetch_timeout_s: float = Field(10.0, description="total time for DNS, connects and reads of one image "
+                                         "fetch, all redirects included")
+    image_decode_timeout_s: float = Field(10.0, description="time one image may wait for and take decoding")
+    image_decode_workers: int = Field(2, description="images decoded at once (worker threads)")
     max_image_redirects: int = 3
     allowed_image_hosts: list[str] | None = Field(None, description="if set, only these hosts are fetched")
+    allowed_image_ports: list[int] | None = Field(None, description="if set, only these ports are fetched")
     allow_private_image_hosts: bool = Field(False, description="allow fetching loopback/private/link-local hosts")
+    allow_tiff_images: bool = Field(False, description="accept TIFF images (refused by default: a large, "
+                                    "rarely needed decoder)")
     allow_file_urls: bool = False
     allowed_local_dir: Path | None = Field(None, description="file:// URLs must lie under this directory")
-    api_key: str | None = Field(None, description="require 'Authorization: Bearer <key>' on /v1/*")
+    api_key: str | None = Field(None, description="require 'Authorization: Bearer <key>' on /v1/*; several "
+                                "keys comma-separated (e.g. one per client)")
+    max_requests_per_key: int | None = Field(None, description="chat completions in flight per API key "
+                                             "(429 beyond)")
     max_waiting_requests: int = Field(64, description="requests beyond max_num_seqs that may wait")
+    stream_send_timeout_s: float = Field(30.0, description="a stream whose client reads nothing for this long "
+                                         "is ended and its request aborted")
     log_level: str = "info"
 
     @property
     def model_name(self) -> str:
         return self.served_model_name or Path(self.model).name
+
+    @property
+    def api_keys(self) -> list[str]:
+        """The accepted API keys (none: no authentication)."""
+        return [k.strip() for k in (self.api_key or "").split(",") if k.strip()]
 
 
 def _flag_type(annotation: Any):
