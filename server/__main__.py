@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -17,10 +18,26 @@ def main(argv: list[str] | None = None) -> None:
 
     import uvicorn
 
+    from server import lifecycle
     from server.app import create_app
 
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
-                log_level=settings.log_level, timeout_graceful_shutdown=5)
+    # The engine core (a child process) exits when this process dies, by any signal.
+    lifecycle.mark_gateway()
+    server: uvicorn.Server | None = None
+    exit_code = 0
+
+    def stop_server(code: int) -> None:
+        nonlocal exit_code
+        exit_code = code
+        if server is not None:
+            server.should_exit = True  # graceful shutdown, then exit with `code`
+
+    server = uvicorn.Server(uvicorn.Config(create_app(settings, stop_server), host=settings.host,
+                                           port=settings.port, log_level=settings.log_level,
+                                           timeout_graceful_shutdown=5))
+    server.run()
+    if exit_code:
+        sys.exit(exit_code)
 
 
 if __name__ == "__main__":

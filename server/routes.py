@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -18,6 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from feather_vllm.pruning import config as pcfg
 from server import metrics
+from server.auth import UNAUTHORIZED, key_index
 from server.errors import APIError, error_body
 from server.pruning_report import build_report
 from server.schemas import (
@@ -44,12 +44,11 @@ def state_of(request: Request) -> GatewayState:
 
 
 def require_key(request: Request, state: GatewayState = Depends(state_of)) -> None:
-    key = state.settings.api_key
-    if key is None:
-        return
-    header = request.headers.get("authorization", "")
-    if not secrets.compare_digest(header.encode(), f"Bearer {key}".encode()):
-        raise APIError(401, "missing or invalid API key (Authorization: Bearer <key>)", code="invalid_api_key")
+    """Also checked by the Auth middleware, before the body is read; kept
+    here so that no route mounted without it is left open."""
+    keys = state.settings.api_keys
+    if keys and key_index(request.headers.get("authorization", ""), keys) is None:
+        raise APIError(401, UNAUTHORIZED, code="invalid_api_key")
 
 
 def require_engine(state: GatewayState = Depends(state_of)) -> None:
@@ -66,7 +65,7 @@ async def health(state: GatewayState = Depends(state_of)) -> Response:
 
 @router.get("/metrics")
 async def prometheus_metrics() -> Response:
-    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+    return Response(await asyncio.to_thread(generate_latest), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/v1/models", dependencies=[Depends(require_key)])
@@ -77,14 +76,14 @@ async def list_models(state: GatewayState = Depends(state_of)) -> ModelList:
 @router.post("/v1/chat/completions", dependencies=[Depends(require_key), Depends(require_engine)])
 async def chat_completions(body: ChatCompletionRequest, request: Request,
                            state: GatewayState = Depends(state_of)) -> Response:
-    preset_label = (body.feather.preset if body.feather and body.feather.preset else None) or "default"
+    # Counted by metrics.ResponseCounter, with a label from a closed set.
+    metrics.set_preset_label(request.scope, metrics.request_preset_label(body.feather))
     try:
-        response = await _chat(body, request, state)
+        return await _chat(body, request, state)
     except APIError as err:
-        metrics.REQUESTS.labels(str(err.status), preset_label).inc()
+        if err.code == "invalid_pruning_settings":
+            metrics.set_preset_label(request.scope, "invalid")
         raise
-    metrics.REQUESTS.labels("200", preset_label).inc()
-    return response
 
 
 def _refuse_unsupported(body: ChatCompletionRequest) -> None:
@@ -221,13 +220,15 @@ async def _chat(body: ChatCompletionRequest, request: Request, state: GatewaySta
         raise APIError(404, f"model {body.model!r} does not exist; this server serves {settings.model_name!r}",
                        param="model", code="model_not_found")
     _check_input(body)
+    state.refuse_special_tokens(body.messages)
     if not state.admit():
         raise APIError(429, "too many requests waiting; retry later", code="queue_full",
                        headers={"Retry-After": "1"})
     try:
         config = _resolve_pruning(body, state)
-        conversation = await _conversation(body, state)
-        engine_input, prompt_ids = await state.render(conversation)
+        # A client that leaves while its image is fetched or its prompt rendered is not waited for.
+        conversation = await _unless_disconnected(request, _conversation(body, state))
+        engine_input, prompt_ids = await _unless_disconnected(request, state.render(conversation))
         room = settings.max_model_len - len(prompt_ids)
         if room < 1:
             raise APIError(400, f"the prompt is {len(prompt_ids)} tokens; the context is {settings.max_model_len}",
@@ -262,6 +263,23 @@ async def _chat(body: ChatCompletionRequest, request: Request, state: GatewaySta
     return JSONResponse(work.result().model_dump(exclude_none=False))
 
 
+async def _unless_disconnected(request: Request, work: Any) -> Any:
+    """`await work`, cancelled (499) if the client disconnects first."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    if task.cancelled():
+        raise APIError(499, "client closed the request", code="client_closed_request")
+    return task.result()
+
+
 async def _disconnected(request: Request) -> None:
     """Returns when the client disconnects (the body is already read)."""
     while (await request.receive())["type"] != "http.disconnect":
@@ -287,8 +305,28 @@ class _EventStream(StreamingResponse):
         self.call = call
 
     async def __call__(self, scope, receive, send) -> None:
+        # A client that stops reading (connected, its receive window full)
+        # would hold the request's slot forever: a send that cannot complete
+        # within the timeout ends the stream.
+        timeout = self.call.state.settings.stream_send_timeout_s
+        stalled = False
+
+        async def timed_send(message) -> None:
+            nonlocal stalled
+            try:
+                async with asyncio.timeout(timeout):
+                    await send(message)
+            except TimeoutError:
+                stalled = True
+                raise
+
         try:
-            await super().__call__(scope, receive, send)
+            await super().__call__(scope, receive, timed_send)
+        except BaseException:
+            if not stalled:
+                raise
+            logger.warning("%s: the client read nothing for %s s; stream ended, request aborted",
+                           self.call.request_id, timeout)
         finally:
             await self.body_iterator.aclose()
             await self.call.close()
@@ -303,7 +341,7 @@ class _Call:
         self.engine_input, self.prompt_ids, self.params = engine_input, prompt_ids, params
         self.request_id = f"chatcmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
-        self.preset = config.name
+        self.preset = metrics.config_label(config, body.feather)  # a closed set: known presets or "custom"
         self.start = time.perf_counter()
         self.first_token_at: float | None = None
         self.last_token_at: float | None = None
@@ -397,8 +435,11 @@ class _Call:
             raise _engine_error(e) from None
         self.finished = final is not None and final.finished
         report = self.report = self._report(final)
+        logprobs = [None] * len(final.outputs)
+        if self.body.logprobs:  # thousands of entries for long answers: off the event loop
+            logprobs = await asyncio.to_thread(lambda: [self._logprobs(o) for o in final.outputs])
         choices = [Choice(index=o.index, message=ChatMessage(content=o.text),
-                          logprobs=self._logprobs(o), finish_reason=o.finish_reason) for o in final.outputs]
+                          logprobs=lp, finish_reason=o.finish_reason) for o, lp in zip(final.outputs, logprobs)]
         return ChatCompletionResponse(id=self.request_id, created=self.created, model=self.state.settings.model_name,
                                       choices=choices, usage=self._usage(), feather=report)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import re
 import time
 from typing import Any
 
@@ -10,6 +12,8 @@ from server.errors import APIError
 from server.images import ImageLoader
 from server.pruning_report import EngineLayout
 from server.settings import Settings
+
+logger = logging.getLogger("server")
 
 
 class GatewayState:
@@ -23,6 +27,8 @@ class GatewayState:
         self.tokenizer: Any = None
         self.start_error: str | None = None
         self.in_flight = 0
+        self.special_text: re.Pattern[str] | None = None  # special-token strings refused in message text
+        self.exit_code: int | None = None  # set when the gateway must stop (its engine died)
 
     # -- readiness -------------------------------------------------------------
 
@@ -40,7 +46,32 @@ class GatewayState:
     def attach(self, engine: Any, layout: EngineLayout) -> None:
         self.layout = layout
         self.tokenizer = engine.renderer.tokenizer
+        strings = special_token_strings(self.tokenizer, layout.image_token_id)
+        if strings:
+            self.special_text = re.compile("|".join(map(re.escape, sorted(strings, key=len, reverse=True))))
         self.engine = engine
+
+    # -- message text --------------------------------------------------------------
+
+    def refuse_special_tokens(self, messages: list[Any]) -> None:
+        """Text may not spell a special token: the tokenizer would turn the
+        image placeholder into an image slot (taking another image's
+        embeddings, or faking an image) and BOS/EOS into turn boundaries."""
+        if self.special_text is None:
+            return
+        for m, message in enumerate(messages):
+            if isinstance(message.content, str):
+                texts = [(f"messages[{m}].content", message.content)]
+            elif isinstance(message.content, list):
+                texts = [(f"messages[{m}].content[{p}].text", part.text)
+                         for p, part in enumerate(message.content) if part.type == "text"]
+            else:
+                continue
+            for param, text in texts:
+                found = self.special_text.search(text)
+                if found:
+                    raise APIError(400, f"{param}: text contains the special token {found.group()!r}; images go in "
+                                        "image_url parts", param=param, code="special_token_in_text")
 
     # -- admission ---------------------------------------------------------------
 
@@ -69,4 +100,26 @@ class GatewayState:
             _, (engine_input,) = await renderer.render_chat_async([conversation], chat_params, tok_params)
         except (VLLMClientError, ValueError, TypeError, KeyError) as e:
             raise APIError(400, f"messages could not be rendered: {e}", param="messages") from None
+        except Exception as e:  # noqa: BLE001 - the renderer's own failure: a clean 500, logged
+            logger.exception("rendering failed")
+            raise APIError(500, f"messages could not be rendered: {type(e).__name__}", code="render_error") from None
         return engine_input, list(engine_input["prompt_token_ids"])
+
+
+def special_token_strings(tokenizer: Any, image_token_id: int | None = None) -> set[str]:
+    """The texts of the tokenizer's special tokens, the image placeholder
+    included (whatever its `special` flag says)."""
+    strings: set[str] = set()
+    for token in getattr(tokenizer, "all_special_tokens", None) or ():
+        strings.add(str(token))
+    for added in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
+        if getattr(added, "special", False):
+            strings.add(str(added.content))
+    if image_token_id is not None:
+        try:
+            token = tokenizer.convert_ids_to_tokens(image_token_id)
+        except Exception:  # noqa: BLE001 - an id the tokenizer does not know: nothing to add
+            token = None
+        if token:
+            strings.add(str(token))
+    return {s for s in strings if s}
