@@ -19,6 +19,7 @@ from feather_vllm.pruning import config as pcfg
 from server import metrics
 from server.auth import UNAUTHORIZED, key_index
 from server.errors import APIError, error_body
+from server.offloop import OffLoopRoute
 from server.pruning_report import build_report
 from server.schemas import (
     ChatCompletionChunk,
@@ -35,7 +36,7 @@ from server.schemas import (
 )
 from server.state import GatewayState
 
-router = APIRouter()
+router = APIRouter(route_class=OffLoopRoute)  # JSON bodies parsed in a worker thread
 logger = logging.getLogger("server")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,9 @@ class Settings(BaseSettings):
     image_fetch_timeout_s: float = Field(10.0, description="total time for DNS, connects and reads of one image "
                                          "fetch, all redirects included")
     image_decode_timeout_s: float = Field(10.0, description="time one image may wait for and take decoding")
-    image_decode_workers: int = Field(2, description="images decoded at once (worker threads)")
+    image_decode_workers: int = Field(default_factory=lambda: 1 if (os.cpu_count() or 1) <= 4 else 2,
+                                      description="images decoded at once (worker threads; default 1 on "
+                                      "machines with up to 4 cores, else 2)")
     max_image_redirects: int = 3
     allowed_image_hosts: list[str] | None = Field(None, description="if set, only these hosts are fetched")
     allowed_image_ports: list[int] | None = Field(None, description="if set, only these ports are fetched")
