@@ -278,3 +278,18 @@ def test_children_exit_when_the_gateway_is_killed(tmp_path, method):
         assert not _alive(child), "the child outlived its SIGKILLed parent by 10 s"
     finally:
         parent.kill()
+
+
+# -- deploys default to a required key ---------------------------------------------------------
+
+def test_deploys_require_an_api_key():
+    import yaml
+
+    compose = yaml.safe_load((ROOT / "deploy/docker-compose.yml").read_text())
+    key = compose["services"]["gateway"]["environment"]["FEATHER_API_KEY"]
+    assert key.startswith("${FEATHER_API_KEY:?"), key  # compose refuses to start without it
+    deployment = yaml.safe_load((ROOT / "deploy/k8s/deployment.yaml").read_text())
+    env = {e["name"]: e for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    ref = env["FEATHER_API_KEY"]["valueFrom"]["secretKeyRef"]
+    assert ref["name"] == "feather-vllm" and ref["key"] == "api-key" and ref.get("optional") is False
+    assert Settings(model="m", api_key=" a, b ,,").api_keys == ["a", "b"]
