@@ -293,3 +293,60 @@ def test_deploys_require_an_api_key():
     ref = env["FEATHER_API_KEY"]["valueFrom"]["secretKeyRef"]
     assert ref["name"] == "feather-vllm" and ref["key"] == "api-key" and ref.get("optional") is False
     assert Settings(model="m", api_key=" a, b ,,").api_keys == ["a", "b"]
+
+
+# -- a client that leaves while its images load; renderer failures ---------------------------
+
+class _LeavingRequest:
+    """What routes._unless_disconnected reads of a request: a client that disconnects."""
+
+    def __init__(self, after_s: float) -> None:
+        self.after_s = after_s
+
+    async def receive(self):
+        await asyncio.sleep(self.after_s)
+        return {"type": "http.disconnect"}
+
+
+def test_work_abandoned_when_the_client_leaves():
+    from server.errors import APIError
+    from server.routes import _unless_disconnected
+
+    cancelled = False
+
+    async def slow_fetch():
+        nonlocal cancelled
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled = True
+            raise
+
+    async def run():
+        start = time.monotonic()
+        with pytest.raises(APIError) as err:
+            await _unless_disconnected(_LeavingRequest(0.1), slow_fetch())
+        quick = await _unless_disconnected(_LeavingRequest(30), asyncio.sleep(0, result="done"))
+        return time.monotonic() - start, err.value, quick
+
+    elapsed, err, quick = asyncio.run(run())
+    assert err.status == 499 and cancelled and elapsed < 2 and quick == "done"
+
+
+def test_unexpected_renderer_failure_is_a_json_500_not_a_crash():
+    from types import SimpleNamespace
+
+    from server.errors import APIError
+    from server.state import GatewayState
+
+    class Renderer:
+        default_chat_tok_params = SimpleNamespace(with_kwargs=lambda **kw: None)
+
+        async def render_chat_async(self, *args, **kwargs):
+            raise RuntimeError("processor exploded")
+
+    state = GatewayState(Settings(model="unused"))
+    state.engine = SimpleNamespace(renderer=Renderer())
+    with pytest.raises(APIError) as err:
+        asyncio.run(state.render([{"role": "user", "content": "hi"}]))
+    assert err.value.status == 500 and err.value.code == "render_error" and "RuntimeError" in err.value.message
