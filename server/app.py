@@ -32,9 +32,11 @@ def create_app(settings: Settings, stop_server: Callable[[int], None] | None = N
 
     def fatal(reason: str) -> None:
         state.exit_code = lifecycle.ENGINE_DIED_EXIT_CODE
-        if stop_server is not None:
-            logger.critical("%s: stopping the gateway (exit code %d)", reason, state.exit_code)
-            stop_server(state.exit_code)
+        if stop_server is None:
+            logger.critical("%s: answering 503 from now on", reason)
+            return
+        logger.critical("%s: stopping the gateway (exit code %d)", reason, state.exit_code)
+        stop_server(state.exit_code)
 
     async def _start() -> None:
         try:

@@ -46,7 +46,11 @@ class GatewayState:
     def attach(self, engine: Any, layout: EngineLayout) -> None:
         self.layout = layout
         self.tokenizer = engine.renderer.tokenizer
-        strings = special_token_strings(self.tokenizer, layout.image_token_id)
+        image_token_id = getattr(layout, "image_token_id", None)
+        if image_token_id is None:
+            hf_config = getattr(getattr(getattr(engine, "vllm_config", None), "model_config", None), "hf_config", None)
+            image_token_id = getattr(hf_config, "image_token_index", None)
+        strings = special_token_strings(self.tokenizer, image_token_id)
         if strings:
             self.special_text = re.compile("|".join(map(re.escape, sorted(strings, key=len, reverse=True))))
         self.engine = engine
