@@ -609,10 +609,12 @@ def test_health_answers_during_a_burst_of_large_images(server):
     so /health keeps answering promptly throughout."""
     import time
 
-    bodies = [image_chat(_progressive_jpeg(i), max_tokens=1) for i in range(16)]
+    # Encoded up front: the client's own JSON encoding would otherwise delay its probes.
+    bodies = [json.dumps(image_chat(_progressive_jpeg(i), max_tokens=1)).encode() for i in range(16)]
 
     async def run():
-        async with httpx.AsyncClient(base_url=server.url, headers=AUTH, timeout=300) as c:
+        async with httpx.AsyncClient(base_url=server.url, headers={**AUTH, "content-type": "application/json"},
+                                     timeout=300) as c:
             await c.get("/health")
             done = False
             latencies = []
@@ -625,7 +627,7 @@ def test_health_answers_during_a_burst_of_large_images(server):
                     await asyncio.sleep(0.02)
 
             prober = asyncio.create_task(probe())
-            responses = await asyncio.gather(*(c.post("/v1/chat/completions", json=b) for b in bodies))
+            responses = await asyncio.gather(*(c.post("/v1/chat/completions", content=b) for b in bodies))
             done = True
             await prober
             return responses, latencies
@@ -633,5 +635,5 @@ def test_health_answers_during_a_burst_of_large_images(server):
     responses, latencies = asyncio.run(run())
     assert sorted({r.status_code for r in responses}) in ([200], [200, 429])
     assert len(latencies) > 5
-    # The target is 0.2 s; this machine's 2 cores are shared with the engine and other tests.
-    assert max(latencies) < 1.0, sorted(latencies)[-5:]
+    # The target is 0.2 s (measured alone: 50 ms at most); the margin is for 2 cores shared with other tests.
+    assert max(latencies) < 0.5, sorted(latencies)[-5:]
