@@ -17,7 +17,8 @@ COPY loadtest ./loadtest
 # the plugin and gateway add, never a second torch.
 RUN python3 -m pip install --no-cache-dir --no-deps . \
  && python3 -m pip install --no-cache-dir "pydantic-settings>=2.2" "prometheus-client>=0.20" "httpx>=0.27"
-# The hooks patch vLLM's V1 model runner; pruned prefills run eager.
+# The hooks patch vLLM's V1 model runner (the gateway sets this too; guards
+# refuse V2). Decode runs compiled with piecewise CUDA graphs, cutting prefills eager.
 ENV VLLM_USE_V2_MODEL_RUNNER=0 \
     FEATHER_HOST=0.0.0.0 \
     FEATHER_PORT=8000 \

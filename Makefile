@@ -14,10 +14,14 @@ setup:
 checkpoints: setup
 	@$(PY) -c "from feather_vllm.checkpoints import ensure_checkpoint as e; e('tiny', 'checkpoints/tiny'); e('bench', 'checkpoints/bench')"
 
+# vLLM compiles by default (CUDA graphs on GPU); without a GPU that gains
+# nothing and costs minutes of start-up, so CPU machines serve eager.
+ENGINE_FLAGS ?= $(if $(shell command -v nvidia-smi 2>/dev/null),,--enforce-eager)
+
 # Set up and serve the shipped demo model with the gateway.
 serve: setup
 	$(PY) -m server --model $(DEMO_MODEL) --served-model-name demo --dtype float32 \
-	  --host $(HOST) --port $(PORT)
+	  --host $(HOST) --port $(PORT) $(ENGINE_FLAGS)
 
 # Re-train the demo model from its seed (about 35 min on 2 cores). The
 # pruning-aware variant: make demo-train DEMO_MODEL=feather_vllm/demo/weights_pruning_aware TRAIN_FLAGS=--pruning-aware

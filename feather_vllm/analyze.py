@@ -19,6 +19,7 @@ from typing import Any
 
 from PIL import Image
 
+from feather_vllm.kv.plan import report_of
 from feather_vllm.pruning import config as pcfg
 from feather_vllm.pruning.stats import mean_row, quadrant_coverage
 
@@ -41,23 +42,21 @@ def analyze(model: str, image: Image.Image, prompt: str, preset: Any,
     from feather_vllm.engine import engine_kwargs
 
     config = pcfg.resolve(preset)
-    llm = LLM(enforce_eager=True, distributed_executor_backend="uni",
+    llm = LLM(distributed_executor_backend="uni",
               **engine_kwargs(model, dtype=dtype, max_model_len=2048, max_num_seqs=4,
-                              kv_cache_bytes=2**30))
+                              kv_cache_bytes=2**30, enforce_eager=True))
     messages = [{"role": "user", "content": [{"type": "image_pil", "image_pil": image},
                                              {"type": "text", "text": prompt}]}]
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0,
                             extra_args={"feather": config.to_dict()})
     out = llm.chat(messages, params, use_tqdm=False)[0]
-    runner_model = llm.llm_engine.model_executor.driver_worker.worker.model_runner.get_model()
-    record = runner_model.pruning_record(out.request_id) or {"stages": [], "fallback": None}
-    image_token_id = llm.llm_engine.model_config.hf_config.image_token_index
-    n = sum(1 for t in out.prompt_token_ids if t == image_token_id)
+    report = report_of(out)
+    n = report.image_tokens
     side = int(round(n ** 0.5))
     stages = []
-    for stage in record["stages"]:
-        kept = stage["kept"]
-        stages.append({"layer": stage["layer"], "kept": kept, "num_kept": len(kept),
+    for layer, kept in report.stages:
+        kept = list(kept)
+        stages.append({"layer": layer, "kept": kept, "num_kept": len(kept),
                        "mean_row": mean_row(kept, n), "quadrant_coverage": quadrant_coverage(kept, n)})
     return {
         "preset": config.name,
@@ -65,7 +64,7 @@ def analyze(model: str, image: Image.Image, prompt: str, preset: Any,
         "image_tokens": n,
         "grid": [side, side] if side * side == n else None,
         "stages": stages,
-        "fallback": record.get("fallback"),
+        "fallback": report.fallback.value if report.fallback else None,
         "text": out.outputs[0].text,
         "token_ids": list(out.outputs[0].token_ids),
     }

@@ -5,6 +5,12 @@ chunked prefill is off, long prompts are never capped, multimodal inputs are
 never chunked, and one step's token budget fits a whole prompt for every
 sequence (VLLM_NOTES.md, "Scheduling and caching traps"). Anything the
 scheduler still splits runs unpruned (see pruning/schedule.py).
+
+Compilation is vLLM's default (torch.compile; CUDA graphs on GPU) with one
+change: PIECEWISE CUDA graphs, which keep attention outside the captured
+graphs so that each pruned KV group reads its own metadata in every step
+(kv/guards.py refuses full graphs). Cutting prefills run eager by
+construction (the model calls its decoder layers one by one).
 """
 
 from __future__ import annotations
@@ -26,12 +32,15 @@ def engine_kwargs(
     enable_prefix_caching: bool = False,
     max_images_per_prompt: int = 1,
     seed: int = 0,
+    enforce_eager: bool = False,
     **overrides: Any,
 ) -> dict[str, Any]:
     """Keyword arguments for `vllm.LLM(...)` or `AsyncEngineArgs(...)`.
 
     `default_preset` becomes the engine-wide pruning default (requests
     without `extra_args["feather"]` use it); None means no pruning.
+    `enforce_eager=True` turns compilation and CUDA graphs off (fast
+    start-up for tests); the default compiles as vLLM does.
     """
     hf_overrides: dict[str, Any] = {"architectures": [ARCHITECTURE]}
     if default_preset is not None:
@@ -49,6 +58,8 @@ def engine_kwargs(
         max_num_batched_tokens=max_model_len + max_num_seqs,
         enable_prefix_caching=enable_prefix_caching,
         limit_mm_per_prompt={"image": max_images_per_prompt},
+        enforce_eager=enforce_eager,
+        compilation_config={"cudagraph_mode": "PIECEWISE"},
     )
     if block_size is not None:
         kwargs["block_size"] = block_size

@@ -3,16 +3,21 @@
 python -m loadtest.benchmark [--model DIR] [--out results/] [--rounds 5]
 
 Starts the gateway on the `bench` checkpoint (built if absent) with a fixed
-KV budget, and vLLM's own OpenAI server (stock LLaVA, same checkpoint and
-settings), then measures, with presets interleaved round by round so that
+KV budget, and vLLM's own OpenAI server on the same checkpoint and settings
+with the plugin switched off (`VLLM_PLUGINS=""`: stock LLaVA, stock vLLM).
+Both compile as vLLM does by default (`--enforce-eager` turns that off for
+both). Then it measures, with presets interleaved round by round so that
 machine noise hits all alike:
   1. prefill time: TTFT at concurrency 1;
-  2. saturated throughput: closed loop at high concurrency;
-  3. max concurrent image requests at the fixed KV budget, observed from the
-     engine (`vllm:num_requests_running`, sampled during 2.);
-  4. the gateway's overhead: TTFT at concurrency 1 against vLLM's server.
-Prints each as a ratio to `none` next to the cost model's prediction, and
-writes JSON and plots.
+  2. KV held by one image request, from each engine's own gauge
+     (`vllm:kv_cache_usage_perc`), against vLLM's own server;
+  3. decode: inter-token latency at concurrency 1 and 4;
+  4. saturated throughput: closed loop at high concurrency;
+  5. max concurrent image requests at the fixed KV budget, observed from the
+     engine (`vllm:num_requests_running`, sampled during 4.);
+  6. the gateway's overhead: TTFT at concurrency 1 against vLLM's server.
+Prints each as a ratio to `none` (or to vLLM) next to the cost model's
+prediction, and writes JSON and plots.
 """
 
 from __future__ import annotations
@@ -49,9 +54,9 @@ def _free_port() -> int:
 class Server:
     """A server subprocess, ready once /health answers 200."""
 
-    def __init__(self, argv: list[str], log: Path, port: int) -> None:
+    def __init__(self, argv: list[str], log: Path, port: int, env: dict[str, str] | None = None) -> None:
         self.url = f"http://127.0.0.1:{port}"
-        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
         env.pop("VLLM_CPU_KVCACHE_SPACE", None)
         self.log = open(log, "w")
         self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, env=env)
@@ -78,22 +83,25 @@ class Server:
         self.log.close()
 
 
-def start_servers(model: str, out: Path, kv_gib: float, block_size: int, max_num_seqs: int) -> tuple[Server, Server]:
+def start_servers(model: str, out: Path, kv_gib: float, block_size: int, max_num_seqs: int,
+                  enforce_eager: bool) -> tuple[Server, Server]:
     gw_port, vllm_port = _free_port(), _free_port()
+    eager = ["--enforce-eager"] if enforce_eager else []
     gateway = Server([sys.executable, "-m", "server", "--model", model, "--served-model-name", "bench",
                       "--port", str(gw_port), "--dtype", "float32", "--kv-cache-gib", str(kv_gib),
                       "--block-size", str(block_size), "--max-model-len", str(MAX_MODEL_LEN),
-                      "--max-num-seqs", str(max_num_seqs), "--max-waiting-requests", "256"],
+                      "--max-num-seqs", str(max_num_seqs), "--max-waiting-requests", "256", *eager],
                      out / "gateway.log", gw_port)
+    # The plugin off: vLLM's own server exactly as a user without feather-vllm runs it.
     stock = Server([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
                     "--served-model-name", "bench", "--port", str(vllm_port), "--dtype", "float32",
-                    "--enforce-eager", "--kv-cache-memory-bytes", str(int(kv_gib * 2**30)),
+                    *eager, "--kv-cache-memory-bytes", str(int(kv_gib * 2**30)),
                     "--block-size", str(block_size), "--max-model-len", str(MAX_MODEL_LEN),
                     "--max-num-seqs", str(max_num_seqs), "--no-enable-chunked-prefill",
                     "--disable-chunked-mm-input", "--no-enable-prefix-caching",
                     "--max-num-batched-tokens", str(MAX_MODEL_LEN + max_num_seqs),
                     "--limit-mm-per-prompt", '{"image": 1}'],
-                   out / "vllm_server.log", vllm_port)
+                   out / "vllm_server.log", vllm_port, env={"VLLM_PLUGINS": ""})
     gateway.wait()
     stock.wait()
     return gateway, stock
@@ -102,6 +110,31 @@ def start_servers(model: str, out: Path, kv_gib: float, block_size: int, max_num
 def _load(url: str, preset: str | None, *, requests: int, concurrency: int, max_tokens: int) -> LoadConfig:
     return LoadConfig(url=url, model="bench", presets=[preset], requests=requests, concurrency=concurrency,
                       max_tokens=max_tokens)
+
+
+async def _gauge(client: httpx.AsyncClient, name: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = (await client.get("/metrics")).text
+    return sum(s.value for f in text_string_to_metric_families(text) if f.name == name for s in f.samples)
+
+
+async def _kv_held(url: str, preset: str | None, max_tokens: int) -> float:
+    """Share of the engine's KV cache (vllm:kv_cache_usage_perc) one image
+    request holds while it decodes, read after its 8th token."""
+    from loadtest.generator import chat_body, synthetic_image_url
+
+    cfg = _load(url, preset, requests=1, concurrency=1, max_tokens=max_tokens)
+    body = chat_body(cfg, synthetic_image_url(cfg.image_size, 0), preset)
+    chunks = 0
+    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+        async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+            async for line in response.aiter_lines():
+                if line.startswith("data: {") and '"content"' in line:
+                    chunks += 1
+                    if chunks == 8:
+                        held = await _gauge(client, "vllm:kv_cache_usage_perc")
+    return held
 
 
 async def _peak_running(url: str, stop: asyncio.Event) -> int:
@@ -128,30 +161,26 @@ async def _saturate(url: str, preset: str, requests: int, concurrency: int, max_
     return results, await watcher
 
 
-def predictions(model: str, block_size: int) -> dict[str, dict[str, float]]:
-    """Cost-model ratios to `none` for the bench prompt (576 image + text tokens)."""
+def predictions(model: str) -> dict[str, dict[str, float]]:
+    """The paper's cost model, as ratios to `none` for the bench prompt
+    (576 image + 15 text tokens): prefill FLOPs and prompt KV."""
     from transformers import AutoConfig
 
     from feather_vllm.pruning import config as pcfg
-    from feather_vllm.pruning.cost import flops_ratio, kv_blocks_for_request
+    from feather_vllm.pruning.cost import flops_ratio, kv_ratio
 
-    config = AutoConfig.from_pretrained(model)
-    text = config.text_config
-    boundaries = pcfg.kv_boundaries(getattr(config, "feather_kv_boundaries", None), text.num_hidden_layers)
+    text = AutoConfig.from_pretrained(model).text_config
     n_image, n_text = 576, 15
     out = {}
     for preset in PRESETS:
         cfg = pcfg.resolve(preset)
-
-        def blocks(c):
-            return kv_blocks_for_request(c, boundaries, text.num_hidden_layers, n_image, n_text, block_size, 32)
-
+        kv = kv_ratio(cfg, text.num_hidden_layers, n_image, n_text)
         out[preset] = {
             "prefill": flops_ratio(cfg, text.num_hidden_layers, text.hidden_size, text.intermediate_size,
                                    n_image, n_text),
-            "kv_blocks": blocks(cfg) / blocks(pcfg.PRESETS["none"]),
+            "kv": kv,
+            "concurrency": 1 / kv,
         }
-        out[preset]["concurrency"] = 1 / out[preset]["kv_blocks"]
     return out
 
 
@@ -170,6 +199,15 @@ async def measure(gateway: Server, stock: Server, rounds: int, sat_requests: int
         for name, url, preset in (("gateway", gateway.url, "none"), ("vllm", stock.url, None)):
             (r,) = await run_load(_load(url, preset, requests=1, concurrency=1, max_tokens=4), progress=False)
             overhead[name].append(r.ttft)
+    kv_held: dict[str, list[float]] = {p: [] for p in [*PRESETS, "vllm"]}
+    decode: dict[str, dict[int, list]] = {p: {1: [], 4: []} for p in [*PRESETS, "vllm"]}
+    for _ in range(2):
+        for name, url, preset in [*((p, gateway.url, p) for p in PRESETS), ("vllm", stock.url, None)]:
+            kv_held[name].append(await _kv_held(url, preset, max_tokens=64))
+            for concurrency in (1, 4):
+                decode[name][concurrency] += await run_load(
+                    _load(url, preset, requests=concurrency, concurrency=concurrency, max_tokens=max_tokens),
+                    progress=False)
     saturated: dict[str, list] = {p: [] for p in PRESETS}
     peaks = {p: 0 for p in PRESETS}
     for _ in range(2):
@@ -178,6 +216,8 @@ async def measure(gateway: Server, stock: Server, rounds: int, sat_requests: int
             saturated[preset] += results
             peaks[preset] = max(peaks[preset], peak)
     return {"ttft_c1": ttft, "overhead_ttft_c1": overhead,
+            "kv_held_perc": {p: statistics.median(v) for p, v in kv_held.items()},
+            "decode_itl_s": {p: {c: summarize(r)["itl_s"] for c, r in by_c.items()} for p, by_c in decode.items()},
             "saturated": {p: summarize(saturated[p]) for p in PRESETS},
             "saturated_c1": {p: summarize([_as_result(t) for t in ttft[p]]) for p in PRESETS},
             "max_concurrent": peaks}
@@ -193,12 +233,19 @@ def report(m: dict[str, Any], pred: dict[str, dict[str, float]]) -> str:
     med = {p: statistics.median(v) for p, v in m["ttft_c1"].items()}
     thr = {p: m["saturated"][p]["output_token_throughput"] for p in PRESETS}
     conc = m["max_concurrent"]
-    lines = [f"{'preset':<12} {'TTFT c=1 ms':>11} {'x none':>7} {'pred':>6}   {'sat. tok/s':>10} {'x none':>7}"
+    kv = m["kv_held_perc"]
+    itl = {p: {c: d["p50"] for c, d in by_c.items()} for p, by_c in m["decode_itl_s"].items()}
+    lines = [f"{'preset':<12} {'TTFT c=1 ms':>11} {'x none':>7} {'pred':>6}   {'KV held %':>9} {'x vLLM':>7} "
+             f"{'pred':>6}   {'ITL c=1 ms':>10} {'ITL c=4 ms':>10}   {'sat. tok/s':>10} {'x none':>7}"
              f"   {'max running':>11} {'x none':>7} {'pred':>6}"]
     for p in PRESETS:
         lines.append(f"{p:<12} {med[p] * 1000:>11.0f} {med[p] / med['none']:>7.2f} {pred[p]['prefill']:>6.2f}"
+                     f"   {kv[p] * 100:>9.3f} {kv[p] / kv['vllm']:>7.2f} {pred[p]['kv']:>6.2f}"
+                     f"   {itl[p][1] * 1000:>10.1f} {itl[p][4] * 1000:>10.1f}"
                      f"   {thr[p]:>10.1f} {thr[p] / thr['none']:>7.2f}"
                      f"   {conc[p]:>11} {conc[p] / max(conc['none'], 1):>7.2f} {pred[p]['concurrency']:>6.2f}")
+    lines.append(f"{'vLLM (stock)':<12} {'':>11} {'':>7} {'':>6}   {kv['vllm'] * 100:>9.3f} {1:>7.2f} {'':>6}"
+                 f"   {itl['vllm'][1] * 1000:>10.1f} {itl['vllm'][4] * 1000:>10.1f}")
     gw = statistics.median(m["overhead_ttft_c1"]["gateway"])
     vl = statistics.median(m["overhead_ttft_c1"]["vllm"])
     lines.append(f"gateway overhead: p50 TTFT at c=1 (preset none) {gw * 1000:.0f} ms vs vLLM's own server "
@@ -216,6 +263,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--saturation-requests", type=int, default=24)
     parser.add_argument("--saturation-concurrency", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--enforce-eager", action="store_true",
+                        help="both servers without compilation (vLLM's default compiles)")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     model = args.model
@@ -224,9 +273,9 @@ def main(argv: list[str] | None = None) -> None:
 
         model = str(ensure_checkpoint("bench", "checkpoints/bench"))
     started = time.time()
-    pred = predictions(model, args.block_size)
+    pred = predictions(model)
     gateway, stock = start_servers(model, args.out, args.kv_cache_gib, args.block_size,
-                                   max_num_seqs=args.saturation_concurrency)
+                                   max_num_seqs=args.saturation_concurrency, enforce_eager=args.enforce_eager)
     try:
         m = asyncio.run(measure(gateway, stock, args.rounds, args.saturation_requests,
                                 args.saturation_concurrency, args.max_tokens))

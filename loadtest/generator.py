@@ -83,7 +83,7 @@ def file_image_url(path: Path) -> str:
     return f"data:image/{mime};base64," + base64.b64encode(path.read_bytes()).decode()
 
 
-def _body(cfg: LoadConfig, image_url: str, preset: str | None) -> dict[str, Any]:
+def chat_body(cfg: LoadConfig, image_url: str, preset: str | None) -> dict[str, Any]:
     body: dict[str, Any] = {
         "model": cfg.model, "max_tokens": cfg.max_tokens, "temperature": 0, "stream": True,
         "stream_options": {"include_usage": True}, "ignore_eos": True,
@@ -155,7 +155,7 @@ async def run_load(cfg: LoadConfig, progress: bool = True) -> list[RequestResult
             i = len(started)
             started.append(i)
             preset = next(presets)
-            result = await _one(client, cfg, _body(cfg, urls[i % len(urls)], preset), preset, t0)
+            result = await _one(client, cfg, chat_body(cfg, urls[i % len(urls)], preset), preset, t0)
             results.append(result)
             bar.update(1)
 

@@ -3,8 +3,8 @@ KV budget, per preset, observed in the real engine's scheduler.
 
 python -m loadtest.kv_capacity [--model DIR] [--kv-cache-mib 640] [--block-size 32]
 
-Prints each preset's figures as ratios to `none`, next to the cost model's
-prediction. Without --model it builds the `bench` checkpoint.
+Prints each preset's figures as ratios to `none`, next to the paper's cost
+model (prompt KV in token-layers). Without --model it builds the `bench` checkpoint.
 """
 
 from __future__ import annotations
@@ -28,42 +28,33 @@ def _image():
     return Image.fromarray(scene)
 
 
-def measure(model: str, kv_cache_mib: int, block_size: int, requests: int, max_tokens: int) -> dict[str, Any]:
+def measure(model: str, kv_cache_mib: int, block_size: int, requests: int, max_tokens: int,
+            enforce_eager: bool = True) -> dict[str, Any]:
     from vllm import LLM, SamplingParams
 
     from feather_vllm.engine import engine_kwargs
+    from feather_vllm.kv.plan import report_of
     from feather_vllm.pruning import config as pcfg
-    from feather_vllm.pruning.cost import kv_blocks, stage_tokens
+    from feather_vllm.pruning.cost import kv_ratio
 
-    llm = LLM(enforce_eager=True, distributed_executor_backend="uni",
-              **engine_kwargs(model, dtype="float32", max_model_len=1024, max_num_seqs=64,
-                              block_size=block_size, kv_cache_bytes=kv_cache_mib * 2**20))
+    llm = LLM(distributed_executor_backend="uni",
+              **engine_kwargs(model, dtype="float32", max_model_len=1024, max_num_seqs=64, block_size=block_size,
+                              kv_cache_bytes=kv_cache_mib * 2**20, enforce_eager=enforce_eager))
     engine = llm.llm_engine
     scheduler = engine.engine_core.engine_core.scheduler
     kv = scheduler.kv_cache_manager
-    runner_model = engine.model_executor.driver_worker.worker.model_runner.get_model()
-    groups = kv.kv_cache_config.kv_cache_groups
-    firsts = [0, *runner_model.kv_boundaries]
+    num_layers = llm.llm_engine.model_config.hf_config.text_config.num_hidden_layers
     prompt = {"prompt": f"<s>USER: <image>\n{QUESTION}\nASSISTANT:", "multi_modal_data": {"image": _image()}}
     results: dict[str, Any] = {"block_size": block_size, "kv_cache_mib": kv_cache_mib,
                                "num_blocks": kv.block_pool.num_gpu_blocks, "presets": {}}
     for preset in PRESETS:
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True,
                                 extra_args={"feather": preset})
-        # Blocks one request holds right after its prefill, per KV group.
-        engine.add_request(f"{preset}-probe", prompt, params)
-        engine.step()
-        (rid,) = list(kv.coordinator.single_type_managers[0].req_to_blocks)
-        held = [len(m.req_to_blocks.get(rid, ())) for m in kv.coordinator.single_type_managers]
-        request = scheduler.requests[rid]
-        image_tokens = sum(f.mm_position.length for f in request.mm_features)
-        text_tokens = request.num_prompt_tokens - image_tokens
-        while engine.has_unfinished_requests():
-            engine.step()
-        # Predicted from the pure cost model: each group reserves its stage's tokens.
-        reserve = stage_tokens(pcfg.resolve(preset), runner_model.kv_boundaries, image_tokens, text_tokens)
-        predicted = [kv_blocks(reserve[firsts.index(g.kv_cache_spec.feather_first_layer)], block_size)
-                     for g in groups]
+        # One request alone: the blocks each KV group held, from the engine's report.
+        (probe,) = [o for o in llm.generate([prompt], params, use_tqdm=False)]
+        report = report_of(probe)
+        image_tokens = report.image_tokens
+        text_tokens = len(probe.prompt_token_ids) - image_tokens
         # Peak of requests running at once when many arrive together.
         for i in range(requests):
             engine.add_request(f"{preset}-{i}", prompt, params)
@@ -71,8 +62,11 @@ def measure(model: str, kv_cache_mib: int, block_size: int, requests: int, max_t
         while engine.has_unfinished_requests():
             engine.step()
             peak = max(peak, len(scheduler.running))
-        results["presets"][preset] = {"blocks_per_group": held, "blocks": sum(held),
-                                      "predicted_blocks": sum(predicted), "max_concurrent": peak}
+        results["presets"][preset] = {
+            "blocks_per_group": list(report.kv_blocks_held), "blocks": report.kv_blocks_used,
+            # The paper's cost model: prompt KV in token-layers, at the stages' upper bounds.
+            "predicted_ratio": kv_ratio(pcfg.resolve(preset), num_layers, image_tokens, text_tokens),
+            "max_concurrent": peak}
     return results
 
 
@@ -80,14 +74,12 @@ def report(results: dict[str, Any]) -> str:
     base = results["presets"]["none"]
     lines = [f"KV budget {results['kv_cache_mib']} MiB = {results['num_blocks']} blocks of "
              f"{results['block_size']} tokens; one image request (576 image tokens)",
-             f"{'preset':<12} {'blocks/req':>10} {'x none':>7} {'predicted':>9} "
-             f"{'max concurrent':>15} {'x none':>7} {'predicted':>9}"]
+             f"{'preset':<12} {'blocks/req':>10} {'x none':>7} {'cost model':>10} "
+             f"{'max concurrent':>15} {'x none':>7}"]
     for preset, r in results["presets"].items():
         lines.append(
-            f"{preset:<12} {r['blocks']:>10} {r['blocks'] / base['blocks']:>7.2f} "
-            f"{r['predicted_blocks'] / base['predicted_blocks']:>9.2f} {r['max_concurrent']:>15} "
-            f"{r['max_concurrent'] / base['max_concurrent']:>7.2f} "
-            f"{base['predicted_blocks'] / r['predicted_blocks']:>9.2f}")
+            f"{preset:<12} {r['blocks']:>10} {r['blocks'] / base['blocks']:>7.2f} {r['predicted_ratio']:>10.2f} "
+            f"{r['max_concurrent']:>15} {r['max_concurrent'] / base['max_concurrent']:>7.2f}")
     return "\n".join(lines)
 
 

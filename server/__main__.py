@@ -14,6 +14,9 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     # vLLM's CPU platform lets this variable override the KV budget we set.
     os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
+    # The pruning hooks live in the V1 model runner; V2 is vLLM's GPU default
+    # (feather_vllm/kv/guards.py refuses it with this variable named).
+    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     import uvicorn

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from feather_vllm.engine import engine_kwargs
-from server.pruning_report import EngineLayout
 from server.settings import Settings
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineLayout:
+    """What the gateway needs to know about the running model."""
+
+    image_token_id: int
+    num_layers: int  # decoder layers: what pruning settings are validated against
 
 
 def build_engine_args(settings: Settings):
@@ -22,30 +30,23 @@ def build_engine_args(settings: Settings):
         kv_cache_bytes=int(settings.kv_cache_gib * 2**30),
         default_preset=settings.default_preset,
         max_images_per_prompt=settings.max_images_per_request,
+        enforce_eager=settings.enforce_eager,
+        tensor_parallel_size=settings.tensor_parallel_size,
     )
     if settings.kv_boundaries is not None:
         kwargs["hf_overrides"]["feather_kv_boundaries"] = settings.kv_boundaries
     return AsyncEngineArgs(
         **kwargs,
         served_model_name=[settings.model_name],
-        enforce_eager=True,  # pruned prefills change token counts mid-forward
         disable_log_stats=False,  # vLLM's own vllm:* metrics for /metrics
     )
 
 
 def engine_layout(engine: Any) -> EngineLayout:
     """Model facts the pruning report needs, read from the engine's config."""
-    from feather_vllm.model import kv_boundaries
-
-    vllm_config = engine.vllm_config
-    hf_config = vllm_config.model_config.hf_config
-    num_layers = hf_config.text_config.num_hidden_layers
-    return EngineLayout(
-        image_token_id=hf_config.image_token_index,
-        num_layers=num_layers,
-        block_size=vllm_config.cache_config.block_size,
-        kv_boundaries=tuple(kv_boundaries(hf_config, num_layers)),
-    )
+    hf_config = engine.vllm_config.model_config.hf_config
+    return EngineLayout(image_token_id=hf_config.image_token_index,
+                        num_layers=hf_config.text_config.num_hidden_layers)
 
 
 def start_engine(settings: Settings):

@@ -15,6 +15,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from feather_vllm.kv.plan import report_of
 from feather_vllm.pruning import config as pcfg
 from server import metrics
 from server.auth import UNAUTHORIZED, key_index
@@ -140,12 +141,6 @@ def _resolve_pruning(body: ChatCompletionRequest, state: GatewayState) -> pcfg.P
     except pcfg.PruningConfigError as e:
         param = "feather" if e.field == "feather" else f"feather.{e.field}"
         raise APIError(400, f"{param}: {e.message}", param=param, code="invalid_pruning_settings") from None
-    boundaries = state.layout.kv_boundaries
-    for i, stage in enumerate(config.stages):
-        if boundaries and stage.layer not in boundaries:
-            raise APIError(400, f"feather.stages[{i}].layer: {stage.layer} is not a KV stage boundary of this "
-                                f"server (cut layers allowed: {list(boundaries)})",
-                           param=f"feather.stages[{i}].layer", code="invalid_pruning_settings")
     return config
 
 
@@ -394,13 +389,14 @@ class _Call:
             metrics.KV_BLOCKS_USED.labels(self.preset).inc(report.kv_blocks.used)
             metrics.KV_BLOCKS_UNPRUNED.labels(self.preset).inc(report.kv_blocks.unpruned)
             if report.fallback:
-                metrics.FALLBACKS.labels(report.fallback["reason"]).inc()
+                metrics.FALLBACKS.labels(report.fallback.reason).inc()
 
-    def _report(self, final: Any) -> FeatherReport:
-        params = getattr(final, "kv_transfer_params", None) or {}
-        return build_report(self.config, self.prompt_ids, max(self.generated, default=0), self.state.layout,
-                            params.get("feather"),
-                            return_kept=bool(self.body.feather and self.body.feather.return_kept))
+    def _report(self, final: Any) -> FeatherReport | None:
+        """The engine's report of a finished request (None before it finished)."""
+        report = report_of(final)
+        if report is None:
+            return None
+        return build_report(report, return_kept=bool(self.body.feather and self.body.feather.return_kept))
 
     def _usage(self) -> Usage:
         completion = sum(self.generated)

@@ -103,27 +103,37 @@ class Usage(BaseModel):
 
 
 class StageReport(BaseModel):
+    """One cut, as the engine ran it."""
+
     layer: int
-    kept: int  # image tokens kept: exact when `exact`, else the most this stage can keep
-    kept_min: int  # the least this stage can keep
-    kept_max: int  # the most this stage can keep (what its KV reserves)
-    mean_row: float | None = None  # of the kept tokens, 0 = top row, 1 = bottom (when exact)
-    quadrant_coverage: dict[str, float] | None = None  # fraction of each quadrant kept (when exact)
-    kept_indices: list[int] | None = None  # the kept image tokens, raster order (when exact and asked for)
+    kept: int  # image tokens kept after this cut
+    mean_row: float | None = None  # of the kept tokens, 0 = top row, 1 = bottom
+    quadrant_coverage: dict[str, float] | None = None  # fraction of each quadrant kept
+    kept_indices: list[int] | None = None  # the kept image tokens, raster order (when asked for)
 
 
 class KVBlocksReport(BaseModel):
+    """KV-cache blocks the request held when it finished, from the engine's
+    block manager, and what the same tokens hold unpruned."""
+
     used: int
     unpruned: int
+    held_per_group: list[int]  # per KV-cache group (one group per stage of layers)
+
+
+class FallbackReport(BaseModel):
+    """Why a request that asked for pruning ran unpruned."""
+
+    reason: str  # a closed set: feather_vllm.pruning.schedule.FallbackReason
+    message: str
 
 
 class FeatherReport(BaseModel):
     preset: str
     image_tokens: int
-    exact: bool  # kept counts measured in the engine (else the method's bounds)
     stages: list[StageReport]
     kv_blocks: KVBlocksReport
-    fallback: dict[str, str] | None = None
+    fallback: FallbackReport | None = None
 
 
 class ChatMessage(BaseModel):

@@ -21,7 +21,12 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     default_preset: str = Field("none", description="pruning preset for requests that name none")
-    kv_boundaries: list[int] | None = Field(None, description="KV stage boundaries (default: the presets' cut layers)")
+    kv_boundaries: list[int] | None = Field(None, description="first layers of the KV stages after the first "
+                                            "(default: equal stages of about 4 layers, no vLLM padding)")
+    tensor_parallel_size: int = Field(1, description="GPUs (ranks) the model is split over (vLLM's "
+                                      "--tensor-parallel-size)")
+    enforce_eager: bool = Field(False, description="no compilation or CUDA graphs (vLLM's --enforce-eager): "
+                                "faster start-up, slower decode")
     kv_cache_gib: float = Field(2.0, description="KV cache budget in GiB")
     block_size: int | None = Field(None, description="KV block size in tokens (default: vLLM's)")
     max_model_len: int = 2048

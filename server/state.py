@@ -5,13 +5,15 @@ from __future__ import annotations
 import logging
 import re
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from feather_vllm.pruning import config as pcfg
 from server.errors import APIError
 from server.images import ImageLoader
-from server.pruning_report import EngineLayout
 from server.settings import Settings
+
+if TYPE_CHECKING:
+    from server.engine import EngineLayout
 
 logger = logging.getLogger("server")
 

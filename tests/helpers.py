@@ -24,6 +24,16 @@ def sample_images() -> list[Image.Image]:
     return [Image.fromarray(a) for a in (noise, scene, gradient)]
 
 
+def png_data_url(image: Image.Image, fmt: str = "PNG") -> str:
+    """`image` as a data URL (what an OpenAI client sends)."""
+    import base64
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format=fmt)
+    return f"data:image/{fmt.lower()};base64," + base64.b64encode(buf.getvalue()).decode()
+
+
 def chat(image: Image.Image | None, text: str) -> list[dict[str, Any]]:
     content: list[dict[str, Any]] = []
     if image is not None:
@@ -34,17 +44,21 @@ def chat(image: Image.Image | None, text: str) -> list[dict[str, Any]]:
 
 def make_llm(checkpoint: Path, stock: bool = False, **kwargs: Any):
     """A single-process vLLM engine on `checkpoint` with the pruning-safe
-    settings; `stock=True` keeps vLLM's own LlavaForConditionalGeneration."""
+    settings; `stock=True` keeps vLLM's own LlavaForConditionalGeneration.
+    Eager (fast start-up) unless `enforce_eager=False` asks for vLLM's
+    compiled mode."""
     from vllm import LLM
 
     from feather_vllm.engine import engine_kwargs
 
     kwargs.setdefault("kv_cache_bytes", 2**30)
+    kwargs.setdefault("enforce_eager", True)
+    kwargs.setdefault("distributed_executor_backend", "uni")
     kw = engine_kwargs(str(checkpoint), dtype="float32", max_model_len=1024,
                        max_num_seqs=16, **kwargs)
     if stock:
         kw.pop("hf_overrides")
-    return LLM(enforce_eager=True, distributed_executor_backend="uni", **kw)
+    return LLM(**kw)
 
 
 def shutdown(llm) -> None:
@@ -82,7 +96,10 @@ def free_port() -> int:
 class ServerProcess:
     """`python -m server` in a subprocess on a free loopback port."""
 
-    def __init__(self, checkpoint: Path, *args: str, startup_timeout: float = 180.0) -> None:
+    def __init__(self, checkpoint: Path, *args: str, startup_timeout: float = 180.0, compiled: bool = False,
+                 env: dict[str, str] | None = None) -> None:
+        """Eager engine (fast start-up) unless `compiled`; `env` adds
+        environment variables."""
         import os
         import subprocess
         import sys
@@ -94,10 +111,11 @@ class ServerProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
-        env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
+        env = {**{k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}, **(env or {})}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "server", "--model", str(checkpoint), "--port", str(self.port),
-             "--dtype", "float32", "--kv-cache-gib", "1", "--max-model-len", "1024", *args],
+             "--dtype", "float32", "--kv-cache-gib", "1", "--max-model-len", "1024",
+             *([] if compiled else ["--enforce-eager"]), *args],
             stdout=self.log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + startup_timeout
         self.saw_503 = False

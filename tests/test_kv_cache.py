@@ -1,6 +1,6 @@
 """Pruned layers hold only surviving tokens: KV blocks per stage group,
-capacity, preemption, aborts, chunked-prefill fallback and prefix caching,
-observed in the real engine's scheduler and block pool."""
+no padding layers, reports with the blocks really held, aborts, observed in
+the real engine's scheduler and block pool."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import random
 
 import pytest
 
+from feather_vllm.kv.plan import report_of
 from feather_vllm.pruning import config as pcfg
 from feather_vllm.pruning.cost import kept_per_stage_max
 from tests.helpers import (
@@ -32,12 +33,13 @@ def _params(preset, max_tokens=8, **kw):
                           extra_args={"feather": preset}, **kw)
 
 
-def _run_to_end(engine) -> dict[str, list[int]]:
+def _run_to_end(engine) -> dict[str, object]:
+    """Finished outputs by request id."""
     out = {}
     while engine.has_unfinished_requests():
         for o in engine.step():
             if o.finished:
-                out[o.request_id] = list(o.outputs[0].token_ids)
+                out[o.request_id] = o
     return out
 
 
@@ -61,21 +63,24 @@ def llm(tiny_checkpoint):
     shutdown(engine)
 
 
-def test_groups_follow_stage_boundaries(llm):
+def test_groups_follow_stage_boundaries_without_padding(llm):
+    """Default boundaries: 8 equal stages of 4 layers; vLLM makes one group
+    of each with no padding layer (every group holds exactly 4 layers)."""
     _, kv, model = engine_parts(llm)
-    assert model.kv_boundaries == [3, 8, 16, 24]
+    assert model.kv_boundaries == [4, 8, 12, 16, 20, 24, 28]
     stages = {}
     for group in kv.kv_cache_config.kv_cache_groups:
         spec = group.kv_cache_spec
         for name in group.layer_names:
             layer = int(name.split(".layers.")[1].split(".")[0])
             stages[layer] = spec.feather_first_layer
-    assert stages == {i: max(b for b in [0, 3, 8, 16, 24] if b <= i) for i in range(32)}
+    assert stages == {i: i // 4 * 4 for i in range(32)}
+    assert [len(g.layer_names) for g in kv.kv_cache_config.kv_cache_groups] == [4] * 8
 
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_blocks_per_group_equal_prediction(llm, preset):
-    _, kv, model = engine_parts(llm)
+    _, kv, _ = engine_parts(llm)
     engine = llm.llm_engine
     free_before = kv.block_pool.get_num_free_blocks()
     engine.add_request(f"blocks-{preset}", image_prompt(sample_images()[1], QUESTION), _params(preset, 4))
@@ -84,22 +89,33 @@ def test_blocks_per_group_equal_prediction(llm, preset):
     request = engine.engine_core.engine_core.scheduler.requests[rid]
     held = blocks_per_group(kv, rid)
     assert held == _predicted_blocks(kv, preset, request.num_prompt_tokens, 576)
-    if preset == "feather":
+    expected = {
+        "none": [19] * 8,
+        # FastV cuts at 3, inside stage [0, 4): that stage holds everything,
+        # the later ones 15 text + 144 image tokens.
+        "fastv": [19] + [5] * 7,
         # 591-token prompt: 15 text + 576 image tokens; stage 1 reserves
         # 172 + 64 grid, stage 2 int(236 * 0.09) = 21.
-        assert held == [19] + [19] * 2 + [8] * 3 + [2] * 6  # 12 groups of <= 3 layers
-    _run_to_end(engine)
+        "feather": [19, 19, 8, 8, 2, 2, 2, 2],
+        "pyramiddrop": [19, 19, 10, 10, 5, 5, 3, 3],
+    }
+    assert held == expected[preset]
+    (finished,) = _run_to_end(engine).values()
+    report = report_of(finished)
     assert kv.block_pool.get_num_free_blocks() == free_before
-    record = model.pruning_record(rid)
-    if preset != "none":
-        kept = [len(s["kept"]) for s in record["stages"]]
-        bounds = kept_per_stage_max(pcfg.resolve(preset), 576)
-        assert all(k <= b for k, b in zip(kept, bounds))
+    # At finish the first 3 of the 4 generated tokens are in the KV cache too
+    # (fastv's groups: 159 + 3 tokens, a sixth block).
+    assert list(report.kv_blocks_held) == _predicted_blocks(kv, preset, request.num_prompt_tokens + 3, 576)
+    assert list(report.kv_blocks_unpruned) == expected["none"]
+    assert report.preset == preset and report.image_tokens == 576 and report.fallback is None
+    kept = [len(k) for _, k in report.stages]
+    bounds = kept_per_stage_max(pcfg.resolve(preset), 576)
+    assert len(kept) == len(bounds) and all(k <= b for k, b in zip(kept, bounds))
 
 
 def test_mixed_run_with_aborts_frees_every_block(llm):
     """200 requests: presets, text-only, aborts; every block comes back."""
-    _, kv, model = engine_parts(llm)
+    _, kv, _ = engine_parts(llm)
     engine = llm.llm_engine
     free_before = kv.block_pool.get_num_free_blocks()
     rng = random.Random(0)
@@ -123,6 +139,10 @@ def test_mixed_run_with_aborts_frees_every_block(llm):
     # The worker hears of the last finished requests with the next step.
     engine.add_request("mix-flush", {"prompt": "<s>USER: hi\nASSISTANT:"}, _params("none", 1))
     _run_to_end(engine)
-    assert model._states == {}
+    # No pruning state outlives its request, scheduler side or worker side.
+    runner = engine.model_executor.driver_worker.worker.model_runner
+    assert [m.dropped for m in kv.coordinator.single_type_managers] == [{}] * 8
+    assert kv._feather_new_plans == {} and runner._feather_pending == {}
+    assert [r for r in runner.requests if not r.startswith("mix-flush")] == []
 
 

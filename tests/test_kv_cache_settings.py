@@ -80,18 +80,17 @@ def test_capacity_and_preemption_at_fixed_budget(tiny_checkpoint, reference_toke
 
 
 def test_chunked_prefill_falls_back_unpruned(tiny_checkpoint, reference_tokens):
-    from feather_vllm.kv import staged
+    from feather_vllm.kv.plan import report_of
+    from feather_vllm.pruning.schedule import FallbackReason
 
     chunked = make_llm(tiny_checkpoint, block_size=BLOCK, enable_chunked_prefill=True,
                        max_num_batched_tokens=256, disable_chunked_mm_input=False)
     try:
-        before = sum(staged.fallbacks.values())
         outs = chunked.chat(_convs(), _params("feather", 160), use_tqdm=False)
         assert [list(o.outputs[0].token_ids) for o in outs] == reference_tokens["none"]
-        assert sum(staged.fallbacks.values()) - before == 6
-        assert any("split" in reason for reason in staged.fallbacks)
-        _, _, model = engine_parts(chunked)
-        assert all("split" in model.pruning_record(o.request_id)["fallback"] for o in outs)
+        reports = [report_of(o) for o in outs]
+        assert [r.fallback for r in reports] == [FallbackReason.PROMPT_SPLIT] * 6
+        assert all(r.stages == () and r.kv_blocks_held == r.kv_blocks_unpruned for r in reports)
     finally:
         shutdown(chunked)
 
@@ -112,23 +111,21 @@ def test_non_square_image_tokens_run_unpruned_and_say_so(tiny_checkpoint):
     import torch
     from vllm import SamplingParams
 
-    from feather_vllm.kv import staged
+    from feather_vllm.kv.plan import report_of
+    from feather_vllm.pruning.schedule import FallbackReason
 
     llm = make_llm(tiny_checkpoint, block_size=BLOCK, enable_mm_embeds=True)
     try:
-        _, _, model = engine_parts(llm)
         embeds = torch.randn(1, 500, 64, generator=torch.Generator().manual_seed(0)) * 0.1
         prompt = {"prompt": "<s>USER: <image>\nWhere is it?\nASSISTANT:", "multi_modal_data": {"image": embeds}}
-        before = staged.fallbacks.copy()
         outs = {p: llm.generate(prompt, SamplingParams(max_tokens=8, temperature=0.0, extra_args={"feather": p}),
                                 use_tqdm=False)[0] for p in ("none", "feather", "fastv")}
         assert len(outs["none"].prompt_token_ids) == 514
         for preset in ("feather", "fastv"):
             assert list(outs[preset].outputs[0].token_ids) == list(outs["none"].outputs[0].token_ids)
-            record = model.pruning_record(outs[preset].request_id)
-            assert record["stages"] == [] and "non-square" in record["fallback"]
-        reasons = [r for r in staged.fallbacks if staged.fallbacks[r] > before.get(r, 0)]
-        assert len(reasons) == 1 and "non-square" in reasons[0]
-        assert staged.fallbacks[reasons[0]] - before.get(reasons[0], 0) == 2
+            report = report_of(outs[preset])
+            assert report.stages == () and report.fallback is FallbackReason.NON_SQUARE_IMAGE
+            assert report.image_tokens == 500
+        assert report_of(outs["none"]).fallback is None
     finally:
         shutdown(llm)

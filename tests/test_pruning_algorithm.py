@@ -16,9 +16,8 @@ from feather_vllm.pruning.cost import (
     kept_per_stage_max,
     kv_ratio,
     layer_token_counts,
-    stage_tokens,
 )
-from feather_vllm.pruning.schedule import decide
+from feather_vllm.pruning.schedule import FallbackReason, decide
 from feather_vllm.pruning.scoring import last_token_image_attention
 from feather_vllm.pruning.selection import NonSquareGridError, select_stage, uniform_grid
 from feather_vllm.pruning.stats import mean_row, quadrant_coverage
@@ -133,16 +132,24 @@ def test_ties_rank_lower_index_first():
 
 # -- when a step can prune --------------------------------------------------------
 
-def test_prune_decision():
-    image = [(5, 576)]
-    assert decide(0, 600, 600, image).prune
-    assert decide(5, 595, 600, image).prune  # text before the image came from the cache
-    assert decide(0, 300, 600, image).reason.startswith("prompt split")
-    assert decide(6, 594, 600, image).reason.startswith("image tokens were computed")
-    assert "non-square" in decide(0, 600, 600, [(5, 575)]).reason
-    assert "multiple images" in decide(0, 1200, 1200, [(5, 576), (600, 576)]).reason
-    assert "no text after" in decide(0, 581, 581, image).reason
-    assert decide(0, 20, 20, []).reason is None  # text-only: nothing to prune
+@pytest.mark.parametrize("computed,scheduled,prompt_len,ranges,reason", [
+    (0, 600, 600, [(5, 576)], None),
+    (5, 595, 600, [(5, 576)], None),  # text before the image came from the cache
+    (0, 300, 600, [(5, 576)], FallbackReason.PROMPT_SPLIT),
+    (6, 594, 600, [(5, 576)], FallbackReason.IMAGE_ALREADY_COMPUTED),
+    (0, 600, 600, [(5, 575)], FallbackReason.NON_SQUARE_IMAGE),
+    (0, 1200, 1200, [(5, 576), (600, 576)], FallbackReason.MULTIPLE_IMAGES),
+    (0, 581, 581, [(5, 576)], FallbackReason.NO_TEXT_AFTER_IMAGE),
+], ids=["whole-prompt", "text-prefix-cached", "split", "image-computed", "non-square", "two-images",
+        "image-last"])
+def test_prune_decision(computed, scheduled, prompt_len, ranges, reason):
+    decision = decide(computed, scheduled, prompt_len, ranges)
+    assert decision.prune == (reason is None) and decision.reason == reason
+
+
+def test_text_only_is_no_fallback():
+    decision = decide(0, 20, 20, [])
+    assert not decision.prune and decision.reason is None and not decision.fallback
 
 
 # -- cost model ------------------------------------------------------------------
@@ -174,11 +181,11 @@ def test_paper_flops_and_kv_reductions():
     assert 1 - kv_ratio(PRESETS["feather"], 32, PAPER_TOKENS, 17) == pytest.approx(0.60, abs=0.02)
 
 
-def test_layer_counts_and_stage_tokens():
+def test_layer_counts():
     counts = layer_token_counts(PRESETS["feather"], 32, 576, 15, kept=[200, 18])
     assert counts[:8] == [591] * 8 and counts[8:16] == [215] * 8 and counts[16:] == [33] * 16
-    assert stage_tokens(PRESETS["feather"], [3, 8, 16, 24], 576, 15) == [591, 591, 251, 36, 36]
-    assert stage_tokens(PRESETS["fastv"], [3, 8, 16, 24], 576, 15) == [591, 159, 159, 159, 159]
+    # By default each layer counts the most its stages can keep.
+    assert layer_token_counts(PRESETS["fastv"], 32, 576, 15)[2:5] == [591, 159, 159]
 
 
 # -- statistics ------------------------------------------------------------------

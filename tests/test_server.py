@@ -14,18 +14,12 @@ import pytest
 from PIL import Image
 
 from feather_vllm.pruning.config import resolve
-from tests.helpers import ServerProcess, sample_images
+from tests.helpers import ServerProcess, png_data_url, sample_images
 
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 QUESTION = "Where is the red square?"
 PRESETS = ["none", "fastv", "feather", "pyramiddrop"]
-
-
-def png_data_url(image: Image.Image, fmt: str = "PNG") -> str:
-    buf = io.BytesIO()
-    image.save(buf, format=fmt)
-    return f"data:image/{fmt.lower()};base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +75,8 @@ def offline_texts(tiny_checkpoint, server):
             out[preset] = result.outputs[0].text
             out[preset, "kept"] = [len(kept) for _, kept in report.stages]
             out[preset, "indices"] = [list(kept) for _, kept in report.stages]
+            out[preset, "blocks"] = {"used": report.kv_blocks_used, "unpruned": report.kv_blocks_unpruned_total,
+                                     "held_per_group": list(report.kv_blocks_held)}
         return out
     finally:
         shutdown(llm)
@@ -104,20 +100,30 @@ def test_image_chat_per_preset_matches_offline_engine(client, scene_url, offline
     assert body["usage"] == {"prompt_tokens": 591, "completion_tokens": 8, "total_tokens": 599}
     report = body["feather"]
     assert report["preset"] == preset and report["image_tokens"] == 576 and report["fallback"] is None
-    assert report["exact"] is True  # kept tokens measured in the engine, not bounds
-    bounds = {"none": [], "fastv": [(144, 144)], "feather": [(172, 236), (15, 21)],
-              "pyramiddrop": [(288, 288), (144, 144), (72, 72)]}[preset]
-    assert [(s["kept_min"], s["kept_max"]) for s in report["stages"]] == bounds
     assert [s["layer"] for s in report["stages"]] == list(resolve(preset).cut_layers)
     assert [s["kept"] for s in report["stages"]] == offline_texts[preset, "kept"]
     for stage in report["stages"]:
         assert 0 <= stage["mean_row"] <= 1 and set(stage["quadrant_coverage"]) == {
             "top_left", "top_right", "bottom_left", "bottom_right"}
         assert stage["kept_indices"] is None  # only when asked for
-    # Default block size 128 on CPU: 12 KV groups over 5 stages.
+    # The engine's block counts: default block size 128 on CPU, 8 KV groups
+    # of 4 layers; 591 + 7 tokens unpruned are 5 blocks in each.
     blocks = report["kv_blocks"]
-    assert blocks["unpruned"] == 12 * 5
+    assert blocks == offline_texts[preset, "blocks"]
+    assert blocks["unpruned"] == 8 * 5 and len(blocks["held_per_group"]) == 8
     assert (blocks["used"] < blocks["unpruned"]) == (preset != "none")
+
+
+def test_cut_inside_a_kv_stage_saves_kv_from_the_next_stage(client, scene_url):
+    """Layer 5 is inside the KV stage [4, 8): the cut holds, layers 5-7 keep
+    full-length blocks, and every stage from layer 8 on holds 15 text +
+    288 image + 7 generated tokens (3 blocks of 128 instead of 5)."""
+    r = client.post("/v1/chat/completions",
+                    json=image_chat(scene_url, feather={"stages": [{"layer": 5, "keep": 0.5}]}))
+    assert r.status_code == 200, r.text
+    report = r.json()["feather"]
+    assert [(s["layer"], s["kept"]) for s in report["stages"]] == [(5, 288)]
+    assert report["kv_blocks"]["held_per_group"] == [5, 5, 3, 3, 3, 3, 3, 3] and report["fallback"] is None
 
 
 @pytest.mark.parametrize("preset", ["fastv", "feather"])
@@ -268,8 +274,6 @@ def _bad_inputs(scene_url: str, local_dir) -> list[tuple[str, dict | str, int, s
         ("feather not an object", with_(feather="fastv"), 400, "feather"),
         ("unknown feather key", with_(feather={"mode": "x"}), 400, "feather.mode"),
         ("cut layer out of range", with_(feather={"stages": [{"layer": 40, "keep": 0.5}]}), 400,
-         "feather.stages[0].layer"),
-        ("cut layer not a KV boundary", with_(feather={"stages": [{"layer": 5, "keep": 0.5}]}), 400,
          "feather.stages[0].layer"),
         ("keep fraction zero", with_(feather={"stages": [{"layer": 8, "keep": 0}]}), 400,
          "feather.stages[0].keep"),

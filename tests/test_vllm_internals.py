@@ -33,11 +33,38 @@ def test_runner_hooks_exist_with_expected_signatures():
     from vllm.v1.worker.utils import AttentionGroup
 
     assert _params(GPUModelRunner._build_attention_metadata)[:4] == ["self", "num_tokens", "num_reqs", "max_query_len"]
-    assert "for_cudagraph_capture" in _params(GPUModelRunner._build_attention_metadata)
-    assert "ubatch_slices" in _params(GPUModelRunner._build_attention_metadata)
-    assert _params(GPUModelRunner._on_request_state_removed) == ["self", "req_id", "req_state"]
+    assert {"for_cudagraph_capture", "ubatch_slices", "slot_mappings", "num_reqs_padded"} <= \
+        set(_params(GPUModelRunner._build_attention_metadata))
+    assert _params(GPUModelRunner._update_states) == ["self", "scheduler_output"]
+    assert _params(GPUModelRunner._get_slot_mappings)[:3] == ["self", "num_tokens_padded", "num_reqs_padded"]
+    # It returns (by KV group, by layer); decode_metadata edits the second.
+    assert "return slot_mappings_by_gid, slot_mappings_by_layer" in inspect.getsource(GPUModelRunner._get_slot_mappings)
+    assert _params(GPUModelRunner.execute_model)[:2] == ["self", "scheduler_output"]
+    assert _params(GPUModelRunner.sample_tokens)[:2] == ["self", "grammar_output"]
+    # Device tensors the decode metadata is computed from.
+    source = inspect.getsource(GPUModelRunner.__init__)
+    assert "self.req_indices" in source and "self.positions" in source
     assert _params(AttentionGroup.build_metadata)[:3] == ["self", "common_attn_metadata", "ubatch_idx"]
     assert {"layer_names", "kv_cache_group_id"} <= {f.name for f in dataclasses.fields(AttentionGroup)}
+
+
+def test_async_runner_output_returns_the_wrapped_output():
+    """With async scheduling the kept tokens ride the ModelRunnerOutput that
+    AsyncGPUModelRunnerOutput.get_output() returns."""
+    from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
+    from vllm.v1.worker.gpu_model_runner import AsyncGPUModelRunnerOutput
+
+    from feather_vllm.kv.plan import KeptTokens
+    from feather_vllm.kv.runner_hook import attach_kept
+
+    assert "output = self._model_runner_output" in inspect.getsource(AsyncGPUModelRunnerOutput.get_output)
+    inner = ModelRunnerOutput(req_ids=["a"], req_id_to_index={"a": 0})
+    wrapped = object.__new__(AsyncGPUModelRunnerOutput)  # its __init__ needs CUDA streams
+    wrapped._model_runner_output = inner
+    kept = {"a": KeptTokens(((3, (1, 2)),))}
+    assert attach_kept(wrapped, kept) and inner.feather_kept == kept
+    assert not attach_kept(EMPTY_MODEL_RUNNER_OUTPUT, kept) and not hasattr(EMPTY_MODEL_RUNNER_OUTPUT, "feather_kept")
+    assert not attach_kept(None, kept)
 
 
 def test_metadata_fields_the_model_rebuilds():
@@ -60,6 +87,7 @@ def test_request_state_fields_read_by_the_runner_hook():
 
 def test_kv_manager_hooks_exist_with_expected_signatures():
     from vllm.v1.core.kv_cache_manager import KVCacheManager
+    from vllm.v1.core.sched.scheduler import Scheduler
     from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
     from vllm.v1.kv_cache_interface import FullAttentionSpec
     from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
@@ -67,7 +95,10 @@ def test_kv_manager_hooks_exist_with_expected_signatures():
     assert _params(KVCacheManager.allocate_slots)[:4] == ["self", "request", "num_new_tokens", "num_new_computed_tokens"]
     assert "num_external_computed_tokens" in _params(KVCacheManager.allocate_slots)
     assert _params(KVCacheManager.free) == ["self", "request"]
+    assert _params(KVCacheManager.pop_blocks_for_free) == ["self", "request"]
+    assert _params(KVCacheManager.get_block_ids) == ["self", "request_id"]
     assert _params(KVCacheManager.get_computed_blocks) == ["self", "request"]
+    assert _params(Scheduler.schedule)[0] == "self"
     assert _params(FullAttentionManager.get_num_blocks_to_allocate)[:7] == [
         "self", "request_id", "num_tokens", "new_computed_blocks", "total_computed_tokens",
         "num_local_computed_tokens", "num_tokens_main_model"]
@@ -105,17 +136,18 @@ def test_scheduler_free_request_returns_transfer_params():
         inspect.getsource(Scheduler.update_from_output)
 
 
-def test_step_outputs_carry_records():
-    """ModelRunnerOutput must keep extra attributes through pickling, and the
-    scheduler must receive it in update_from_output."""
+def test_step_outputs_carry_kept_tokens():
+    """ModelRunnerOutput keeps extra attributes through pickling (the
+    multi-process executors), and the scheduler receives it in
+    update_from_output."""
     import pickle
 
     from vllm.v1.core.sched.scheduler import Scheduler
     from vllm.v1.outputs import ModelRunnerOutput
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from feather_vllm.kv.plan import KeptTokens
 
     out = ModelRunnerOutput(req_ids=["a"], req_id_to_index={"a": 0})
-    out.feather_records = {"a": {"stages": []}}
-    assert pickle.loads(pickle.dumps(out)).feather_records == {"a": {"stages": []}}
+    out.feather_kept = {"a": KeptTokens(((3, (0, 5)),))}
+    assert pickle.loads(pickle.dumps(out)).feather_kept == out.feather_kept
     assert _params(Scheduler.update_from_output)[:3] == ["self", "scheduler_output", "model_runner_output"]
-    assert hasattr(GPUModelRunner, "sample_tokens")

@@ -1,19 +1,21 @@
-"""Model-runner hooks (vLLM internals, pinned version): publish each real
-step's batch to the model and tell the model when requests go away.
+"""Model-runner hooks (vLLM internals, pinned version: the V1
+`vllm.v1.worker.gpu_model_runner.GPUModelRunner`, which the CPU runner
+inherits). Inert unless the loaded model is the FEATHER architecture.
 
-Patched methods of `vllm.v1.worker.gpu_model_runner.GPUModelRunner` (the CPU
-runner inherits them):
-- `execute_model`: the scope of one real step (dummy/profile runs go through
-  `_dummy_run` instead, so they publish nothing).
-- `_build_attention_metadata`: after vLLM built the per-group metadata, record
-  per request its rows, prompt, image placeholders and `extra_args`.
-- `_on_request_state_removed`: a finished or aborted request's pruning state
-  is dropped.
-- `sample_tokens`: the step's output carries the pruning records written in
-  this step (`feather_records`) to the scheduler's process.
-`AttentionGroup.build_metadata` is wrapped to record the
-`CommonAttentionMetadata` that vLLM built for each KV-cache group, so the
-model can rebuild the metadata of pruned layers from the same base.
+- `_update_states`: the plans that came with the step (`SchedulerOutput.
+  feather_plans`) go onto their requests' cached states; those requests cut
+  in this step. The worker applies plans, it never decides.
+- `_get_slot_mappings` / `_build_attention_metadata`: in a step where some
+  request cuts, publish the batch (`kv.step.StepBatch`) for the model's
+  cutting forward; in any other step, give the layers after each cut of the
+  batch's pruned requests their compact metadata (`kv.decode_metadata`), so
+  the model runs vLLM's own (compiled) forward.
+- `execute_model` / `sample_tokens`: the scope of a real step (dummy and
+  profile runs publish nothing), and the kept tokens of the requests that
+  cut ride the step's `ModelRunnerOutput` as `feather_kept`, also when
+  async scheduling wraps it in an `AsyncModelRunnerOutput`.
+`AttentionGroup.build_metadata` is wrapped to capture the
+`CommonAttentionMetadata` vLLM built for each group.
 """
 
 from __future__ import annotations
@@ -22,62 +24,88 @@ import functools
 from copy import copy
 from typing import Any
 
-from feather_vllm import records
-from feather_vllm.kv import step
+from feather_vllm.kv import decode_metadata, step
+from feather_vllm.kv.plan import KeptTokens, WorkerPruning
 
-_recording: dict[int, tuple[Any, Any]] | None = None
-_in_execute = False
+ATTR = "feather_pruning"  # the WorkerPruning on the runner's CachedRequestState
+
+_recording: dict[int, Any] | None = None  # id(AttentionGroup) -> its common metadata, in a build
 
 
-def _requests(runner: Any, common: Any, num_reqs: int) -> list[step.RequestSlice]:
+def _is_feather(runner: Any) -> bool:
+    on = getattr(runner, "_feather_on", None)
+    if on is None:
+        from feather_vllm.model import FeatherLlavaForConditionalGeneration
+
+        on = runner._feather_on = isinstance(runner.get_model(), FeatherLlavaForConditionalGeneration)
+    return on
+
+
+def _layer_index(name: str) -> int:
+    return int(name.split(".layers.")[1].split(".")[0])
+
+
+def _bases(runner: Any, recorded: dict[int, Any], slot_mappings: dict[int, Any],
+           num_reqs_padded: int) -> list[decode_metadata.GroupBase]:
+    """Each attention group's base metadata in this step."""
+    any_common = next(iter(recorded.values()))
+    bases = []
+    for gid, attn_groups in enumerate(runner.attn_groups):
+        block_table = runner.input_batch.block_table[gid]
+        for ag in attn_groups:
+            common = recorded.get(id(ag))
+            if common is None:
+                # Built through the backend's update_block_table shortcut: the
+                # same base, this group's own block table and slots.
+                common = copy(any_common)
+                common.block_table_tensor = block_table.get_device_tensor(num_reqs_padded)
+                common.slot_mapping = slot_mappings[gid]
+            bases.append(decode_metadata.GroupBase(
+                ag, common, block_table, tuple(_layer_index(n) for n in ag.layer_names)))
+    return bases
+
+
+def _states(runner: Any, num_reqs: int) -> list[WorkerPruning | None]:
+    requests = runner.requests
+    return [getattr(requests[r], ATTR, None) for r in runner.input_batch.req_ids[:num_reqs]]
+
+
+def _step_batch(runner: Any, bases: list[decode_metadata.GroupBase], num_reqs: int) -> step.StepBatch:
+    common = bases[0].common
     qsl = common.query_start_loc_cpu.tolist()
     batch = runner.input_batch
-    out = []
+    cutting = runner._feather_cutting
+    requests = []
     for i, req_id in enumerate(batch.req_ids[:num_reqs]):
-        state = runner.requests[req_id]
-        extra = state.sampling_params.extra_args if state.sampling_params else None
-        out.append(step.RequestSlice(
-            req_id=req_id,
-            row_start=qsl[i],
-            num_rows=qsl[i + 1] - qsl[i],
+        requests.append(step.RequestSlice(
+            req_id=req_id, row_start=qsl[i], num_rows=qsl[i + 1] - qsl[i],
             num_computed=int(batch.num_computed_tokens_cpu[i]),
             prompt_len=int(batch.num_prompt_tokens[i]),
-            image_ranges=[(f.mm_position.offset, f.mm_position.length)
-                          for f in state.mm_features if f.modality == "image"],
-            feather=(extra or {}).get("feather"),
-        ))
-    return out
+            pruning=getattr(runner.requests[req_id], ATTR, None),
+            cuts_now=req_id in cutting))
+    groups, layer_group = [], {}
+    for base in bases:
+        for name in base.attn_group.layer_names:
+            layer_group[name] = len(groups)
+        groups.append(step.GroupView(list(base.attn_group.layer_names), base.attn_group, base.common,
+                                     base.block_table.block_size))
+    return step.StepBatch(requests=requests, num_rows=int(common.num_actual_tokens), groups=groups,
+                          layer_group=layer_group)
 
 
-def _groups(runner: Any, recorded: dict[int, tuple[Any, Any]]) -> tuple[list[step.GroupView], dict[str, int]]:
-    views: list[step.GroupView] = []
-    layer_group: dict[str, int] = {}
-    any_common = next(iter(recorded.values()))[1]
-    for gid, attn_groups in enumerate(runner.attn_groups):
-        block_size = runner.kv_cache_config.kv_cache_groups[gid].kv_cache_spec.block_size
-        for ag in attn_groups:
-            if id(ag) in recorded:
-                common = recorded[id(ag)][1]
-            else:
-                # Built through the backend's update_block_table shortcut: same
-                # base metadata, this group's own block table.
-                common = copy(any_common)
-                common.block_table_tensor = runner.input_batch.block_table[gid].get_device_tensor(
-                    any_common.num_reqs)
-            for name in ag.layer_names:
-                layer_group[name] = len(views)
-            views.append(step.GroupView(list(ag.layer_names), ag, common, block_size))
-    return views, layer_group
+def attach_kept(output: Any, kept: dict[str, KeptTokens]) -> bool:
+    """Put `kept` on a step's ModelRunnerOutput as `feather_kept` (pickled
+    to the scheduler's process with it); with async scheduling, on the
+    ModelRunnerOutput that its AsyncModelRunnerOutput will return. False
+    when `output` carries no step (then the next output takes them)."""
+    from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, AsyncModelRunnerOutput, ModelRunnerOutput
 
-
-def _with_records(output: Any) -> Any:
-    """Attach new pruning records to a step output (pickled to the engine
-    core with its attributes)."""
-    if output is not None and hasattr(output, "__dict__") and hasattr(output, "req_ids"):
-        new = records.drain_new()
-        if new:
-            output.feather_records = new
-    return output
+    target = getattr(output, "_model_runner_output", None) if isinstance(output, AsyncModelRunnerOutput) \
+        else output
+    if not isinstance(target, ModelRunnerOutput) or target is EMPTY_MODEL_RUNNER_OUTPUT:
+        return False
+    target.feather_kept = kept
+    return True
 
 
 def install() -> None:
@@ -88,28 +116,52 @@ def install() -> None:
     if getattr(GPUModelRunner, "_feather_patched", False):
         return
     GPUModelRunner._feather_patched = True
+    GPUModelRunner._feather_cutting = frozenset()
+    GPUModelRunner._feather_in_step = False
+    GPUModelRunner._feather_pending = {}  # kept tokens not yet on an output
 
     original_build_group = worker_utils.AttentionGroup.build_metadata
 
     @functools.wraps(original_build_group)
-    def build_metadata(self, common_attn_metadata, ubatch_idx=0, common_prefix_len=0, **kw):
+    def build_metadata(self, common_attn_metadata, *args, **kwargs):
         if _recording is not None:
-            _recording[id(self)] = (self, common_attn_metadata)
-        return original_build_group(self, common_attn_metadata, ubatch_idx, common_prefix_len, **kw)
+            _recording[id(self)] = common_attn_metadata
+        return original_build_group(self, common_attn_metadata, *args, **kwargs)
 
     worker_utils.AttentionGroup.build_metadata = build_metadata
+
+    original_update = GPUModelRunner._update_states
+
+    @functools.wraps(original_update)
+    def _update_states(self, scheduler_output, *args, **kwargs):
+        result = original_update(self, scheduler_output, *args, **kwargs)
+        plans = getattr(scheduler_output, "feather_plans", None) or {}
+        for req_id, plan in plans.items():
+            setattr(self.requests[req_id], ATTR, WorkerPruning(plan))
+        self._feather_cutting = frozenset(plans)
+        return result
+
+    GPUModelRunner._update_states = _update_states
 
     original_execute = GPUModelRunner.execute_model
 
     @functools.wraps(original_execute)
     def execute_model(self, *args, **kwargs):
-        global _in_execute
-        _in_execute = True
+        if not _is_feather(self):
+            return original_execute(self, *args, **kwargs)
+        self._feather_in_step = True
         try:
             with step.publish(None):
-                return _with_records(original_execute(self, *args, **kwargs))
+                output = original_execute(self, *args, **kwargs)
         finally:
-            _in_execute = False
+            self._feather_in_step = False
+        if self._feather_cutting:
+            for req_id in self._feather_cutting:
+                pruning = getattr(self.requests.get(req_id), ATTR, None)
+                if pruning is not None and pruning.kept is not None:
+                    self._feather_pending = {**self._feather_pending, req_id: pruning.kept}
+            self._feather_cutting = frozenset()
+        return output
 
     GPUModelRunner.execute_model = execute_model
 
@@ -117,42 +169,45 @@ def install() -> None:
 
     @functools.wraps(original_sample)
     def sample_tokens(self, *args, **kwargs):
-        return _with_records(original_sample(self, *args, **kwargs))
+        output = original_sample(self, *args, **kwargs)
+        if self._feather_pending and attach_kept(output, self._feather_pending):
+            self._feather_pending = {}
+        return output
 
     GPUModelRunner.sample_tokens = sample_tokens
+
+    original_slots = GPUModelRunner._get_slot_mappings
+
+    @functools.wraps(original_slots)
+    def _get_slot_mappings(self, *args, **kwargs):
+        by_group, by_layer = original_slots(self, *args, **kwargs)
+        self._feather_slot_by_layer = by_layer
+        return by_group, by_layer
+
+    GPUModelRunner._get_slot_mappings = _get_slot_mappings
 
     original_build = GPUModelRunner._build_attention_metadata
 
     @functools.wraps(original_build)
     def _build_attention_metadata(self, num_tokens, num_reqs, max_query_len, *args, **kwargs):
         global _recording
-        real = _in_execute and not kwargs.get("for_cudagraph_capture", False) \
-            and kwargs.get("ubatch_slices") is None
+        real = self._feather_in_step and not kwargs.get("for_cudagraph_capture", False)
         _recording = {} if real else None
         try:
             result = original_build(self, num_tokens, num_reqs, max_query_len, *args, **kwargs)
-            if real and _recording:
-                groups, layer_group = _groups(self, _recording)
-                common = groups[0].common
-                step._current = step.StepBatch(
-                    requests=_requests(self, common, num_reqs),
-                    num_rows=int(common.num_actual_tokens),
-                    groups=groups,
-                    layer_group=layer_group,
-                )
-            return result
+            recorded = _recording
         finally:
             _recording = None
+        if not real or not recorded:
+            return result
+        attn_metadata = result[0]
+        num_reqs_padded = kwargs.get("num_reqs_padded") or num_reqs
+        bases = _bases(self, recorded, kwargs["slot_mappings"], num_reqs_padded)
+        if self._feather_cutting:
+            step._current = _step_batch(self, bases, num_reqs)
+        else:
+            decode_metadata.apply(bases, _states(self, num_reqs), self.req_indices.gpu[:num_tokens],
+                                  self.positions[:num_tokens], attn_metadata, self._feather_slot_by_layer)
+        return result
 
     GPUModelRunner._build_attention_metadata = _build_attention_metadata
-
-    original_removed = GPUModelRunner._on_request_state_removed
-
-    @functools.wraps(original_removed)
-    def _on_request_state_removed(self, req_id, req_state):
-        forget = getattr(self.get_model(), "forget_request", None) if hasattr(self, "model") else None
-        if forget is not None:
-            forget(req_id)
-        return original_removed(self, req_id, req_state)
-
-    GPUModelRunner._on_request_state_removed = _on_request_state_removed

@@ -1,10 +1,12 @@
 """What the model needs to know about the batch of one engine step.
 
-The model runner (vLLM internals) publishes a `StepBatch` before each real
-forward pass; `FeatherLlavaForConditionalGeneration` reads it to find each
-request's rows, image placeholders and pruning settings, and asks it to
-re-target the attention metadata of the layers after a cut. Dummy and
-profiling runs publish nothing, so the model runs the stock forward there.
+The model runner (vLLM internals) publishes a `StepBatch` before the
+forward pass of a step in which some request cuts (its plan arrived with
+this step); `FeatherLlavaForConditionalGeneration` reads it to find each
+request's rows and pruning, and asks it (`retarget`) to rewrite the
+attention metadata and KV slots of the layers after a cut: that rewrite
+lives here, with the rest of vLLM's internals. Other steps (decode, unpruned prefills) and
+dummy/profiling runs publish nothing: the model runs vLLM's own forward.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from typing import Any
 
 import torch
 
+from feather_vllm.kv.plan import WorkerPruning
+
 
 @dataclasses.dataclass
 class RequestSlice:
@@ -27,8 +31,8 @@ class RequestSlice:
     num_rows: int  # tokens scheduled for it in this step
     num_computed: int  # tokens already in its KV cache before this step
     prompt_len: int
-    image_ranges: list[tuple[int, int]]  # (offset, length) within the prompt
-    feather: Any  # SamplingParams.extra_args["feather"], or None
+    pruning: WorkerPruning | None  # its plan and what earlier cuts kept
+    cuts_now: bool  # its plan arrived with this step: the model cuts it
 
     @property
     def seq_len(self) -> int:
@@ -53,15 +57,46 @@ class StepBatch:
     groups: list[GroupView]
     layer_group: dict[str, int]  # attention layer name -> index into groups
 
-    def rebuild_metadata(
-        self,
-        group: int,
-        query_start_loc: torch.Tensor,
-        seq_lens: torch.Tensor,
-        slot_mapping: torch.Tensor,
-        positions: torch.Tensor,
-        num_rows: int,
-    ) -> Any:
+    def retarget(self, layer_names: list[str], rows: torch.Tensor, positions: torch.Tensor,
+                 dropped: list[torch.Tensor | None]) -> None:
+        """Point `layer_names` (layers between two cuts) at attention
+        metadata and KV slots for the step's surviving `rows` (original row
+        of each, ascending) at `positions`; `dropped[i]` are the absolute
+        positions of request i's image tokens absent from these layers
+        (ascending; None or empty: none). Kept tokens land at compact
+        positions: position minus the dropped tokens before it."""
+        from vllm.forward_context import get_forward_context
+
+        fc = get_forward_context()
+        rows_cpu = rows.cpu()
+        pos_cpu = positions.cpu()
+        bounds = torch.tensor([r.row_start for r in self.requests] +
+                              [self.requests[-1].row_start + self.requests[-1].num_rows])
+        edges = torch.searchsorted(rows_cpu, bounds)
+        qsl = torch.zeros(len(self.requests) + 1, dtype=torch.int32)
+        qsl[1:] = torch.cumsum(edges[1:] - edges[:-1], 0)
+        seq_lens = torch.tensor([r.seq_len - (0 if d is None else d.numel()) for r, d in zip(self.requests, dropped)],
+                                dtype=torch.int32)
+        built: dict[int, tuple[Any, torch.Tensor]] = {}
+        for name in layer_names:
+            g = self.layer_group[name]
+            if g not in built:
+                view = self.groups[g]
+                slots = fc.slot_mapping[name][rows].clone()
+                block_table = view.common.block_table_tensor
+                for i, d in enumerate(dropped):
+                    if d is None or d.numel() == 0:
+                        continue
+                    lo, hi = int(edges[i]), int(edges[i + 1])
+                    pos = pos_cpu[lo:hi].long()
+                    compact = pos - torch.searchsorted(d, pos)
+                    blocks = block_table[i].cpu().long()[compact // view.block_size]
+                    slots[lo:hi] = (blocks * view.block_size + compact % view.block_size).to(slots.device)
+                built[g] = (self._metadata(g, qsl, seq_lens, slots, positions, rows.shape[0]), slots)
+            fc.attn_metadata[name], fc.slot_mapping[name] = built[g]
+
+    def _metadata(self, group: int, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
+                  slot_mapping: torch.Tensor, positions: torch.Tensor, num_rows: int) -> Any:
         """Attention metadata of `group` for a compacted set of rows.
 
         `query_start_loc` and `seq_lens` are per request (CPU, int32) in the

@@ -22,13 +22,11 @@ from feather_vllm.pruning.cost import (
     flops_ratio,
     kept_per_stage_bounds,
     kept_per_stage_max,
-    kv_blocks,
     kv_ratio,
     kv_token_layers,
     layer_flops,
     layer_token_counts,
     prefill_flops,
-    stage_tokens,
 )
 from feather_vllm.pruning.scoring import last_token_image_attention
 from feather_vllm.pruning.selection import (
@@ -43,6 +41,6 @@ __all__ = [
     "CRITERIA", "PRESETS", "Criterion", "PruningConfig", "PruningConfigError", "Stage", "resolve",
     "last_token_image_attention",
     "NonSquareGridError", "grid_side", "select_stage", "stage_keep_count", "uniform_grid",
-    "flops_ratio", "kept_per_stage_bounds", "kept_per_stage_max", "kv_blocks", "kv_ratio",
-    "kv_token_layers", "layer_flops", "layer_token_counts", "prefill_flops", "stage_tokens",
+    "flops_ratio", "kept_per_stage_bounds", "kept_per_stage_max", "kv_ratio",
+    "kv_token_layers", "layer_flops", "layer_token_counts", "prefill_flops",
 ]

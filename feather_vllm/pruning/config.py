@@ -159,12 +159,30 @@ def resolve(spec: "str | Mapping[str, Any] | PruningConfig | None",
     return resolve(preset)
 
 
+KV_STAGE_LAYERS = 4  # default layers per KV-cache stage
+
+
 def kv_boundaries(configured: Sequence[int] | None, num_layers: int) -> list[int]:
     """Decoder layers where a new KV-cache stage starts.
 
-    `configured` (the model config's `feather_kv_boundaries`) sets them; the
-    default is the union of the presets' cut layers. `[]` keeps one full KV
-    group (pruned layers then still reserve full-length blocks)."""
+    `configured` (the model config's `feather_kv_boundaries`) sets them. The
+    default cuts the decoder into equal stages of about `KV_STAGE_LAYERS`
+    layers (the divisor of `num_layers` nearest to it): equal stages are
+    what vLLM groups without padding layers, and every preset's cut layer
+    (3, 8, 16, 24 on 32 layers) is then at most 3 layers before a boundary.
+    A cut inside a stage still saves its compute from the cut on, and its KV
+    from the next boundary on. `[]` keeps one KV group (no KV savings).
+    """
     if configured is None:
-        configured = {s.layer for preset in PRESETS.values() for s in preset.stages}
+        divisors = [d for d in range(1, num_layers + 1) if num_layers % d == 0]
+        size = min(divisors, key=lambda d: (abs(d - KV_STAGE_LAYERS), -d))
+        configured = range(size, num_layers, size)
     return sorted(b for b in set(configured) if 0 < b < num_layers)
+
+
+def has_padding_free_stages(boundaries: Sequence[int], num_layers: int) -> bool:
+    """True when every KV stage's layer count is a multiple of the smallest:
+    vLLM then splits the stages into equal groups with no padding layers."""
+    starts = [0, *boundaries]
+    sizes = [end - start for start, end in zip(starts, [*boundaries, num_layers])]
+    return all(size % min(sizes) == 0 for size in sizes)

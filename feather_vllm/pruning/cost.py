@@ -13,7 +13,6 @@ proportional to the tokens each layer keeps, summed over layers.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 from feather_vllm.pruning.config import PruningConfig
@@ -88,34 +87,3 @@ def kv_ratio(config: PruningConfig, num_layers: int, num_image_tokens: int, num_
              kept: Sequence[int] | None = None) -> float:
     full = kv_token_layers(PruningConfig(), num_layers, num_image_tokens, num_text_tokens)
     return kv_token_layers(config, num_layers, num_image_tokens, num_text_tokens, kept) / full
-
-
-def kv_blocks(num_tokens: int, block_size: int) -> int:
-    return math.ceil(num_tokens / block_size)
-
-
-def stage_tokens(config: PruningConfig, boundaries: Sequence[int], num_image_tokens: int,
-                 num_text_tokens: int) -> list[int]:
-    """Tokens a KV-cache stage reserves for one prompt: what the stage's first
-    layer keeps (at most). Stages start at layer 0 and at each boundary."""
-    counts = layer_token_counts(config, max(boundaries, default=0) + 1, num_image_tokens, num_text_tokens)
-    return [counts[first] for first in [0, *boundaries]]
-
-
-def kv_groups_per_stage(boundaries: Sequence[int], num_layers: int) -> list[int]:
-    """KV-cache groups vLLM 0.32 makes of each stage's layers: one group size
-    for all (the smallest stage, or the largest when that is < 1.5x the
-    smallest), each stage split into ceil(layers / size) groups."""
-    starts = [0, *boundaries]
-    sizes = [end - start for start, end in zip(starts, [*boundaries, num_layers])]
-    group = max(sizes) if max(sizes) < 1.5 * min(sizes) else min(sizes)
-    return [math.ceil(size / group) for size in sizes]
-
-
-def kv_blocks_for_request(config: PruningConfig, boundaries: Sequence[int], num_layers: int,
-                          num_image_tokens: int, num_text_tokens: int, block_size: int,
-                          num_generated: int = 0) -> int:
-    """KV blocks one request holds across all stage groups."""
-    tokens = stage_tokens(config, boundaries, num_image_tokens, num_text_tokens)
-    groups = kv_groups_per_stage(boundaries, num_layers)
-    return sum(g * kv_blocks(t + num_generated, block_size) for g, t in zip(groups, tokens))

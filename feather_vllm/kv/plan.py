@@ -1,0 +1,128 @@
+"""The facts of one request's pruning, each decided once and carried typed.
+
+- `PrunePlan`: the scheduler's decision to prune (settings, the image's
+  placeholder range, the most image tokens each stage may keep). It sizes
+  the KV reservation and travels to the worker with the step that cuts.
+- `KeptTokens`: what the worker's cutting prefill kept, per stage. It
+  returns to the scheduler in the step's runner output.
+- `PruningReport`: what the finished request got (plan or fallback, kept
+  tokens, KV blocks each group really held), attached to its output.
+
+No vLLM import here: the gateway and tools read reports without vLLM.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from feather_vllm.pruning.config import PruningConfig, resolve
+from feather_vllm.pruning.schedule import FallbackReason
+
+REPORT_KEY = "feather"  # the report's key in RequestOutput.kv_transfer_params
+
+
+@dataclasses.dataclass(frozen=True)
+class PrunePlan:
+    """A request the scheduler decided to prune in the step that cuts."""
+
+    config: PruningConfig
+    image_offset: int  # first image placeholder position in the prompt
+    image_len: int
+    kept_max: tuple[int, ...]  # per stage: the most image tokens it can keep
+
+    def dropped_at(self, layer: int) -> int:
+        """Image tokens surely absent from `layer` (what its KV need not hold)."""
+        dropped = 0
+        for stage, kept in zip(self.config.stages, self.kept_max):
+            if stage.layer <= layer:
+                dropped = self.image_len - kept
+        return dropped
+
+
+@dataclasses.dataclass(frozen=True)
+class KeptTokens:
+    """Image tokens (0-based within the image, ascending) kept per stage."""
+
+    stages: tuple[tuple[int, tuple[int, ...]], ...]  # (cut layer, kept indices)
+
+    def dropped_at(self, layer: int, image_len: int) -> int:
+        """Image tokens absent from `layer`."""
+        dropped = 0
+        for cut, kept in self.stages:
+            if cut <= layer:
+                dropped = image_len - len(kept)
+        return dropped
+
+
+@dataclasses.dataclass(frozen=True)
+class PruningReport:
+    """What pruning did to one finished request, as the engine saw it."""
+
+    preset: str
+    image_tokens: int  # from the engine's multimodal placeholders
+    stages: tuple[tuple[int, tuple[int, ...]], ...] = ()  # (cut layer, kept indices)
+    fallback: FallbackReason | None = None
+    kv_blocks_held: tuple[int, ...] = ()  # per KV-cache group, at finish
+    kv_blocks_unpruned: tuple[int, ...] = ()  # per group, the same tokens unpruned
+
+    @property
+    def kv_blocks_used(self) -> int:
+        return sum(self.kv_blocks_held)
+
+    @property
+    def kv_blocks_unpruned_total(self) -> int:
+        return sum(self.kv_blocks_unpruned)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (the engine's output serializer takes no classes)."""
+        return {"preset": self.preset, "image_tokens": self.image_tokens,
+                "stages": [[layer, list(kept)] for layer, kept in self.stages],
+                "fallback": self.fallback.value if self.fallback else None,
+                "kv_blocks_held": list(self.kv_blocks_held),
+                "kv_blocks_unpruned": list(self.kv_blocks_unpruned)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "PruningReport":
+        return cls(preset=data["preset"], image_tokens=data["image_tokens"],
+                   stages=tuple((int(layer), tuple(kept)) for layer, kept in data["stages"]),
+                   fallback=FallbackReason(data["fallback"]) if data["fallback"] else None,
+                   kv_blocks_held=tuple(data["kv_blocks_held"]),
+                   kv_blocks_unpruned=tuple(data["kv_blocks_unpruned"]))
+
+
+def report_of(output: Any) -> PruningReport | None:
+    """The pruning report of a finished `vllm.RequestOutput` (None for a
+    request that has not finished or ran on another model)."""
+    params = getattr(output, "kv_transfer_params", None) or {}
+    data = params.get(REPORT_KEY)
+    return PruningReport.from_dict(data) if data else None
+
+
+def requested_config(extra_args: Mapping[str, Any] | None, default: str | None,
+                     num_layers: int) -> PruningConfig | FallbackReason:
+    """A request's settings (`extra_args["feather"]`, else the engine's
+    default), validated for a decoder of `num_layers`; the fallback reason
+    when they are invalid."""
+    from feather_vllm.pruning.config import PruningConfigError
+
+    value = (extra_args or {}).get(REPORT_KEY)
+    try:
+        return resolve(value if value is not None else default).validate(num_layers)
+    except PruningConfigError:
+        return FallbackReason.INVALID_SETTINGS
+
+
+@dataclasses.dataclass
+class WorkerPruning:
+    """Worker-side pruning of one request: the plan it was sent, and what
+    its cutting prefill kept (None until that step has run). Lives on the
+    model runner's cached request state, so it goes when the request goes."""
+
+    plan: PrunePlan
+    kept: KeptTokens | None = None
+
+    def dropped_at(self, layer: int) -> int:
+        """Image tokens absent from `layer`'s KV (0 before the cut has run)."""
+        return self.kept.dropped_at(layer, self.plan.image_len) if self.kept else 0

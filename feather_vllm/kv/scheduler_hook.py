@@ -1,0 +1,228 @@
+"""The scheduler side (vLLM internals, pinned version): the one decision
+to prune or fall back, the plan's journey to the worker, and the report.
+
+- `KVCacheManager.allocate_slots` sees the Request on the first step that
+  reaches its image: the decision is taken there, once per started prefill
+  (a preempted request is freed and decides again on resume). A plan sets
+  the reservation of every stage manager; the request carries its
+  `RequestPruning` (vLLM's `Request` object, so it lives exactly as long).
+- `Scheduler.schedule` puts the plans decided in this step on the
+  `SchedulerOutput` (`feather_plans`), which reaches every worker.
+- `Scheduler.update_from_output` takes the kept tokens the worker returned
+  in the runner output (`feather_kept`) onto their requests.
+- `Scheduler._free_request` turns the request's pruning into a
+  `PruningReport`, with the blocks each KV group really held, and hands it
+  to the request's output in `kv_transfer_params["feather"]` (merged with
+  a KV connector's parameters when there is one).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+from vllm.v1.core.kv_cache_manager import KVCacheManager
+
+from feather_vllm.kv.plan import REPORT_KEY, KeptTokens, PrunePlan, PruningReport, requested_config
+from feather_vllm.kv.specs import StagedFullAttentionManager, StagedFullAttentionSpec
+from feather_vllm.pruning.config import PRESETS, PruningConfig
+from feather_vllm.pruning.cost import kept_per_stage_max
+from feather_vllm.pruning.schedule import FallbackReason, decide
+
+ATTR = "feather_pruning"  # the RequestPruning on vLLM's Request
+
+
+@dataclasses.dataclass
+class RequestPruning:
+    """Scheduler-side pruning of one request, decided once."""
+
+    config: PruningConfig
+    image_tokens: int
+    plan: PrunePlan | None = None
+    fallback: FallbackReason | None = None
+    kept: KeptTokens | None = None  # from the worker, after the cutting step
+
+
+def image_ranges(request: Any) -> list[tuple[int, int]]:
+    """(offset, length) of each image placeholder, from the engine's own
+    multimodal features (never from a scan of token ids)."""
+    return [(f.mm_position.offset, f.mm_position.length)
+            for f in (request.mm_features or []) if f.modality == "image"]
+
+
+def _settings(spec: StagedFullAttentionSpec, request: Any) -> PruningConfig | FallbackReason:
+    extra = request.sampling_params.extra_args if request.sampling_params else None
+    return requested_config(extra, spec.feather_default, spec.feather_num_layers)
+
+
+def _decide(spec: StagedFullAttentionSpec, request: Any, num_new_tokens: int,
+            num_computed: int) -> RequestPruning:
+    ranges = image_ranges(request)
+    image_tokens = sum(length for _, length in ranges)
+    settings = _settings(spec, request)
+    if isinstance(settings, FallbackReason):
+        return RequestPruning(PRESETS["none"], image_tokens, fallback=settings)
+    pruning = RequestPruning(settings, image_tokens)
+    if not settings.enabled:
+        return pruning
+    decision = decide(num_computed, num_new_tokens, request.num_prompt_tokens, ranges)
+    if not decision.prune:
+        pruning.fallback = decision.reason
+        return pruning
+    offset, length = ranges[0]
+    pruning.plan = PrunePlan(settings, offset, length, tuple(kept_per_stage_max(settings, length)))
+    return pruning
+
+
+def _reaches_image(request: Any, num_new_tokens: int, num_computed: int) -> bool:
+    ranges = image_ranges(request)
+    return bool(ranges) and num_computed < request.num_prompt_tokens and \
+        num_computed + num_new_tokens > min(offset for offset, _ in ranges)
+
+
+def _staged_spec(manager: KVCacheManager) -> StagedFullAttentionSpec | None:
+    """The FEATHER model's spec, or None: every hook is inert without it."""
+    spec = getattr(manager, "_feather_spec", False)
+    if spec is False:
+        spec = next((g.kv_cache_spec for g in manager.kv_cache_config.kv_cache_groups
+                     if isinstance(g.kv_cache_spec, StagedFullAttentionSpec)), None)
+        manager._feather_spec = spec
+        manager._feather_new_plans = {}
+    return spec
+
+
+def _stage_managers(manager: KVCacheManager) -> list[StagedFullAttentionManager]:
+    return [m for m in manager.coordinator.single_type_managers if isinstance(m, StagedFullAttentionManager)]
+
+
+def _forget(manager: KVCacheManager, request: Any) -> None:
+    """The request's blocks are gone (finished or preempted): so is its
+    decision; a resumed request re-prefills and decides again."""
+    if getattr(request, ATTR, None) is not None:
+        setattr(request, ATTR, None)
+    if _staged_spec(manager) is not None:
+        manager._feather_new_plans.pop(request.request_id, None)
+
+
+def _report(scheduler: Any, request: Any) -> PruningReport:
+    kv = scheduler.kv_cache_manager
+    pruning: RequestPruning | None = getattr(request, ATTR, None)
+    if pruning is None:  # never reached an image step: text-only, or settings only
+        settings = _settings(_staged_spec(kv), request)
+        pruning = RequestPruning(settings if isinstance(settings, PruningConfig) else PRESETS["none"],
+                                 sum(length for _, length in image_ranges(request)),
+                                 fallback=settings if isinstance(settings, FallbackReason) else None)
+    held = tuple(len(blocks) for blocks in kv.get_block_ids(request.request_id))
+    tokens = request.num_computed_tokens
+    unpruned = tuple(-(-tokens // g.kv_cache_spec.block_size) for g in kv.kv_cache_config.kv_cache_groups)
+    return PruningReport(
+        preset=pruning.config.name, image_tokens=pruning.image_tokens,
+        stages=pruning.kept.stages if pruning.kept else (),
+        fallback=pruning.fallback, kv_blocks_held=held, kv_blocks_unpruned=unpruned)
+
+
+def install() -> None:
+    """Patch the scheduler and the KV-cache manager once per process."""
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    if getattr(KVCacheManager, "_feather_patched", False):
+        return
+    KVCacheManager._feather_patched = True
+
+    original_allocate = KVCacheManager.allocate_slots
+
+    @functools.wraps(original_allocate)
+    def allocate_slots(self, request, num_new_tokens, num_new_computed_tokens=0, *args, **kwargs):
+        spec = _staged_spec(self)
+        decided = None
+        if spec is not None and getattr(request, ATTR, None) is None:
+            computed = request.num_computed_tokens + num_new_computed_tokens + \
+                kwargs.get("num_external_computed_tokens", 0)
+            if _reaches_image(request, num_new_tokens, computed):
+                decided = _decide(spec, request, num_new_tokens, computed)
+                if decided.plan is not None:
+                    for manager in _stage_managers(self):
+                        manager.dropped[request.request_id] = decided.plan.dropped_at(
+                            manager.kv_cache_spec.feather_first_layer)
+        blocks = original_allocate(self, request, num_new_tokens, num_new_computed_tokens, *args, **kwargs)
+        if decided is not None:
+            if blocks is None:  # not scheduled: decide again next time
+                for manager in _stage_managers(self):
+                    manager.dropped.pop(request.request_id, None)
+            else:
+                setattr(request, ATTR, decided)
+                if decided.plan is not None:
+                    self._feather_new_plans[request.request_id] = decided.plan
+        return blocks
+
+    KVCacheManager.allocate_slots = allocate_slots
+
+    original_computed = KVCacheManager.get_computed_blocks
+
+    @functools.wraps(original_computed)
+    def get_computed_blocks(self, request):
+        # The cut must compute every image token: a request that asks for
+        # pruning takes from the prefix cache only the text before its image.
+        spec = _staged_spec(self)
+        ranges = image_ranges(request) if spec is not None else []
+        settings = _settings(spec, request) if len(ranges) == 1 else None
+        if not isinstance(settings, PruningConfig) or not settings.enabled:
+            return original_computed(self, request)
+        cap = ranges[0][0]
+        coordinator = self.coordinator
+        find = coordinator.find_longest_cache_hit
+        coordinator.find_longest_cache_hit = lambda hashes, max_len: find(hashes, min(max_len, cap))
+        try:
+            return original_computed(self, request)
+        finally:
+            del coordinator.find_longest_cache_hit  # back to the class method
+
+    KVCacheManager.get_computed_blocks = get_computed_blocks
+
+    for name in ("free", "pop_blocks_for_free"):
+        original_free = getattr(KVCacheManager, name)
+
+        @functools.wraps(original_free)
+        def free(self, request, _original=original_free):
+            _forget(self, request)
+            return _original(self, request)
+
+        setattr(KVCacheManager, name, free)
+
+    original_schedule = Scheduler.schedule
+
+    @functools.wraps(original_schedule)
+    def schedule(self, *args, **kwargs):
+        output = original_schedule(self, *args, **kwargs)
+        if _staged_spec(self.kv_cache_manager) is not None:
+            output.feather_plans = self.kv_cache_manager._feather_new_plans
+            self.kv_cache_manager._feather_new_plans = {}
+        return output
+
+    Scheduler.schedule = schedule
+
+    original_update = Scheduler.update_from_output
+
+    @functools.wraps(original_update)
+    def update_from_output(self, scheduler_output, model_runner_output, *args, **kwargs):
+        for request_id, kept in (getattr(model_runner_output, "feather_kept", None) or {}).items():
+            request = self.requests.get(request_id)
+            pruning = getattr(request, ATTR, None) if request is not None else None
+            if pruning is not None and pruning.plan is not None:
+                pruning.kept = kept
+        return original_update(self, scheduler_output, model_runner_output, *args, **kwargs)
+
+    Scheduler.update_from_output = update_from_output
+
+    original_free_request = Scheduler._free_request
+
+    @functools.wraps(original_free_request)
+    def _free_request(self, request, *args, **kwargs):
+        report = _report(self, request) if _staged_spec(self.kv_cache_manager) is not None else None
+        kv_params, ec_params = original_free_request(self, request, *args, **kwargs)
+        if report is not None:
+            kv_params = {**(kv_params or {}), REPORT_KEY: report.to_dict()}
+        return kv_params, ec_params
+
+    Scheduler._free_request = _free_request

@@ -1,0 +1,64 @@
+"""Tensor parallelism through the gateway: `--tensor-parallel-size 2` (two
+worker processes, one core each) keeps exactly the image tokens, and gives
+exactly the answers, of a single-rank engine."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from feather_vllm.kv.plan import report_of
+from tests.helpers import ServerProcess, chat, make_llm, png_data_url, sample_images, shutdown
+
+QUESTION = "Where is the red square?"
+PRESETS = ["none", "fastv", "feather", "pyramiddrop"]
+IMAGES = [0, 1, 2]
+
+
+@pytest.fixture(scope="module")
+def single_rank(tiny_checkpoint):
+    """(text, kept indices per stage) per (image, preset) from a TP=1 engine."""
+    from vllm import SamplingParams
+
+    llm = make_llm(tiny_checkpoint)
+    try:
+        out = {}
+        for i in IMAGES:
+            for preset in PRESETS:
+                params = SamplingParams(max_tokens=8, temperature=0.0, extra_args={"feather": preset})
+                result = llm.chat(chat(sample_images()[i], QUESTION), params, use_tqdm=False)[0]
+                out[i, preset] = (result.outputs[0].text, [list(k) for _, k in report_of(result).stages])
+        return out
+    finally:
+        shutdown(llm)
+
+
+@pytest.fixture(scope="module")
+def tp2_server(tiny_checkpoint):
+    # One core per rank; the KV budget comes from --kv-cache-gib (the gateway
+    # unsets VLLM_CPU_KVCACHE_SPACE, which would override it).
+    proc = ServerProcess(tiny_checkpoint, "--served-model-name", "tiny", "--tensor-parallel-size", "2",
+                         "--kv-cache-gib", "0.25", startup_timeout=300,
+                         env={"VLLM_CPU_OMP_THREADS_BIND": "0|1", "VLLM_CPU_KVCACHE_SPACE": "1"})
+    # Two worker processes really serve it (vLLM names them by rank in its logs).
+    assert "Worker_TP0" in proc.logs() and "Worker_TP1" in proc.logs()
+    yield proc
+    proc.stop()
+
+
+@pytest.mark.parametrize("image", IMAGES, ids=[f"image-{i}" for i in IMAGES])
+@pytest.mark.parametrize("preset", PRESETS)
+def test_tp2_keeps_the_single_rank_tokens(tp2_server, single_rank, preset, image):
+    body = {"model": "tiny", "max_tokens": 8, "temperature": 0,
+            "feather": {"preset": preset, "return_kept": True},
+            "messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": png_data_url(sample_images()[image])}},
+                {"type": "text", "text": QUESTION}]}]}
+    r = httpx.post(tp2_server.url + "/v1/chat/completions", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    text, kept = single_rank[image, preset]
+    report = r.json()["feather"]
+    assert [s["kept_indices"] for s in report["stages"]] == kept
+    assert r.json()["choices"][0]["message"]["content"] == text
+    # Each rank holds half the heads, but the block count per group is the same.
+    assert report["kv_blocks"]["used"] < report["kv_blocks"]["unpruned"] or preset == "none"
