@@ -94,6 +94,11 @@ class _Cutting:
                    [(layer, torch.tensor(kept, dtype=torch.long)) for layer, kept in req.pruning.kept.stages])
 
 
+@MULTIMODAL_REGISTRY.register_processor(
+    _build_llava_or_pixtral_hf_processor,
+    info=_build_llava_or_pixtral_hf_info,
+    dummy_inputs=LlavaDummyInputsBuilder,
+)
 class FeatherLlavaForConditionalGeneration(LlavaForConditionalGeneration):
     """LLaVA whose prefill prunes image tokens in stages (FEATHER, FastV,
     PyramidDrop or explicit stages), with pruned layers' KV compacted."""
