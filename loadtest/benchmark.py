@@ -4,7 +4,8 @@ python -m loadtest.benchmark [--model DIR] [--out results/] [--rounds 5]
 
 Starts the gateway on the `bench` checkpoint (built if absent) with a fixed
 KV budget, and vLLM's own OpenAI server on the same checkpoint and settings
-with the plugin switched off (`VLLM_PLUGINS=""`: stock LLaVA, stock vLLM).
+with the plugin switched off (`VLLM_PLUGINS=feather_cpu_compat`: stock
+LLaVA, stock vLLM, only the CPU-machine import shim).
 Both compile as vLLM does by default (`--enforce-eager` turns that off for
 both). Then it measures, with presets interleaved round by round so that
 machine noise hits all alike:
@@ -92,7 +93,8 @@ def start_servers(model: str, out: Path, kv_gib: float, block_size: int, max_num
                       "--block-size", str(block_size), "--max-model-len", str(MAX_MODEL_LEN),
                       "--max-num-seqs", str(max_num_seqs), "--max-waiting-requests", "256", *eager],
                      out / "gateway.log", gw_port)
-    # The plugin off: vLLM's own server exactly as a user without feather-vllm runs it.
+    # The plugin off (only its CPU-machine import shim, a no-op where
+    # torchvision loads): vLLM's own server as a user without feather-vllm runs it.
     stock = Server([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
                     "--served-model-name", "bench", "--port", str(vllm_port), "--dtype", "float32",
                     *eager, "--kv-cache-memory-bytes", str(int(kv_gib * 2**30)),
@@ -101,7 +103,7 @@ def start_servers(model: str, out: Path, kv_gib: float, block_size: int, max_num
                     "--disable-chunked-mm-input", "--no-enable-prefix-caching",
                     "--max-num-batched-tokens", str(MAX_MODEL_LEN + max_num_seqs),
                     "--limit-mm-per-prompt", '{"image": 1}'],
-                   out / "vllm_server.log", vllm_port, env={"VLLM_PLUGINS": ""})
+                   out / "vllm_server.log", vllm_port, env={"VLLM_PLUGINS": "feather_cpu_compat"})
     gateway.wait()
     stock.wait()
     return gateway, stock
