@@ -106,6 +106,8 @@ def _unencodable(value: Any, path: str = "") -> str | None:
     """Path of the first string that is not valid Unicode (a lone surrogate
     from a JSON escape such as "\\ud800"), else None."""
     if isinstance(value, str):
+        if value.isascii():  # O(1) in CPython; data URLs are megabytes of ASCII
+            return None
         try:
             value.encode("utf-8")
         except UnicodeEncodeError:
