@@ -15,23 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
 from pathlib import Path
 from typing import Any
 
-PRESETS = ["none", "fastv", "feather", "pyramiddrop"]
-QUESTION = "Where is the red square?"
-
-
-def _image():
-    import numpy as np
-    from PIL import Image
-
-    scene = np.full((336, 336, 3), 128, dtype=np.uint8)
-    scene[40:140, 200:300] = (220, 30, 30)
-    return Image.fromarray(scene)
+from loadtest.kv_capacity import PRESETS, bench_prompt, offline_setup
 
 
 def _decode_ms(llm: Any, preset: str, batch: int, steps: int) -> float:
@@ -42,7 +31,7 @@ def _decode_ms(llm: Any, preset: str, batch: int, steps: int) -> float:
     scheduler = engine.engine_core.engine_core.scheduler
     params = SamplingParams(max_tokens=batch + steps + 2, temperature=0.0, ignore_eos=True,
                             extra_args={"feather": preset})
-    prompt = {"prompt": f"<s>USER: <image>\n{QUESTION}\nASSISTANT:", "multi_modal_data": {"image": _image()}}
+    prompt = bench_prompt()
     for i in range(batch):
         engine.add_request(f"{preset}-{batch}-{time.monotonic_ns()}-{i}", prompt, params)
     while any(r.num_computed_tokens < r.num_prompt_tokens for r in scheduler.requests.values()):
@@ -97,14 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--json", default="results/decode_step.json")
     args = parser.parse_args(argv)
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)  # it would override the budget
-    model = args.model
-    if model is None:
-        from feather_vllm.checkpoints import ensure_checkpoint
-
-        model = str(ensure_checkpoint("bench", "checkpoints/bench"))
+    model = offline_setup(args.model)
     results = measure(model, [int(b) for b in args.batches.split(",")], args.steps, args.repeats,
                       args.enforce_eager)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -19,13 +19,14 @@ PRESETS = ["none", "fastv", "feather", "pyramiddrop"]
 QUESTION = "Where is the red square?"
 
 
-def _image():
+def bench_prompt() -> dict[str, Any]:
+    """One LLaVA-1.5 image chat (576 image tokens) for `LLMEngine.add_request`."""
     import numpy as np
     from PIL import Image
 
     scene = np.full((336, 336, 3), 128, dtype=np.uint8)
     scene[40:140, 200:300] = (220, 30, 30)
-    return Image.fromarray(scene)
+    return {"prompt": f"<s>USER: <image>\n{QUESTION}\nASSISTANT:", "multi_modal_data": {"image": Image.fromarray(scene)}}
 
 
 def measure(model: str, kv_cache_mib: int, block_size: int, requests: int, max_tokens: int,
@@ -44,7 +45,7 @@ def measure(model: str, kv_cache_mib: int, block_size: int, requests: int, max_t
     scheduler = engine.engine_core.engine_core.scheduler
     kv = scheduler.kv_cache_manager
     num_layers = llm.llm_engine.model_config.hf_config.text_config.num_hidden_layers
-    prompt = {"prompt": f"<s>USER: <image>\n{QUESTION}\nASSISTANT:", "multi_modal_data": {"image": _image()}}
+    prompt = bench_prompt()
     results: dict[str, Any] = {"block_size": block_size, "kv_cache_mib": kv_cache_mib,
                                "num_blocks": kv.block_pool.num_gpu_blocks, "presets": {}}
     for preset in PRESETS:
@@ -83,6 +84,19 @@ def report(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def offline_setup(model: str | None) -> str:
+    """Environment for one in-process engine; the checkpoint to load (the
+    `bench` profile, built if absent, unless `model` is given)."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)  # it would override the budget
+    if model is not None:
+        return model
+    from feather_vllm.checkpoints import ensure_checkpoint
+
+    return str(ensure_checkpoint("bench", "checkpoints/bench"))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m loadtest.kv_capacity", description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="checkpoint dir (default: build the bench profile)")
@@ -92,14 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--json", default="results/kv_capacity.json")
     args = parser.parse_args(argv)
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)  # it would override the budget
-    model = args.model
-    if model is None:
-        from feather_vllm.checkpoints import ensure_checkpoint
-
-        model = str(ensure_checkpoint("bench", "checkpoints/bench"))
+    model = offline_setup(args.model)
     results = measure(model, args.kv_cache_mib, args.block_size, args.requests, args.max_tokens)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(results, indent=2))
