@@ -43,7 +43,7 @@ def analyze(model: str, image: Image.Image, prompt: str, preset: Any,
 
     config = pcfg.resolve(preset)
     llm = LLM(distributed_executor_backend="uni",
-              **engine_kwargs(model, dtype=dtype, max_model_len=2048, max_num_seqs=4,
+              **engine_kwargs(model, dtype=dtype, max_num_seqs=4,
                               kv_cache_bytes=2**30, enforce_eager=True))
     messages = [{"role": "user", "content": [{"type": "image_pil", "image_pil": image},
                                              {"type": "text", "text": prompt}]}]

@@ -171,8 +171,9 @@ def save_model(model, out: Path) -> None:
     model.config.save_pretrained(out)
 
 
-def build_checkpoint(profile: str, out: str | Path, seed: int = 0) -> Path:
-    """Write a random-weight LLaVA-1.5-layout checkpoint to `out`."""
+def build_checkpoint(profile: str, out: str | Path, seed: int = 0, max_positions: int = 4096) -> Path:
+    """Write a random-weight LLaVA-1.5-layout checkpoint to `out`; its text
+    model has `max_positions` positions (`max_position_embeddings`)."""
     import torch
     from transformers import (
         CLIPImageProcessorPil,
@@ -208,7 +209,7 @@ def build_checkpoint(profile: str, out: str | Path, seed: int = 0) -> Path:
             num_attention_heads=p.text_heads,
             num_key_value_heads=p.text_kv_heads,
             vocab_size=vocab,
-            max_position_embeddings=4096,
+            max_position_embeddings=max_positions,
             rms_norm_eps=1e-5,
             rope_theta=10000.0,
             initializer_range=p.init_std,
@@ -275,8 +276,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile", choices=sorted(PROFILES), default="tiny")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-positions", type=int, default=4096, help="the text model's positions")
     args = parser.parse_args(argv)
-    path = build_checkpoint(args.profile, args.out, args.seed)
+    path = build_checkpoint(args.profile, args.out, args.seed, args.max_positions)
     print(f"wrote {args.profile} checkpoint (seed {args.seed}) to {path}")
 
 

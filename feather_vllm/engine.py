@@ -20,11 +20,21 @@ from typing import Any
 from feather_vllm import ARCHITECTURE
 
 
+def model_max_len(model: str, hf_overrides: dict[str, Any], overrides: dict[str, Any]) -> int:
+    """The context length vLLM derives for `model` when none is set (its own
+    rule: positions, rope scaling, sliding window, the tokenizer's limit)."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    keys = ("tokenizer", "trust_remote_code", "revision", "code_revision", "tokenizer_revision")
+    args = EngineArgs(model=model, hf_overrides=hf_overrides, **{k: overrides[k] for k in keys if k in overrides})
+    return args.create_model_config().max_model_len
+
+
 def engine_kwargs(
     model: str,
     *,
     dtype: str = "auto",
-    max_model_len: int = 2048,
+    max_model_len: int | None = None,
     max_num_seqs: int = 64,
     block_size: int | None = None,
     kv_cache_bytes: int | None = None,
@@ -37,7 +47,8 @@ def engine_kwargs(
 ) -> dict[str, Any]:
     """Keyword arguments for `vllm.LLM(...)` or `AsyncEngineArgs(...)`.
 
-    `default_preset` becomes the engine-wide pruning default (requests
+    `max_model_len` None is the model's own (vLLM's derivation from its
+    config). `default_preset` becomes the engine-wide pruning default (requests
     without `extra_args["feather"]` use it); None means no pruning.
     `enforce_eager=True` turns compilation and CUDA graphs off (fast
     start-up for tests); the default compiles as vLLM does.
@@ -45,6 +56,8 @@ def engine_kwargs(
     hf_overrides: dict[str, Any] = {"architectures": [ARCHITECTURE]}
     if default_preset is not None:
         hf_overrides["feather_default"] = default_preset
+    if max_model_len is None:
+        max_model_len = model_max_len(model, hf_overrides, overrides)
     kwargs: dict[str, Any] = dict(
         model=model,
         dtype=dtype,

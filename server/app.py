@@ -45,8 +45,9 @@ def create_app(settings: Settings, stop_server: Callable[[int], None] | None = N
             logger.info("engine ready: %s", settings.model)
         except Exception as e:  # noqa: BLE001 - reported by /health
             logger.exception("engine failed to start")
-            state.start_error = f"{type(e).__name__}: {e}"
-            fatal("the engine failed to start")
+            # One line for orchestrator logs (vLLM's validation errors span several).
+            state.start_error = " ".join(f"{type(e).__name__}: {e}".split())[:1000]
+            fatal(f"the engine failed to start: {state.start_error}")
             return
         # vLLM's client notices a dead engine core (its process sentinel) and
         # marks the engine errored; the gateway then has nothing to serve.

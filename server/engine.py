@@ -15,6 +15,7 @@ class EngineLayout:
 
     image_token_id: int
     num_layers: int  # decoder layers: what pruning settings are validated against
+    max_model_len: int  # the engine's context length (set, or the model's)
 
 
 def build_engine_args(settings: Settings):
@@ -44,9 +45,11 @@ def build_engine_args(settings: Settings):
 
 def engine_layout(engine: Any) -> EngineLayout:
     """Model facts the pruning report needs, read from the engine's config."""
-    hf_config = engine.vllm_config.model_config.hf_config
+    model_config = engine.vllm_config.model_config
+    hf_config = model_config.hf_config
     return EngineLayout(image_token_id=hf_config.image_token_index,
-                        num_layers=hf_config.text_config.num_hidden_layers)
+                        num_layers=hf_config.text_config.num_hidden_layers,
+                        max_model_len=model_config.max_model_len)
 
 
 def start_engine(settings: Settings):

@@ -72,7 +72,8 @@ async def prometheus_metrics() -> Response:
 
 @router.get("/v1/models", dependencies=[Depends(require_key)])
 async def list_models(state: GatewayState = Depends(state_of)) -> ModelList:
-    return ModelList(data=[ModelCard(id=state.settings.model_name, created=state.started)])
+    context = state.layout.max_model_len if state.layout is not None else None
+    return ModelList(data=[ModelCard(id=state.settings.model_name, created=state.started, max_model_len=context)])
 
 
 @router.post("/v1/chat/completions", dependencies=[Depends(require_key), Depends(require_engine)])
@@ -227,14 +228,15 @@ async def _chat(body: ChatCompletionRequest, request: Request, state: GatewaySta
         # A client that leaves while its image is fetched or its prompt rendered is not waited for.
         conversation = await _unless_disconnected(request, _conversation(body, state))
         engine_input, prompt_ids = await _unless_disconnected(request, state.render(conversation))
-        room = settings.max_model_len - len(prompt_ids)
+        context = state.layout.max_model_len
+        room = context - len(prompt_ids)
         if room < 1:
-            raise APIError(400, f"the prompt is {len(prompt_ids)} tokens; the context is {settings.max_model_len}",
+            raise APIError(400, f"the prompt is {len(prompt_ids)} tokens; the context is {context}",
                            param="messages", code="context_length_exceeded")
         asked = body.max_completion_tokens or body.max_tokens
         if asked is not None and asked > room:
             raise APIError(400, f"max_tokens {asked} exceeds the {room} tokens left in the context "
-                                f"({settings.max_model_len} - {len(prompt_ids)} prompt tokens)",
+                                f"({context} - {len(prompt_ids)} prompt tokens)",
                            param="max_completion_tokens" if body.max_completion_tokens else "max_tokens",
                            code="context_length_exceeded")
         params = _sampling_params(body, config, asked or room, body.stream)

@@ -185,6 +185,7 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "feather-vllm"
+    max_model_len: int | None = None  # as vLLM's server reports it (None while the engine starts)
 
 
 class ModelList(BaseModel):

@@ -29,7 +29,7 @@ class Settings(BaseSettings):
                                 "faster start-up, slower decode")
     kv_cache_gib: float = Field(2.0, description="KV cache budget in GiB")
     block_size: int | None = Field(None, description="KV block size in tokens (default: vLLM's)")
-    max_model_len: int = 2048
+    max_model_len: int | None = Field(None, description="context length (default: the model's, as vLLM derives it)")
     max_num_seqs: int = 32
     dtype: str = "auto"
     max_images_per_request: int = 1

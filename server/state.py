@@ -105,7 +105,9 @@ class GatewayState:
         try:
             _, (engine_input,) = await renderer.render_chat_async([conversation], chat_params, tok_params)
         except (VLLMClientError, ValueError, TypeError, KeyError) as e:
-            raise APIError(400, f"messages could not be rendered: {e}", param="messages") from None
+            # vLLM's renderer checks the prompt against the context length itself.
+            code = "context_length_exceeded" if getattr(e, "parameter", None) == "input_tokens" else None
+            raise APIError(400, f"messages could not be rendered: {e}", param="messages", code=code) from None
         except Exception as e:  # noqa: BLE001 - the renderer's own failure: a clean 500, logged
             logger.exception("rendering failed")
             raise APIError(500, f"messages could not be rendered: {type(e).__name__}", code="render_error") from None

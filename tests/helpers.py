@@ -97,9 +97,9 @@ class ServerProcess:
     """`python -m server` in a subprocess on a free loopback port."""
 
     def __init__(self, checkpoint: Path, *args: str, startup_timeout: float = 180.0, compiled: bool = False,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, max_model_len: int | None = 1024) -> None:
         """Eager engine (fast start-up) unless `compiled`; `env` adds
-        environment variables."""
+        environment variables; `max_model_len` None leaves it to the model."""
         import os
         import subprocess
         import sys
@@ -114,7 +114,8 @@ class ServerProcess:
         env = {**{k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}, **(env or {})}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "server", "--model", str(checkpoint), "--port", str(self.port),
-             "--dtype", "float32", "--kv-cache-gib", "1", "--max-model-len", "1024",
+             "--dtype", "float32", "--kv-cache-gib", "1",
+             *([] if max_model_len is None else ["--max-model-len", str(max_model_len)]),
              *([] if compiled else ["--enforce-eager"]), *args],
             stdout=self.log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + startup_timeout
