@@ -4,7 +4,9 @@ The cut must see the whole image and the last prompt token in one step, so
 chunked prefill is off, long prompts are never capped, multimodal inputs are
 never chunked, and one step's token budget fits a whole prompt for every
 sequence (VLLM_NOTES.md, "Scheduling and caching traps"). Anything the
-scheduler still splits runs unpruned (see pruning/schedule.py).
+scheduler still splits runs unpruned (see pruning/schedule.py). Prefix
+caching is on (vLLM's default): a pruned request reuses the cached text
+before its image, and computes and prunes its image itself.
 
 Compilation is vLLM's default (torch.compile; CUDA graphs on GPU) with one
 change: PIECEWISE CUDA graphs, which keep attention outside the captured
@@ -39,7 +41,7 @@ def engine_kwargs(
     block_size: int | None = None,
     kv_cache_bytes: int | None = None,
     default_preset: str | None = None,
-    enable_prefix_caching: bool = False,
+    enable_prefix_caching: bool = True,
     max_images_per_prompt: int = 1,
     seed: int = 0,
     enforce_eager: bool = False,

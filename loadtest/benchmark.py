@@ -91,7 +91,8 @@ def start_servers(model: str, out: Path, kv_gib: float, block_size: int, max_num
     gateway = Server([sys.executable, "-m", "server", "--model", model, "--served-model-name", "bench",
                       "--port", str(gw_port), "--dtype", "float32", "--kv-cache-gib", str(kv_gib),
                       "--block-size", str(block_size), "--max-model-len", str(MAX_MODEL_LEN),
-                      "--max-num-seqs", str(max_num_seqs), "--max-waiting-requests", "256", *eager],
+                      "--max-num-seqs", str(max_num_seqs), "--max-waiting-requests", "256",
+                      "--no-enable-prefix-caching", *eager],  # the rounds repeat one prompt
                      out / "gateway.log", gw_port)
     # The plugin off (only its CPU-machine import shim, a no-op where
     # torchvision loads): vLLM's own server as a user without feather-vllm runs it.

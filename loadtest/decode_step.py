@@ -55,7 +55,8 @@ def measure(model: str, batches: list[int], steps: int, repeats: int, enforce_ea
 
     llm = LLM(distributed_executor_backend="uni",
               **engine_kwargs(model, dtype="float32", max_model_len=1024, max_num_seqs=max(batches),
-                              block_size=32, kv_cache_bytes=4 * 2**30, enforce_eager=enforce_eager))
+                              block_size=32, kv_cache_bytes=4 * 2**30, enforce_eager=enforce_eager,
+                              enable_prefix_caching=False))  # identical prompts: measure each one's own KV
     _decode_ms(llm, "feather", 1, 2)  # warm-up
     samples: dict[int, dict[str, list[float]]] = {b: {p: [] for p in PRESETS} for b in batches}
     for _ in range(repeats):

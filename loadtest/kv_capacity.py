@@ -40,7 +40,8 @@ def measure(model: str, kv_cache_mib: int, block_size: int, requests: int, max_t
 
     llm = LLM(distributed_executor_backend="uni",
               **engine_kwargs(model, dtype="float32", max_model_len=1024, max_num_seqs=64, block_size=block_size,
-                              kv_cache_bytes=kv_cache_mib * 2**20, enforce_eager=enforce_eager))
+                              kv_cache_bytes=kv_cache_mib * 2**20, enforce_eager=enforce_eager,
+                              enable_prefix_caching=False))  # identical prompts: measure each one's own KV
     engine = llm.llm_engine
     scheduler = engine.engine_core.engine_core.scheduler
     kv = scheduler.kv_cache_manager

@@ -32,6 +32,7 @@ def build_engine_args(settings: Settings):
         default_preset=settings.default_preset,
         max_images_per_prompt=settings.max_images_per_request,
         enforce_eager=settings.enforce_eager,
+        enable_prefix_caching=settings.enable_prefix_caching,
         tensor_parallel_size=settings.tensor_parallel_size,
     )
     if settings.kv_boundaries is not None:

@@ -25,6 +25,8 @@ class Settings(BaseSettings):
                                             "(default: equal stages of about 4 layers, no vLLM padding)")
     tensor_parallel_size: int = Field(1, description="GPUs (ranks) the model is split over (vLLM's "
                                       "--tensor-parallel-size)")
+    enable_prefix_caching: bool = Field(True, description="reuse cached KV of shared prompt prefixes (vLLM's "
+                                        "default; pruned requests reuse the text before their image)")
     enforce_eager: bool = Field(False, description="no compilation or CUDA graphs (vLLM's --enforce-eager): "
                                 "faster start-up, slower decode")
     kv_cache_gib: float = Field(2.0, description="KV cache budget in GiB")

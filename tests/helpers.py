@@ -46,13 +46,15 @@ def make_llm(checkpoint: Path, stock: bool = False, **kwargs: Any):
     """A single-process vLLM engine on `checkpoint` with the pruning-safe
     settings; `stock=True` keeps vLLM's own LlavaForConditionalGeneration.
     Eager (fast start-up) unless `enforce_eager=False` asks for vLLM's
-    compiled mode."""
+    compiled mode; prefix caching off (every request computes what a test
+    checks) unless asked for. The gateway tests run vLLM's defaults."""
     from vllm import LLM
 
     from feather_vllm.engine import engine_kwargs
 
     kwargs.setdefault("kv_cache_bytes", 2**30)
     kwargs.setdefault("enforce_eager", True)
+    kwargs.setdefault("enable_prefix_caching", False)
     kwargs.setdefault("distributed_executor_backend", "uni")
     kw = engine_kwargs(str(checkpoint), dtype="float32", max_model_len=1024,
                        max_num_seqs=16, **kwargs)

@@ -105,6 +105,45 @@ def test_prefix_caching_keeps_pruned_outputs(tiny_checkpoint, reference_tokens):
         shutdown(cached)
 
 
+SYSTEM = "You answer questions about one picture. Name the place of the object in it. " * 6
+
+
+def _system_chat(image, question):
+    return [{"role": "system", "content": SYSTEM}, *chat(image, question)]
+
+
+def test_prefix_cache_reuses_the_text_before_the_image(tiny_checkpoint):
+    """A repeated system prompt before the image is reused from the cache by
+    pruned requests (the full blocks before the image: compaction moves
+    nothing there); the image is recomputed and pruned, also for the same
+    image with another question. Tokens and kept sets equal an engine
+    without prefix caching."""
+    from feather_vllm.kv.plan import report_of
+
+    convs = [_system_chat(sample_images()[0], QUESTION), _system_chat(sample_images()[1], QUESTION),
+             _system_chat(sample_images()[1], "Describe the picture.")]
+
+    def run(llm):
+        outs = [llm.chat(c, _params("feather", 8), use_tqdm=False)[0] for c in convs]  # one at a time
+        return outs, [(list(o.outputs[0].token_ids), report_of(o).stages) for o in outs]
+
+    plain = make_llm(tiny_checkpoint, block_size=BLOCK)
+    try:
+        _, expected = run(plain)
+    finally:
+        shutdown(plain)
+    cached = make_llm(tiny_checkpoint, block_size=BLOCK, enable_prefix_caching=True)
+    try:
+        outs, got = run(cached)
+        image_token = cached.llm_engine.model_config.hf_config.image_token_index
+    finally:
+        shutdown(cached)
+    assert got == expected
+    image_offset = outs[0].prompt_token_ids.index(image_token)
+    assert image_offset > 2 * BLOCK  # the system prompt spans full blocks
+    assert [o.num_cached_tokens for o in outs] == [0] + [image_offset // BLOCK * BLOCK] * 2
+
+
 def test_non_square_image_tokens_run_unpruned_and_say_so(tiny_checkpoint):
     """500 image embeddings are no square patch grid: served unpruned (same
     tokens as `none`), with the reason recorded, never pruned wrongly."""

@@ -48,15 +48,26 @@ _STAGE_FIELDS = ("feather_stage", "feather_first_layer", "feather_num_layers", "
 
 class StagedFullAttentionManager(FullAttentionManager):
     """Reserves only the tokens its stage keeps for pruned requests, and
-    never offers compacted blocks for prefix reuse.
+    offers for prefix reuse only their blocks before the image (compaction
+    moves nothing before it).
 
-    `dropped` holds, per pruned request, the image tokens its plan lets this
-    stage's first layer drop (set by the scheduler hook from the plan, kept
-    as long as the request's blocks, like vLLM's own `req_to_blocks`)."""
+    Per pruned request (set by the scheduler hook from the plan, kept as
+    long as the request's blocks, like vLLM's own `req_to_blocks`):
+    `dropped`, the image tokens its plan lets this stage's first layer drop;
+    `image_offset`, where its image starts."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.dropped: dict[str, int] = {}
+        self.image_offset: dict[str, int] = {}
+
+    def track(self, request_id: str, dropped: int, image_offset: int) -> None:
+        self.dropped[request_id] = dropped
+        self.image_offset[request_id] = image_offset
+
+    def forget(self, request_id: str) -> None:
+        self.dropped.pop(request_id, None)
+        self.image_offset.pop(request_id, None)
 
     def get_num_blocks_to_allocate(self, request_id, num_tokens, new_computed_blocks,
                                    total_computed_tokens, num_local_computed_tokens,
@@ -71,14 +82,15 @@ class StagedFullAttentionManager(FullAttentionManager):
         return super().allocate_new_blocks(request_id, num_tokens - dropped, num_tokens_main_model - dropped)
 
     def cache_blocks(self, request, num_tokens, *args, **kwargs) -> None:
-        # Compacted blocks are not the blocks of the full token sequence that
-        # the prefix-cache hashes describe: never offer them for reuse.
+        # From the image on, compacted blocks are not the blocks of the full
+        # token sequence that the prefix-cache hashes describe: offer only
+        # the full blocks before it.
         if self.dropped.get(request.request_id):
-            return
+            num_tokens = min(num_tokens, self.image_offset[request.request_id])
         super().cache_blocks(request, num_tokens, *args, **kwargs)
 
     def pop_blocks_for_free(self, request_id: str):
-        self.dropped.pop(request_id, None)
+        self.forget(request_id)
         return super().pop_blocks_for_free(request_id)
 
 
