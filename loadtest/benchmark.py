@@ -105,8 +105,13 @@ def start_servers(model: str, out: Path, kv_gib: float, block_size: int, max_num
                     "--max-num-batched-tokens", str(MAX_MODEL_LEN + max_num_seqs),
                     "--limit-mm-per-prompt", '{"image": 1}'],
                    out / "vllm_server.log", vllm_port, env={"VLLM_PLUGINS": "feather_cpu_compat"})
-    gateway.wait()
-    stock.wait()
+    try:
+        gateway.wait()
+        stock.wait()
+    except BaseException:  # neither server outlives a failed start
+        gateway.stop()
+        stock.stop()
+        raise
     return gateway, stock
 
 
