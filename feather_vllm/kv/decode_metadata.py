@@ -19,7 +19,6 @@ device round trip.
 from __future__ import annotations
 
 import bisect
-import dataclasses
 from copy import copy
 from typing import Any
 
@@ -27,16 +26,7 @@ import numpy as np
 import torch
 
 from feather_vllm.kv.plan import WorkerPruning
-
-
-@dataclasses.dataclass(frozen=True)
-class GroupBase:
-    """What vLLM built for one KV-cache group in this step."""
-
-    attn_group: Any  # vllm.v1.worker.utils.AttentionGroup
-    common: Any  # CommonAttentionMetadata with this group's block table and slots
-    block_table: Any  # vllm.v1.worker.block_table.BlockTable of the group
-    layer_indices: tuple[int, ...]  # decoder layer of each name in attn_group.layer_names
+from feather_vllm.kv.step import GroupBase
 
 
 def dropped_table(states: list[WorkerPruning | None], num_rows: int) -> tuple[list[int], np.ndarray]:

@@ -46,7 +46,7 @@ def _layer_index(name: str) -> int:
 
 
 def _bases(runner: Any, recorded: dict[int, Any], slot_mappings: dict[int, Any],
-           num_reqs_padded: int) -> list[decode_metadata.GroupBase]:
+           num_reqs_padded: int) -> list[step.GroupBase]:
     """Each attention group's base metadata in this step."""
     any_common = next(iter(recorded.values()))
     bases = []
@@ -60,7 +60,7 @@ def _bases(runner: Any, recorded: dict[int, Any], slot_mappings: dict[int, Any],
                 common = copy(any_common)
                 common.block_table_tensor = block_table.get_device_tensor(num_reqs_padded)
                 common.slot_mapping = slot_mappings[gid]
-            bases.append(decode_metadata.GroupBase(
+            bases.append(step.GroupBase(
                 ag, common, block_table, tuple(_layer_index(n) for n in ag.layer_names)))
     return bases
 
@@ -70,7 +70,7 @@ def _states(runner: Any, num_reqs: int) -> list[WorkerPruning | None]:
     return [getattr(requests[r], ATTR, None) for r in runner.input_batch.req_ids[:num_reqs]]
 
 
-def _step_batch(runner: Any, bases: list[decode_metadata.GroupBase], num_reqs: int) -> step.StepBatch:
+def _step_batch(runner: Any, bases: list[step.GroupBase], num_reqs: int) -> step.StepBatch:
     common = bases[0].common
     qsl = common.query_start_loc_cpu.tolist()
     batch = runner.input_batch
@@ -83,13 +83,8 @@ def _step_batch(runner: Any, bases: list[decode_metadata.GroupBase], num_reqs: i
             prompt_len=int(batch.num_prompt_tokens[i]),
             pruning=getattr(runner.requests[req_id], ATTR, None),
             cuts_now=req_id in cutting))
-    groups, layer_group = [], {}
-    for base in bases:
-        for name in base.attn_group.layer_names:
-            layer_group[name] = len(groups)
-        groups.append(step.GroupView(list(base.attn_group.layer_names), base.attn_group, base.common,
-                                     base.block_table.block_size))
-    return step.StepBatch(requests=requests, num_rows=int(common.num_actual_tokens), groups=groups,
+    layer_group = {name: g for g, base in enumerate(bases) for name in base.attn_group.layer_names}
+    return step.StepBatch(requests=requests, num_rows=int(common.num_actual_tokens), groups=bases,
                           layer_group=layer_group)
 
 

@@ -40,21 +40,22 @@ class RequestSlice:
         return self.num_computed + self.num_rows
 
 
-@dataclasses.dataclass
-class GroupView:
-    """One KV-cache group: its layers and how to rebuild their metadata."""
+@dataclasses.dataclass(frozen=True)
+class GroupBase:
+    """What vLLM built for one attention group (of one KV-cache group) in
+    this step: the base every metadata rewrite starts from."""
 
-    layer_names: list[str]
     attn_group: Any  # vllm.v1.worker.utils.AttentionGroup
-    common: Any  # vllm.v1.attention.backend.CommonAttentionMetadata
-    block_size: int
+    common: Any  # CommonAttentionMetadata with this group's block table and slots
+    block_table: Any  # vllm.v1.worker.block_table.BlockTable of the group
+    layer_indices: tuple[int, ...]  # decoder layer of each name in attn_group.layer_names
 
 
 @dataclasses.dataclass
 class StepBatch:
     requests: list[RequestSlice]
     num_rows: int  # rows the model is given (may include padding)
-    groups: list[GroupView]
+    groups: list[GroupBase]
     layer_group: dict[str, int]  # attention layer name -> index into groups
 
     def retarget(self, layer_names: list[str], rows: torch.Tensor, positions: torch.Tensor,
@@ -90,8 +91,9 @@ class StepBatch:
                     lo, hi = int(edges[i]), int(edges[i + 1])
                     pos = pos_cpu[lo:hi].long()
                     compact = pos - torch.searchsorted(d, pos)
-                    blocks = block_table[i].cpu().long()[compact // view.block_size]
-                    slots[lo:hi] = (blocks * view.block_size + compact % view.block_size).to(slots.device)
+                    size = view.block_table.block_size
+                    blocks = block_table[i].cpu().long()[compact // size]
+                    slots[lo:hi] = (blocks * size + compact % size).to(slots.device)
                 built[g] = (self._metadata(g, qsl, seq_lens, slots, positions, rows.shape[0]), slots)
             fc.attn_metadata[name], fc.slot_mapping[name] = built[g]
 
