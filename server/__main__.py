@@ -1,4 +1,4 @@
-"""python -m server --model DIR [--host H] [--port P] ... (see --help)."""
+"""python -m server --model DIR [gateway flags] [vLLM engine flags] (see --help)."""
 
 from __future__ import annotations
 
@@ -8,15 +8,17 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> None:
+    # Before vLLM is imported (parsing its flags imports it): models load from
+    # local directories, and the pruning hooks live in the V1 model runner; V2
+    # is vLLM's GPU default (feather_vllm/kv/guards.py refuses it with this
+    # variable named). The KV budget is vLLM's: --gpu-memory-utilization on
+    # GPUs, --kv-cache-memory-bytes or VLLM_CPU_KVCACHE_SPACE on CPUs.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
     from server.settings import parse_args
 
-    settings = parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    # vLLM's CPU platform lets this variable override the KV budget we set.
-    os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
-    # The pruning hooks live in the V1 model runner; V2 is vLLM's GPU default
-    # (feather_vllm/kv/guards.py refuses it with this variable named).
-    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+    args = parse_args(argv)
+    settings = args.settings
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     import uvicorn
@@ -35,8 +37,10 @@ def main(argv: list[str] | None = None) -> None:
         if server is not None:
             server.should_exit = True  # graceful shutdown, then exit with `code`
 
-    server = uvicorn.Server(uvicorn.Config(create_app(settings, stop_server), host=settings.host,
-                                           port=settings.port, log_level=settings.log_level,
+    level = settings.log_level.lower()  # vLLM's --log-level names are upper case; NOTSET is uvicorn's "trace"
+    app = create_app(settings, stop_server, args.engine_args)
+    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port,
+                                           log_level="trace" if level == "notset" else level,
                                            timeout_graceful_shutdown=5))
     server.run()
     if exit_code:

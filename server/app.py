@@ -6,23 +6,30 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 
 from server import errors, lifecycle, metrics, routes
 from server.auth import Auth
-from server.engine import engine_layout, start_engine
-from server.state import GatewayState
+from server.engine import build_engine_args, engine_layout, start_engine
 from server.settings import Settings
+from server.state import GatewayState
+
+if TYPE_CHECKING:
+    from vllm.engine.arg_utils import AsyncEngineArgs
 
 logger = logging.getLogger("server")
 
 ENGINE_POLL_S = 1.0
 
 
-def create_app(settings: Settings, stop_server: Callable[[int], None] | None = None) -> FastAPI:
+def create_app(settings: Settings, stop_server: Callable[[int], None] | None = None,
+               engine_args: AsyncEngineArgs | None = None) -> FastAPI:
     """The gateway app; the engine starts in the background so that /health
-    answers 503 while it loads.
+    answers 503 while it loads. `engine_args`: the engine's arguments, with
+    the overrides applied (`server.settings.parse_args` makes them; default:
+    vLLM's defaults for `settings.model`).
 
     `stop_server(exit_code)` is called when the engine fails to start or
     dies: the process should then stop with that (non-zero) code, so that
@@ -40,7 +47,8 @@ def create_app(settings: Settings, stop_server: Callable[[int], None] | None = N
 
     async def _start() -> None:
         try:
-            engine = await asyncio.to_thread(start_engine, settings)
+            args = engine_args if engine_args is not None else build_engine_args(settings)
+            engine = await asyncio.to_thread(start_engine, args)
             state.attach(engine, engine_layout(engine))
             logger.info("engine ready: %s", settings.model)
         except Exception as e:  # noqa: BLE001 - reported by /health

@@ -2,58 +2,112 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-from typing import Any
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from feather_vllm.engine import engine_kwargs
+from feather_vllm.engine import PRUNING_OVERRIDES, Override, merge_overrides
 from server.settings import Settings
+
+if TYPE_CHECKING:
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+logger = logging.getLogger("server")
+
+# Engine arguments the gateway itself sets, whatever the flags say.
+GATEWAY_OVERRIDES = (
+    Override("disable_log_stats", False,
+             "the gateway's /metrics shows vLLM's vllm:* metrics next to feather_* (--disable-log-stats is ignored)"),
+)
+OVERRIDES = PRUNING_OVERRIDES + GATEWAY_OVERRIDES  # what --help and the README list
+# How each override meets the user's own value of that argument.
+OVERRIDE_NOTES = {
+    "compilation_config": "set only when --compilation-config sets no cudagraph_mode; its other fields are kept",
+}
 
 
 @dataclasses.dataclass(frozen=True)
 class EngineLayout:
-    """What the gateway needs to know about the running model."""
+    """What the gateway needs to know about the running model and engine."""
 
     image_token_id: int
     num_layers: int  # decoder layers: what pruning settings are validated against
     max_model_len: int  # the engine's context length (set, or the model's)
+    max_num_seqs: int  # sequences the scheduler runs at once (set, or vLLM's default)
+    max_images_per_prompt: int  # the engine's image limit (--limit-mm-per-prompt), at most what the context holds
 
 
-def build_engine_args(settings: Settings):
-    """AsyncEngineArgs for the FEATHER model with pruning-safe scheduling."""
+def _fill_unset_compilation(config: Any, defaults: dict[str, Any]) -> Any:
+    """A copy of vLLM's parsed CompilationConfig with the `defaults` fields
+    the user left unset (None) filled in; the user's own fields are kept."""
+    from vllm.config import CompilationConfig
+
+    wanted = CompilationConfig(**defaults)  # vLLM's own conversion (e.g. "PIECEWISE" -> CUDAGraphMode)
+    config = copy.deepcopy(config)  # the parser's default object is shared: never change it
+    for key in defaults:
+        if getattr(config, key) is None:
+            setattr(config, key, getattr(wanted, key))
+    return config
+
+
+def build_engine_args(settings: Settings, engine_args: AsyncEngineArgs | None = None) -> AsyncEngineArgs:
+    """`engine_args` (vLLM's flags as parsed; default: vLLM's defaults for
+    `settings.model`) with the overrides: the pruning ones
+    (`feather_vllm.engine.merge_overrides`: FEATHER's architecture merged into
+    the user's hf_overrides, PIECEWISE CUDA graphs unless the user's
+    compilation config sets a mode), the gateway's (`GATEWAY_OVERRIDES`), the
+    default preset and KV boundaries, and the served name (default: the model
+    directory's name)."""
+    from vllm.config import CompilationConfig
     from vllm.engine.arg_utils import AsyncEngineArgs
 
-    kwargs = engine_kwargs(
-        settings.model,
-        dtype=settings.dtype,
-        max_model_len=settings.max_model_len,
-        max_num_seqs=settings.max_num_seqs,
-        block_size=settings.block_size,
-        kv_cache_bytes=int(settings.kv_cache_gib * 2**30),
-        default_preset=settings.default_preset,
-        max_images_per_prompt=settings.max_images_per_request,
-        enforce_eager=settings.enforce_eager,
-        enable_prefix_caching=settings.enable_prefix_caching,
-        tensor_parallel_size=settings.tensor_parallel_size,
-    )
+    if engine_args is None:
+        engine_args = AsyncEngineArgs(model=settings.model)
+    hf_overrides = engine_args.hf_overrides
+    if callable(hf_overrides):
+        raise TypeError("hf_overrides must be a dict for the FEATHER model (got a function)")
+    merged = merge_overrides({"hf_overrides": dict(hf_overrides or {}),
+                              "compilation_config": engine_args.compilation_config}, settings.default_preset)
     if settings.kv_boundaries is not None:
-        kwargs["hf_overrides"]["feather_kv_boundaries"] = settings.kv_boundaries
-    return AsyncEngineArgs(
-        **kwargs,
-        served_model_name=[settings.model_name],
-        disable_log_stats=False,  # vLLM's own vllm:* metrics for /metrics
+        merged["hf_overrides"]["feather_kv_boundaries"] = list(settings.kv_boundaries)
+    compilation = merged["compilation_config"]
+    if isinstance(compilation, CompilationConfig):  # what vLLM's parser makes of --compilation-config
+        compilation = _fill_unset_compilation(compilation, PRUNING_OVERRIDES[1].value)
+    if os.environ.get("VLLM_CPU_KVCACHE_SPACE") and engine_args.kv_cache_memory_bytes is not None:
+        logger.warning("VLLM_CPU_KVCACHE_SPACE is set: on CPU it overrides --kv-cache-memory-bytes")
+    return dataclasses.replace(
+        engine_args,
+        hf_overrides=merged["hf_overrides"],
+        compilation_config=compilation,
+        served_model_name=engine_args.served_model_name or [Path(settings.model).name],
+        **{o.name: o.value for o in GATEWAY_OVERRIDES},
     )
 
 
 def engine_layout(engine: Any) -> EngineLayout:
-    """Model facts the pruning report needs, read from the engine's config."""
-    model_config = engine.vllm_config.model_config
+    """Model and scheduling facts the gateway needs, read from the engine's config."""
+    config = engine.vllm_config
+    model_config = config.model_config
     hf_config = model_config.hf_config
+    mm_config = model_config.multimodal_config
+    limit = mm_config.get_limit_per_prompt("image") if mm_config else 0
+    # LLaVA's image tokens: one per patch. More images than the context can
+    # hold (vLLM's default limit is 999) are refused before any is fetched.
+    vision = hf_config.vision_config
+    tokens_per_image = (vision.image_size // vision.patch_size) ** 2
     return EngineLayout(image_token_id=hf_config.image_token_index,
                         num_layers=hf_config.text_config.num_hidden_layers,
-                        max_model_len=model_config.max_model_len)
+                        max_model_len=model_config.max_model_len,
+                        max_num_seqs=config.scheduler_config.max_num_seqs,
+                        max_images_per_prompt=min(limit, model_config.max_model_len // tokens_per_image))
 
 
-def start_engine(settings: Settings):
+def start_engine(engine_args: AsyncEngineArgs):
+    """vLLM's async engine, with the defaults of `vllm serve` (its usage context)."""
+    from vllm.usage.usage_lib import UsageContext
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    return AsyncLLM.from_engine_args(build_engine_args(settings))
+    return AsyncLLM.from_engine_args(engine_args, usage_context=UsageContext.OPENAI_API_SERVER)

@@ -158,7 +158,7 @@ async def _conversation(body: ChatCompletionRequest, state: GatewayState) -> lis
                         raise APIError(400, "images are only accepted in user messages",
                                        param=f"messages[{m}].content[{p}]")
                     images.append((m, p, part.image_url.url))
-    limit = state.settings.max_images_per_request
+    limit = state.layout.max_images_per_prompt  # the engine's (--limit-mm-per-prompt): refused before any fetch
     if len(images) > limit:
         raise APIError(400, f"{len(images)} images in the request; this server accepts at most {limit}",
                        param="messages", code="too_many_images")

@@ -102,11 +102,18 @@ class Usage(BaseModel):
     total_tokens: int
 
 
-class StageReport(BaseModel):
-    """One cut, as the engine ran it."""
+class StageTotal(BaseModel):
+    """One cut, as the engine ran it, over all the request's images."""
 
     layer: int
-    kept: int  # image tokens kept after this cut
+    kept: int  # image tokens kept after this cut, all images together
+
+
+class StageReport(BaseModel):
+    """One cut of one image."""
+
+    layer: int
+    kept: int  # this image's tokens kept after this cut
     mean_row: float | None = None  # of the kept tokens, 0 = top row, 1 = bottom
     quadrant_coverage: dict[str, float] | None = None  # fraction of each quadrant kept
     kept_indices: list[int] | None = None  # the kept image tokens, raster order (when asked for)
@@ -128,10 +135,18 @@ class FallbackReport(BaseModel):
     message: str
 
 
-class FeatherReport(BaseModel):
-    preset: str
+class ImageReport(BaseModel):
+    """What pruning did to one image (each image keeps its own share)."""
+
     image_tokens: int
     stages: list[StageReport]
+
+
+class FeatherReport(BaseModel):
+    preset: str
+    image_tokens: int  # all images together
+    stages: list[StageTotal]
+    images: list[ImageReport]  # in prompt order
     kv_blocks: KVBlocksReport
     fallback: FallbackReport | None = None
 

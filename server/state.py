@@ -83,7 +83,8 @@ class GatewayState:
 
     def admit(self) -> bool:
         """Take a slot unless running + waiting requests are at the limit."""
-        if self.in_flight >= self.settings.max_num_seqs + self.settings.max_waiting_requests:
+        running = self.layout.max_num_seqs if self.layout is not None else 0
+        if self.in_flight >= running + self.settings.max_waiting_requests:
             return False
         self.in_flight += 1
         return True

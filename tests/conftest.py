@@ -25,6 +25,6 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
-    from feather_vllm.checkpoints import build_checkpoint
+    from feather_vllm.tools.checkpoints import build_checkpoint
 
     return build_checkpoint("tiny", tmp_path_factory.mktemp("ckpt") / "tiny", seed=0)

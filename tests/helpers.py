@@ -56,8 +56,8 @@ def make_llm(checkpoint: Path, stock: bool = False, **kwargs: Any):
     kwargs.setdefault("enforce_eager", True)
     kwargs.setdefault("enable_prefix_caching", False)
     kwargs.setdefault("distributed_executor_backend", "uni")
-    kw = engine_kwargs(str(checkpoint), dtype="float32", max_model_len=1024,
-                       max_num_seqs=16, **kwargs)
+    kwargs.setdefault("max_model_len", 1024)
+    kw = engine_kwargs(str(checkpoint), dtype="float32", max_num_seqs=16, **kwargs)
     if stock:
         kw.pop("hf_overrides")
     return LLM(**kw)
@@ -116,7 +116,7 @@ class ServerProcess:
         env = {**{k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}, **(env or {})}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "server", "--model", str(checkpoint), "--port", str(self.port),
-             "--dtype", "float32", "--kv-cache-gib", "1",
+             "--dtype", "float32", "--kv-cache-memory-bytes", "1G",
              *([] if max_model_len is None else ["--max-model-len", str(max_model_len)]),
              *([] if compiled else ["--enforce-eager"]), *args],
             stdout=self.log, stderr=subprocess.STDOUT, env=env)

@@ -79,25 +79,29 @@ def _score(layer, hidden: torch.Tensor, cos, sin, last: int, image_rows: torch.T
 
 
 @torch.no_grad()
-def _forward(model, embeds: torch.Tensor, image_start: int, num_image: int, prompt_len: int,
-             config: PruningConfig, kept: dict[int, torch.Tensor] | None, cache: _PerLayerKV | None = None):
-    """Pruned forward of one sequence from position 0. With `kept` None the
-    stages are decided here (prompt pass); otherwise the given kept sets are
-    applied. Returns (last-position logits, kept sets per cut layer, tokens
+def _forward(model, embeds: torch.Tensor, images: list[tuple[int, int]], prompt_len: int,
+             config: PruningConfig, kept: dict[int, list[torch.Tensor]] | None, cache: _PerLayerKV | None = None):
+    """Pruned forward of one sequence from position 0. `images` are the
+    (start, count) of each image's tokens. With `kept` None the stages are
+    decided here (prompt pass), each image on its own (its own scores, top
+    fraction and grid); otherwise the given kept sets (per cut layer, per
+    image) are applied. Returns (last-position logits, kept sets, tokens
     present in each layer)."""
     lm = model.model.language_model
     seq_len = embeds.shape[1]
     decide = kept is None
     kept = {} if decide else kept
-    present = torch.arange(num_image)  # image tokens (0-based in the image) still present
+    present = [torch.arange(count) for _, count in images]  # per image: tokens still present
     rows = torch.arange(seq_len)  # original positions of the tokens present
     hidden = embeds
     stages = {s.layer: s for s in config.stages}
     layer_tokens = []
     for index, layer in enumerate(lm.layers):
         if index in stages:
-            before, present = present, kept[index]
-            keep = ~torch.isin(rows, before[~torch.isin(before, present)] + image_start)
+            dropped = torch.cat([before[~torch.isin(before, after)] + start
+                                 for (start, _), before, after in zip(images, present, kept[index])])
+            present = kept[index]
+            keep = ~torch.isin(rows, dropped)
             hidden, rows = hidden[:, keep], rows[keep]
         layer_tokens.append(rows.numel())
         position_ids = rows.unsqueeze(0)  # original positions: RoPE as if unpruned
@@ -107,11 +111,13 @@ def _forward(model, embeds: torch.Tensor, image_start: int, num_image: int, prom
         # sequence is causal on the original one.
         mask = torch.full((n, n), torch.finfo(hidden.dtype).min, dtype=hidden.dtype).triu(1)[None, None]
         if decide and index + 1 in stages:
-            image_rows = torch.searchsorted(rows, present + image_start)
             last = int(torch.searchsorted(rows, torch.tensor(prompt_len - 1)))
             stage = stages[index + 1]
-            scores = _score(layer, hidden, cos, sin, last, image_rows, stage.criterion == "rope")
-            kept[index + 1] = select_stage(scores, present, stage, num_image)
+            kept[index + 1] = []
+            for (start, count), image_present in zip(images, present):
+                image_rows = torch.searchsorted(rows, image_present + start)
+                scores = _score(layer, hidden, cos, sin, last, image_rows, stage.criterion == "rope")
+                kept[index + 1].append(select_stage(scores, image_present, stage, count))
         out = layer(hidden, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
                     use_cache=cache is not None, position_embeddings=(cos, sin))
         hidden = out[0] if isinstance(out, tuple) else out
@@ -135,22 +141,25 @@ def _decode_step(model, token: int, position: int, cache: _PerLayerKV) -> torch.
     return model.lm_head(lm.norm(hidden)[:, -1])[0].float()
 
 
-def _image_span(model, input_ids: torch.Tensor, config: PruningConfig) -> tuple[int, int]:
-    """(start, count) of the one contiguous image-token run; refuses what the
-    method does not cover when pruning is asked for."""
+def _image_spans(model, input_ids: torch.Tensor, num_images: int, config: PruningConfig) -> list[tuple[int, int]]:
+    """(start, count) of each image's token run (`num_images` runs of
+    equal length, in order); refuses what the method does not cover when
+    pruning is asked for."""
     ids = input_ids[0]
     positions = torch.nonzero(ids == model.config.image_token_index).flatten()
-    if positions.numel() == 0:
-        raise ValueError("no image tokens in the prompt")
-    start, count = int(positions[0]), positions.numel()
+    if positions.numel() == 0 or positions.numel() % num_images:
+        raise ValueError(f"{positions.numel()} image tokens for {num_images} images")
+    count = positions.numel() // num_images
+    spans = [(int(positions[i * count]), count) for i in range(num_images)]
+    for start, _ in spans:
+        if not torch.equal(positions[positions >= start][:count], torch.arange(start, start + count)):
+            raise ValueError("each image's tokens must form one contiguous run")
     if config.enabled:
-        if not torch.equal(positions, torch.arange(start, start + count)):
-            raise ValueError("image tokens must form one contiguous run (one image per request)")
         grid_side(count)  # NonSquareGridError: out of the method's scope
-        if start + count >= ids.numel():
-            raise ValueError("no text after the image: the last prompt token would be an image token")
+        if spans[-1][0] + count >= ids.numel():
+            raise ValueError("no text after the last image: the last prompt token would be an image token")
         config.validate(len(model.model.language_model.layers))
-    return start, count
+    return spans
 
 
 @torch.no_grad()
@@ -158,16 +167,18 @@ def reference_generate(model, input_ids: torch.Tensor, pixel_values: torch.Tenso
                        max_new_tokens: int, decode: Literal["cache", "recompute"] = "cache") -> dict:
     """Greedy pruned generation of one prompt (batch of 1).
 
+    `pixel_values` holds one image per image-token run of the prompt.
     Returns token_ids, logprobs (float32 log_softmax of each chosen token),
-    kept (per stage: surviving image indices, 0-based within the image,
-    ascending) and layer_tokens (tokens each decoder layer processed in the
-    prompt pass). Load the model in float32 for exact comparisons.
+    kept (per stage, per image: surviving image indices, 0-based within
+    the image, ascending) and layer_tokens (tokens each decoder layer
+    processed in the prompt pass). Load the model in float32 for exact
+    comparisons.
     """
-    image_start, num_image = _image_span(model, input_ids, config)
+    images = _image_spans(model, input_ids, pixel_values.shape[0], config)
     prompt_len = input_ids.shape[1]
     embeds = _embed(model, input_ids, pixel_values)
     cache = _PerLayerKV() if decode == "cache" else None
-    logits, kept, layer_tokens = _forward(model, embeds, image_start, num_image, prompt_len, config, None, cache)
+    logits, kept, layer_tokens = _forward(model, embeds, images, prompt_len, config, None, cache)
     tokens: list[int] = []
     logprobs: list[float] = []
     for step in range(max_new_tokens):
@@ -177,9 +188,9 @@ def reference_generate(model, input_ids: torch.Tensor, pixel_values: torch.Tenso
             else:
                 new = model.model.get_input_embeddings()(torch.tensor([[tokens[-1]]]))
                 embeds = torch.cat([embeds, new], dim=1)
-                logits, _, _ = _forward(model, embeds, image_start, num_image, prompt_len, config, kept)
+                logits, _, _ = _forward(model, embeds, images, prompt_len, config, kept)
         token = int(torch.argmax(logits))
         tokens.append(token)
         logprobs.append(float(torch.log_softmax(logits, -1)[token]))
     return {"token_ids": tokens, "logprobs": logprobs,
-            "kept": [kept[s.layer].tolist() for s in config.stages], "layer_tokens": layer_tokens}
+            "kept": [[k.tolist() for k in kept[s.layer]] for s in config.stages], "layer_tokens": layer_tokens}

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from feather_vllm.demo import PRUNING_AWARE_WEIGHTS_DIR, WEIGHTS_DIR
-from feather_vllm.demo.scenes import CELLS, held_out, make_scene
-from feather_vllm.evaluate import parse_cell
 from feather_vllm.pruning import PRESETS, uniform_grid
+from feather_vllm.tools.demo import PRUNING_AWARE_WEIGHTS_DIR, WEIGHTS_DIR
+from feather_vllm.tools.demo.scenes import CELLS, held_out, make_scene
+from feather_vllm.tools.evaluate import parse_cell
 
 needs_weights = pytest.mark.skipif(not (WEIGHTS_DIR / "model.safetensors").exists(),
                                    reason="demo weights not trained yet")
@@ -70,7 +70,7 @@ def test_dropping_forward_without_cuts_is_the_models_forward():
     import torch
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from feather_vllm.demo.train import _batch, _dropping_forward
+    from feather_vllm.tools.demo.train import _batch, _dropping_forward
 
     processor = AutoProcessor.from_pretrained(WEIGHTS_DIR)
     model = LlavaForConditionalGeneration.from_pretrained(WEIGHTS_DIR).float().eval()
@@ -96,7 +96,7 @@ def test_dropping_forward_without_cuts_is_the_models_forward():
 def test_drop_schedule_jitters_the_presets():
     import numpy as np
 
-    from feather_vllm.demo.train import _drop_schedule
+    from feather_vllm.tools.demo.train import _drop_schedule
 
     rng = np.random.default_rng(0)
     seen = set()
@@ -125,7 +125,7 @@ def test_scenes_label_the_cell_of_the_centre():
 def test_training_is_reproducible_from_a_seed(tmp_path):
     from safetensors.torch import load_file
 
-    from feather_vllm.demo.train import train
+    from feather_vllm.tools.demo.train import train
 
     for name in ("a", "b"):
         train(tmp_path / name, steps=2, seed=3, pruning_aware=True, threads=1, batch_size=2)

@@ -104,6 +104,49 @@ def test_compose_file_wires_gateway_prometheus_grafana():
     assert targets["static_configs"][0]["targets"] == ["gateway:8000"]
     cpu = yaml.safe_load((DEPLOY / "docker-compose.cpu.yml").read_text().replace("!reset", ""))
     assert cpu["services"]["gateway"]["build"]["target"] == "cpu"
+    # The KV budget is vLLM's: a share of GPU memory on GPUs, bytes on CPUs.
+    assert "--gpu-memory-utilization" in gateway["command"]
+    assert "--kv-cache-memory-bytes" in cpu["services"]["gateway"]["command"]
+
+
+def _deploy_command_lines() -> dict[str, list[str]]:
+    """The gateway's arguments in each deploy file, compose defaults filled in."""
+    import re
+
+    def filled(args: list[str]) -> list[str]:
+        return [re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", str(a)) for a in args]
+
+    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+    cpu = yaml.safe_load((DEPLOY / "docker-compose.cpu.yml").read_text().replace("!reset", ""))
+    deployment = yaml.safe_load((DEPLOY / "k8s/deployment.yaml").read_text())
+    return {"compose": filled(compose["services"]["gateway"]["command"]),
+            "compose-cpu": filled(cpu["services"]["gateway"]["command"]),
+            "k8s": filled(deployment["spec"]["template"]["spec"]["containers"][0]["args"])}
+
+
+def test_deploy_flags_parse_as_gateway_and_vllm_flags():
+    """Every flag a deploy file passes is one `python -m server` parses (the
+    gateway's or vLLM's engine flags), and every FEATHER_* variable they set
+    is a gateway setting (engine settings are vLLM's flags, not variables)."""
+    from dockerfile_parse import DockerfileParser
+
+    from server.settings import ENGINE_FIELDS, Settings, build_parser
+
+    parser = build_parser()
+    for name, args in _deploy_command_lines().items():
+        namespace = parser.parse_args(args)  # exits 2 on an unknown flag or a bad value
+        assert namespace.model == "/models/model", name
+    known = {f"FEATHER_{f.upper()}" for f in Settings.model_fields if f not in ENGINE_FIELDS} | {"FEATHER_MODEL"}
+    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+    deployment = yaml.safe_load((DEPLOY / "k8s/deployment.yaml").read_text())
+    names = set(compose["services"]["gateway"]["environment"])
+    names |= {e["name"] for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    dockerfile = DockerfileParser(str(ROOT / "Dockerfile"))
+    for instruction in dockerfile.structure:
+        if instruction["instruction"] == "ENV":
+            names |= {word.split("=")[0] for word in instruction["value"].split() if "=" in word}
+    feather = {n for n in names if n.startswith("FEATHER_")}
+    assert feather and feather <= known, feather - known
 
 
 def test_grafana_provisioning_matches_dashboard():

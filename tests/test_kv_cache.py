@@ -107,8 +107,8 @@ def test_blocks_per_group_equal_prediction(llm, preset):
     # (fastv's groups: 159 + 3 tokens, a sixth block).
     assert list(report.kv_blocks_held) == _predicted_blocks(kv, preset, request.num_prompt_tokens + 3, 576)
     assert list(report.kv_blocks_unpruned) == expected["none"]
-    assert report.preset == preset and report.image_tokens == 576 and report.fallback is None
-    kept = [len(k) for _, k in report.stages]
+    assert report.preset == preset and report.image_tokens == (576,) and report.fallback is None
+    kept = [stage.total for stage in report.stages]
     bounds = kept_per_stage_max(pcfg.resolve(preset), 576)
     assert len(kept) == len(bounds) and all(k <= b for k, b in zip(kept, bounds))
 

@@ -1,5 +1,6 @@
 """Pruned KV under other engine settings: one KV group, a small KV budget
-(capacity, preemption), chunked prefill (fallback) and prefix caching.
+(capacity, preemption), a step budget too small for an image (fallback) and
+prefix caching.
 Each test starts its own engine (one engine at a time per process)."""
 
 from __future__ import annotations
@@ -79,12 +80,13 @@ def test_capacity_and_preemption_at_fixed_budget(tiny_checkpoint, reference_toke
         shutdown(small)
 
 
-def test_chunked_prefill_falls_back_unpruned(tiny_checkpoint, reference_tokens):
+def test_image_and_tail_beyond_a_step_fall_back_unpruned(tiny_checkpoint, reference_tokens):
+    """A 256-token step can never hold an image (576 tokens) and the prompt
+    after it: the chunk stands, the request runs unpruned and says why."""
     from feather_vllm.kv.plan import report_of
     from feather_vllm.pruning.schedule import FallbackReason
 
-    chunked = make_llm(tiny_checkpoint, block_size=BLOCK, enable_chunked_prefill=True,
-                       max_num_batched_tokens=256, disable_chunked_mm_input=False)
+    chunked = make_llm(tiny_checkpoint, block_size=BLOCK, enable_chunked_prefill=True, max_num_batched_tokens=256)
     try:
         outs = chunked.chat(_convs(), _params("feather", 160), use_tqdm=False)
         assert [list(o.outputs[0].token_ids) for o in outs] == reference_tokens["none"]
@@ -164,7 +166,7 @@ def test_non_square_image_tokens_run_unpruned_and_say_so(tiny_checkpoint):
             assert list(outs[preset].outputs[0].token_ids) == list(outs["none"].outputs[0].token_ids)
             report = report_of(outs[preset])
             assert report.stages == () and report.fallback is FallbackReason.NON_SQUARE_IMAGE
-            assert report.image_tokens == 500
+            assert report.image_tokens == (500,)
         assert report_of(outs["none"]).fallback is None
     finally:
         shutdown(llm)

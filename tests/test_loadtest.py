@@ -78,7 +78,7 @@ def test_errors_are_counted_not_raised(server):
 # -- the localization evaluation, end to end through the gateway ---------------
 
 def test_evaluate_builtin_scenes_through_gateway(server, tmp_path):
-    from feather_vllm.evaluate import main
+    from feather_vllm.tools.evaluate import main
 
     out = tmp_path / "eval.json"
     main(["--url", server.url, "--model", "tiny", "--scenes", "6", "--presets", "none,feather",
@@ -112,7 +112,7 @@ def test_evaluate_builtin_scenes_through_gateway(server, tmp_path):
 def test_evaluate_refcoco_jsonl(server, tmp_path):
     from PIL import Image
 
-    from feather_vllm.evaluate import evaluate, jsonl_items, summarize
+    from feather_vllm.tools.evaluate import evaluate, jsonl_items, summarize
 
     Image.new("RGB", (336, 336), (120, 120, 120)).save(tmp_path / "a.png")
     Image.new("RGB", (400, 300), (90, 140, 90)).save(tmp_path / "b.png")
@@ -128,7 +128,7 @@ def test_evaluate_refcoco_jsonl(server, tmp_path):
 
 
 def test_answer_parsing():
-    from feather_vllm.evaluate import iou, parse_box, parse_cell
+    from feather_vllm.tools.evaluate import iou, parse_box, parse_cell
 
     assert parse_cell("top-left") == 0 and parse_cell("It is at the Bottom Right.") == 8
     assert parse_cell("center") == 4 and parse_cell("middle-left, then center") == 3

@@ -14,18 +14,21 @@ MAX_SEQS = 8
 
 @pytest.fixture(scope="module")
 def checkpoint_1k(tmp_path_factory):
-    from feather_vllm.checkpoints import build_checkpoint
+    from feather_vllm.tools.checkpoints import build_checkpoint
 
     return build_checkpoint("tiny", tmp_path_factory.mktemp("ckpt") / "tiny1k", seed=0, max_positions=1024)
 
 
-def test_engine_kwargs_take_the_models_length(checkpoint_1k):
-    from feather_vllm.engine import engine_kwargs
+def test_engine_args_leave_the_length_to_vllm(checkpoint_1k):
+    """No --max-model-len: the gateway leaves it (and the step budget) unset
+    and vLLM derives the model's own length; a length given is kept."""
+    from server.settings import parse_args
 
-    kwargs = engine_kwargs(str(checkpoint_1k), max_num_seqs=MAX_SEQS)
-    # The step budget fits a whole prompt next to every running sequence.
-    assert (kwargs["max_model_len"], kwargs["max_num_batched_tokens"]) == (1024, 1024 + MAX_SEQS)
-    assert engine_kwargs(str(checkpoint_1k), max_model_len=800)["max_model_len"] == 800
+    args = parse_args(["--model", str(checkpoint_1k), "--max-num-seqs", str(MAX_SEQS)]).engine_args
+    assert args.max_model_len is None and args.max_num_batched_tokens is None
+    assert args.create_model_config().max_model_len == 1024
+    shorter = parse_args(["--model", str(checkpoint_1k), "--max-model-len", "800"]).engine_args
+    assert shorter.create_model_config().max_model_len == 800
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +65,17 @@ def test_prompts_beyond_the_models_length_get_400(server, body, param, needle):
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert error["param"] == param and error["code"] == "context_length_exceeded" and needle in error["message"]
+
+
+def test_more_images_than_the_context_holds_get_400(server):
+    """vLLM's default image limit (999) is capped by the context: 1024
+    positions hold one 576-token image; a second is refused before any fetch."""
+    body = _chat("Where is the red square?", max_tokens=4)
+    body["messages"][0]["content"].insert(0, {"type": "image_url", "image_url": {"url": "http://127.0.0.1:9/x.png"}})
+    r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["code"] == "too_many_images" and "at most 1" in error["message"]
 
 
 def test_engine_start_failure_exits_nonzero_with_the_error_in_one_line(checkpoint_1k):

@@ -17,7 +17,7 @@ from feather_vllm.pruning.cost import (
     kv_ratio,
     layer_token_counts,
 )
-from feather_vllm.pruning.schedule import FallbackReason, decide
+from feather_vllm.pruning.schedule import FallbackReason, chunk_end, decide
 from feather_vllm.pruning.scoring import last_token_image_attention
 from feather_vllm.pruning.selection import NonSquareGridError, select_stage, uniform_grid
 from feather_vllm.pruning.stats import mean_row, quadrant_coverage
@@ -138,13 +138,34 @@ def test_ties_rank_lower_index_first():
     (0, 300, 600, [(5, 576)], FallbackReason.PROMPT_SPLIT),
     (6, 594, 600, [(5, 576)], FallbackReason.IMAGE_ALREADY_COMPUTED),
     (0, 600, 600, [(5, 575)], FallbackReason.NON_SQUARE_IMAGE),
-    (0, 1200, 1200, [(5, 576), (600, 576)], FallbackReason.MULTIPLE_IMAGES),
+    (0, 1200, 1200, [(5, 576), (600, 576)], None),
+    (0, 1200, 1200, [(5, 576), (600, 575)], FallbackReason.NON_SQUARE_IMAGE),
+    (0, 1000, 1200, [(5, 576), (600, 576)], FallbackReason.PROMPT_SPLIT),
     (0, 581, 581, [(5, 576)], FallbackReason.NO_TEXT_AFTER_IMAGE),
+    (0, 1176, 1176, [(5, 576), (600, 576)], FallbackReason.NO_TEXT_AFTER_IMAGE),
 ], ids=["whole-prompt", "text-prefix-cached", "split", "image-computed", "non-square", "two-images",
-        "image-last"])
+        "second-image-non-square", "split-between-images", "image-last", "second-image-last"])
 def test_prune_decision(computed, scheduled, prompt_len, ranges, reason):
     decision = decide(computed, scheduled, prompt_len, ranges)
     assert decision.prune == (reason is None) and decision.reason == reason
+
+
+@pytest.mark.parametrize("computed,offered,expected", [
+    (0, 600, 600),  # the whole prompt fits
+    (0, 300, 5),  # would end inside the image: ends before it
+    (0, 3, 3),  # ends before the image anyway
+    (5, 300, 0),  # at the image with too little room: waits for a step with room
+    (0, 597, 5),  # would end before the last prompt token
+    (6, 100, 100),  # image already computed (nothing to protect)
+], ids=["fits", "inside-image", "before-image", "waits", "before-last-token", "image-computed"])
+def test_chunk_ends_before_the_image(computed, offered, expected):
+    assert chunk_end(computed, offered, 600, first_image=5, max_chunk=2048) == expected
+
+
+def test_chunk_too_small_for_image_and_tail_splits():
+    """595 tokens from the image on never fit a 512-token step: the offer
+    stands (the request then runs unpruned, PROMPT_SPLIT)."""
+    assert chunk_end(0, 512, 600, first_image=5, max_chunk=512) == 512
 
 
 def test_text_only_is_no_fallback():

@@ -44,8 +44,23 @@ def inputs(hf):
     return processor(images=sample_images()[1], text=text, return_tensors="pt")
 
 
+@pytest.fixture(scope="module")
+def two_image_inputs(hf):
+    processor, _ = hf
+    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Left picture."},
+                                                 {"type": "image"}, {"type": "text", "text": "Where is it?"}]}]
+    text = processor.apply_chat_template(conversation, add_generation_prompt=True)
+    return processor(images=[sample_images()[1], sample_images()[2]], text=text, return_tensors="pt")
+
+
 def _run(hf, inputs, config: PruningConfig, max_new_tokens: int = MAX_TOKENS, **kw) -> dict:
     return reference_generate(hf[1], inputs["input_ids"], inputs["pixel_values"], config, max_new_tokens, **kw)
+
+
+def _one_image(kept: list[list[list[int]]]) -> list[list[int]]:
+    """Per stage, the kept set of a one-image prompt."""
+    assert all(len(per_image) == 1 for per_image in kept)
+    return [per_image[0] for per_image in kept]
 
 
 @pytest.fixture(scope="module")
@@ -81,9 +96,10 @@ def test_no_pruning_equals_hf_generate(hf, inputs, unpruned):
 def test_kept_counts_match_the_cost_model(hf, inputs, preset):
     config = PRESETS[preset]
     out = _run(hf, inputs, config, max_new_tokens=1)  # the kept sets are decided on the prompt
-    counts = [len(k) for k in out["kept"]]
+    kept_sets = _one_image(out["kept"])
+    counts = [len(k) for k in kept_sets]
     previous = list(range(NUM_IMAGE))
-    for stage, kept, (lo, hi) in zip(config.stages, out["kept"], kept_per_stage_bounds(config, NUM_IMAGE)):
+    for stage, kept, (lo, hi) in zip(config.stages, kept_sets, kept_per_stage_bounds(config, NUM_IMAGE)):
         assert kept == sorted(set(kept)) and set(kept) <= set(previous)  # ascending survivors of the survivors
         assert lo <= len(kept) <= hi
         if stage.grid_stride:
@@ -97,14 +113,16 @@ def test_kept_counts_match_the_cost_model(hf, inputs, preset):
     assert out["layer_tokens"] == layer_token_counts(config, 32, NUM_IMAGE, text, kept=counts)
 
 
+@pytest.mark.parametrize("num_images", [1, 2], ids=["one-image", "two-images"])
 @pytest.mark.parametrize("preset", ["fastv", "feather"])
-def test_first_cut_scores_come_from_the_layer_before(hf, inputs, preset):
+def test_first_cut_scores_come_from_the_layer_before(hf, inputs, two_image_inputs, preset, num_images):
     """Recompute the first cut from transformers' own unpruned forward: the
-    hidden state entering layer L-1, its q/k projections, RoPE or not."""
+    hidden state entering layer L-1, its q/k projections, RoPE or not; with
+    two images, each image's own softmax, top fraction and grid."""
     _, model = hf
+    inputs = inputs if num_images == 1 else two_image_inputs
     stage = PRESETS[preset].stages[0]
     lm = model.model.language_model
-    start, count = _image_span(model, inputs["input_ids"])
     with torch.no_grad():
         states = model(**inputs, output_hidden_states=True).hidden_states
         layer = lm.layers[stage.layer - 1]
@@ -115,17 +133,23 @@ def test_first_cut_scores_come_from_the_layer_before(hf, inputs, preset):
         if stage.criterion == "rope":
             cos, sin = lm.rotary_emb(x, position_ids=torch.arange(x.shape[1])[None])
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
-    scores = last_token_image_attention(q[0, :, -1], k[0, :, start:start + count].transpose(0, 1), attn.scaling)
-    expected = set(torch.topk(scores, int(count * stage.keep)).indices.tolist())
-    if stage.grid_stride:
-        expected |= set(uniform_grid(count, stage.grid_stride).tolist())
-    assert _run(hf, inputs, PRESETS[preset], max_new_tokens=1)["kept"][0] == sorted(expected)
+    positions = torch.nonzero(inputs["input_ids"][0] == model.config.image_token_index).flatten()
+    assert positions.numel() == NUM_IMAGE * num_images
+    expected = []
+    for start in positions[::NUM_IMAGE].tolist():
+        scores = last_token_image_attention(q[0, :, -1], k[0, :, start:start + NUM_IMAGE].transpose(0, 1),
+                                            attn.scaling)
+        kept = set(torch.topk(scores, int(NUM_IMAGE * stage.keep)).indices.tolist())
+        if stage.grid_stride:
+            kept |= set(uniform_grid(NUM_IMAGE, stage.grid_stride).tolist())
+        expected.append(sorted(kept))
+    assert _run(hf, inputs, PRESETS[preset], max_new_tokens=1)["kept"][0] == expected
 
 
 def test_keeping_everything_equals_no_pruning(hf, inputs, unpruned):
     config = PruningConfig((Stage(3, 1.0, "rope"), Stage(8, 1.0, "rope_free", 3), Stage(16, 1.0, "rope_free")))
     out = _run(hf, inputs, config)
-    assert out["kept"] == [list(range(NUM_IMAGE))] * 3
+    assert out["kept"] == [[list(range(NUM_IMAGE))]] * 3
     assert out["token_ids"] == unpruned["token_ids"]
     assert out["logprobs"] == pytest.approx(unpruned["logprobs"], abs=1e-5)
 

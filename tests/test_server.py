@@ -73,8 +73,8 @@ def offline_texts(tiny_checkpoint, server):
             result = llm.chat(chat(sample_images()[1], QUESTION), params, use_tqdm=False)[0]
             report = report_of(result)
             out[preset] = result.outputs[0].text
-            out[preset, "kept"] = [len(kept) for _, kept in report.stages]
-            out[preset, "indices"] = [list(kept) for _, kept in report.stages]
+            out[preset, "kept"] = [stage.total for stage in report.stages]
+            out[preset, "indices"] = [list(stage.per_image[0]) for stage in report.stages]
             out[preset, "blocks"] = {"used": report.kv_blocks_used, "unpruned": report.kv_blocks_unpruned_total,
                                      "held_per_group": list(report.kv_blocks_held)}
         return out
@@ -102,7 +102,10 @@ def test_image_chat_per_preset_matches_offline_engine(client, scene_url, offline
     assert report["preset"] == preset and report["image_tokens"] == 576 and report["fallback"] is None
     assert [s["layer"] for s in report["stages"]] == list(resolve(preset).cut_layers)
     assert [s["kept"] for s in report["stages"]] == offline_texts[preset, "kept"]
-    for stage in report["stages"]:
+    [image] = report["images"]
+    assert image["image_tokens"] == 576
+    assert [(s["layer"], s["kept"]) for s in image["stages"]] == [(s["layer"], s["kept"]) for s in report["stages"]]
+    for stage in image["stages"]:
         assert 0 <= stage["mean_row"] <= 1 and set(stage["quadrant_coverage"]) == {
             "top_left", "top_right", "bottom_left", "bottom_right"}
         assert stage["kept_indices"] is None  # only when asked for
@@ -133,7 +136,7 @@ def test_return_kept_gives_the_engines_kept_indices(client, scene_url, offline_t
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["choices"][0]["message"]["content"] == offline_texts[preset]
-    indices = [s["kept_indices"] for s in body["feather"]["stages"]]
+    indices = [s["kept_indices"] for s in body["feather"]["images"][0]["stages"]]
     assert indices == offline_texts[preset, "indices"]
     assert [len(i) for i in indices] == [s["kept"] for s in body["feather"]["stages"]]
 
@@ -145,7 +148,7 @@ def test_text_chat_and_determinism(client):
     a = client.post("/v1/chat/completions", json=body).json()
     b = client.post("/v1/chat/completions", json=body).json()
     assert a["choices"][0]["message"]["content"] == b["choices"][0]["message"]["content"]
-    assert a["feather"]["image_tokens"] == 0 and a["feather"]["stages"] == []
+    assert a["feather"]["image_tokens"] == 0 and a["feather"]["stages"] == [] and a["feather"]["images"] == []
     assert a["usage"]["completion_tokens"] == 6
 
 

@@ -27,7 +27,7 @@ def single_rank(tiny_checkpoint):
             for preset in PRESETS:
                 params = SamplingParams(max_tokens=8, temperature=0.0, extra_args={"feather": preset})
                 result = llm.chat(chat(sample_images()[i], QUESTION), params, use_tqdm=False)[0]
-                out[i, preset] = (result.outputs[0].text, [list(k) for _, k in report_of(result).stages])
+                out[i, preset] = (result.outputs[0].text, [list(stage.per_image[0]) for stage in report_of(result).stages])
         return out
     finally:
         shutdown(llm)
@@ -35,11 +35,11 @@ def single_rank(tiny_checkpoint):
 
 @pytest.fixture(scope="module")
 def tp2_server(tiny_checkpoint):
-    # One core per rank; the KV budget comes from --kv-cache-gib (the gateway
-    # unsets VLLM_CPU_KVCACHE_SPACE, which would override it).
+    # One core per rank; the KV budget is vLLM's --kv-cache-memory-bytes
+    # (VLLM_CPU_KVCACHE_SPACE, unset by conftest.py, would override it).
     proc = ServerProcess(tiny_checkpoint, "--served-model-name", "tiny", "--tensor-parallel-size", "2",
-                         "--kv-cache-gib", "0.25", startup_timeout=300,
-                         env={"VLLM_CPU_OMP_THREADS_BIND": "0|1", "VLLM_CPU_KVCACHE_SPACE": "1"})
+                         "--kv-cache-memory-bytes", "256M", startup_timeout=300,
+                         env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"})
     # Two worker processes really serve it (vLLM names them by rank in its logs).
     assert "Worker_TP0" in proc.logs() and "Worker_TP1" in proc.logs()
     yield proc
@@ -58,7 +58,7 @@ def test_tp2_keeps_the_single_rank_tokens(tp2_server, single_rank, preset, image
     assert r.status_code == 200, r.text
     text, kept = single_rank[image, preset]
     report = r.json()["feather"]
-    assert [s["kept_indices"] for s in report["stages"]] == kept
+    assert [s["kept_indices"] for s in report["images"][0]["stages"]] == kept
     assert r.json()["choices"][0]["message"]["content"] == text
     # Each rank holds half the heads, but the block count per group is the same.
     assert report["kv_blocks"]["used"] < report["kv_blocks"]["unpruned"] or preset == "none"

@@ -54,14 +54,14 @@ def test_async_runner_output_returns_the_wrapped_output():
     from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
     from vllm.v1.worker.gpu_model_runner import AsyncGPUModelRunnerOutput
 
-    from feather_vllm.kv.plan import KeptTokens
+    from feather_vllm.kv.plan import KeptTokens, StageKept
     from feather_vllm.kv.runner_hook import attach_kept
 
     assert "output = self._model_runner_output" in inspect.getsource(AsyncGPUModelRunnerOutput.get_output)
     inner = ModelRunnerOutput(req_ids=["a"], req_id_to_index={"a": 0})
     wrapped = object.__new__(AsyncGPUModelRunnerOutput)  # its __init__ needs CUDA streams
     wrapped._model_runner_output = inner
-    kept = {"a": KeptTokens(((3, (1, 2)),))}
+    kept = {"a": KeptTokens((StageKept(3, ((1, 2),)),))}
     assert attach_kept(wrapped, kept) and inner.feather_kept == kept
     assert not attach_kept(EMPTY_MODEL_RUNNER_OUTPUT, kept) and not hasattr(EMPTY_MODEL_RUNNER_OUTPUT, "feather_kept")
     assert not attach_kept(None, kept)
@@ -145,9 +145,9 @@ def test_step_outputs_carry_kept_tokens():
     from vllm.v1.core.sched.scheduler import Scheduler
     from vllm.v1.outputs import ModelRunnerOutput
 
-    from feather_vllm.kv.plan import KeptTokens
+    from feather_vllm.kv.plan import KeptTokens, StageKept
 
     out = ModelRunnerOutput(req_ids=["a"], req_id_to_index={"a": 0})
-    out.feather_kept = {"a": KeptTokens(((3, (0, 5)),))}
+    out.feather_kept = {"a": KeptTokens((StageKept(3, ((0, 5), (1,))),))}
     assert pickle.loads(pickle.dumps(out)).feather_kept == out.feather_kept
     assert _params(Scheduler.update_from_output)[:3] == ["self", "scheduler_output", "model_runner_output"]

@@ -33,7 +33,7 @@ def dropped_table(states: list[WorkerPruning | None], num_rows: int) -> tuple[li
     """(cut points, table): the sorted cut layers of the batch's pruned
     requests, and for each request row i and k cut points passed the image
     tokens request i lacks there (`table[i, k]`, column 0 all zeros)."""
-    cuts = sorted({layer for s in states if s is not None and s.kept for layer, _ in s.kept.stages})
+    cuts = sorted({stage.layer for s in states if s is not None and s.kept for stage in s.kept.stages})
     table = np.zeros((num_rows, len(cuts) + 1), dtype=np.int32)
     for i, state in enumerate(states):
         if state is not None and state.kept:

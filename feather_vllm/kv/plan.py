@@ -1,10 +1,10 @@
 """The facts of one request's pruning, each decided once and carried typed.
 
-- `PrunePlan`: the scheduler's decision to prune (settings, the image's
-  placeholder range, the most image tokens each stage may keep). It sizes
+- `PrunePlan`: the scheduler's decision to prune (settings, the images'
+  placeholder ranges, the most image tokens each stage may keep). It sizes
   the KV reservation and travels to the worker with the step that cuts.
-- `KeptTokens`: what the worker's cutting prefill kept, per stage. It
-  returns to the scheduler in the step's runner output.
+- `KeptTokens`: what the worker's cutting prefill kept, per stage and
+  image. It returns to the scheduler in the step's runner output.
 - `PruningReport`: what the finished request got (plan or fallback, kept
   tokens, KV blocks each group really held), attached to its output.
 
@@ -24,35 +24,69 @@ REPORT_KEY = "feather"  # the report's key in RequestOutput.kv_transfer_params
 
 
 @dataclasses.dataclass(frozen=True)
+class ImageSpan:
+    """One image's placeholder tokens in the prompt (from the engine's
+    multimodal features)."""
+
+    offset: int  # position of its first token
+    length: int
+
+
+@dataclasses.dataclass(frozen=True)
 class PrunePlan:
-    """A request the scheduler decided to prune in the step that cuts."""
+    """A request the scheduler decided to prune in the step that cuts.
+
+    Every image is pruned on its own: at each stage it keeps its own top
+    fraction (and FEATHER grid) of its own surviving tokens, scored by the
+    last prompt token's attention to that image's keys."""
 
     config: PruningConfig
-    image_offset: int  # first image placeholder position in the prompt
-    image_len: int
-    kept_max: tuple[int, ...]  # per stage: the most image tokens it can keep
+    images: tuple[ImageSpan, ...]  # in prompt order
+    kept_max: tuple[int, ...]  # per stage: the most image tokens (all images) it can keep
+
+    @property
+    def first_offset(self) -> int:
+        """Where the first image starts: nothing before it is ever compacted."""
+        return self.images[0].offset
+
+    @property
+    def image_tokens(self) -> int:
+        return sum(image.length for image in self.images)
 
     def dropped_at(self, layer: int) -> int:
         """Image tokens surely absent from `layer` (what its KV need not hold)."""
         dropped = 0
         for stage, kept in zip(self.config.stages, self.kept_max):
             if stage.layer <= layer:
-                dropped = self.image_len - kept
+                dropped = self.image_tokens - kept
         return dropped
 
 
 @dataclasses.dataclass(frozen=True)
+class StageKept:
+    """The image tokens one cut kept: per image, 0-based indices within
+    that image, ascending."""
+
+    layer: int  # the cut: the first decoder layer without the dropped tokens
+    per_image: tuple[tuple[int, ...], ...]
+
+    @property
+    def total(self) -> int:
+        return sum(len(kept) for kept in self.per_image)
+
+
+@dataclasses.dataclass(frozen=True)
 class KeptTokens:
-    """Image tokens (0-based within the image, ascending) kept per stage."""
+    """What a request's cutting prefill kept, per stage."""
 
-    stages: tuple[tuple[int, tuple[int, ...]], ...]  # (cut layer, kept indices)
+    stages: tuple[StageKept, ...]
 
-    def dropped_at(self, layer: int, image_len: int) -> int:
-        """Image tokens absent from `layer`."""
+    def dropped_at(self, layer: int, image_tokens: int) -> int:
+        """Image tokens (of `image_tokens` in all) absent from `layer`."""
         dropped = 0
-        for cut, kept in self.stages:
-            if cut <= layer:
-                dropped = image_len - len(kept)
+        for stage in self.stages:
+            if stage.layer <= layer:
+                dropped = image_tokens - stage.total
         return dropped
 
 
@@ -61,11 +95,15 @@ class PruningReport:
     """What pruning did to one finished request, as the engine saw it."""
 
     preset: str
-    image_tokens: int  # from the engine's multimodal placeholders
-    stages: tuple[tuple[int, tuple[int, ...]], ...] = ()  # (cut layer, kept indices)
+    image_tokens: tuple[int, ...]  # per image, from the engine's multimodal placeholders
+    stages: tuple[StageKept, ...] = ()
     fallback: FallbackReason | None = None
     kv_blocks_held: tuple[int, ...] = ()  # per KV-cache group, at finish
     kv_blocks_unpruned: tuple[int, ...] = ()  # per group, the same tokens unpruned
+
+    @property
+    def image_tokens_total(self) -> int:
+        return sum(self.image_tokens)
 
     @property
     def kv_blocks_used(self) -> int:
@@ -77,16 +115,17 @@ class PruningReport:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (the engine's output serializer takes no classes)."""
-        return {"preset": self.preset, "image_tokens": self.image_tokens,
-                "stages": [[layer, list(kept)] for layer, kept in self.stages],
+        return {"preset": self.preset, "image_tokens": list(self.image_tokens),
+                "stages": [{"layer": s.layer, "kept": [list(k) for k in s.per_image]} for s in self.stages],
                 "fallback": self.fallback.value if self.fallback else None,
                 "kv_blocks_held": list(self.kv_blocks_held),
                 "kv_blocks_unpruned": list(self.kv_blocks_unpruned)}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "PruningReport":
-        return cls(preset=data["preset"], image_tokens=data["image_tokens"],
-                   stages=tuple((int(layer), tuple(kept)) for layer, kept in data["stages"]),
+        return cls(preset=data["preset"], image_tokens=tuple(data["image_tokens"]),
+                   stages=tuple(StageKept(int(s["layer"]), tuple(tuple(k) for k in s["kept"]))
+                                for s in data["stages"]),
                    fallback=FallbackReason(data["fallback"]) if data["fallback"] else None,
                    kv_blocks_held=tuple(data["kv_blocks_held"]),
                    kv_blocks_unpruned=tuple(data["kv_blocks_unpruned"]))
@@ -125,4 +164,4 @@ class WorkerPruning:
 
     def dropped_at(self, layer: int) -> int:
         """Image tokens absent from `layer`'s KV (0 before the cut has run)."""
-        return self.kept.dropped_at(layer, self.plan.image_len) if self.kept else 0
+        return self.kept.dropped_at(layer, self.plan.image_tokens) if self.kept else 0

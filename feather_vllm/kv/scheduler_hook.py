@@ -1,8 +1,11 @@
 """The scheduler side (vLLM internals, pinned version): the one decision
 to prune or fall back, the plan's journey to the worker, and the report.
 
+- `Scheduler._try_schedule_encoder_inputs` shapes chunked prefill for a
+  request that asks for pruning: a chunk that would end between its first
+  image and its last prompt token ends before the image (`chunk_end`).
 - `KVCacheManager.allocate_slots` sees the Request on the first step that
-  reaches its image: the decision is taken there, once per started prefill
+  reaches its first image: the decision is taken there, once per started prefill
   (a preempted request is freed and decides again on resume). A plan sets
   the reservation of every stage manager; the request carries its
   `RequestPruning` (vLLM's `Request` object, so it lives exactly as long).
@@ -24,13 +27,14 @@ from typing import Any
 
 from vllm.v1.core.kv_cache_manager import KVCacheManager
 
-from feather_vllm.kv.plan import REPORT_KEY, KeptTokens, PrunePlan, PruningReport, requested_config
+from feather_vllm.kv.plan import REPORT_KEY, ImageSpan, KeptTokens, PrunePlan, PruningReport, requested_config
 from feather_vllm.kv.specs import StagedFullAttentionManager, StagedFullAttentionSpec
 from feather_vllm.pruning.config import PRESETS, PruningConfig
 from feather_vllm.pruning.cost import kept_per_stage_max
-from feather_vllm.pruning.schedule import FallbackReason, decide
+from feather_vllm.pruning.schedule import FallbackReason, chunk_end, decide
 
 ATTR = "feather_pruning"  # the RequestPruning on vLLM's Request
+SETTINGS_ATTR = "feather_settings"  # its resolved settings (PruningConfig | FallbackReason)
 
 
 @dataclasses.dataclass
@@ -38,7 +42,7 @@ class RequestPruning:
     """Scheduler-side pruning of one request, decided once."""
 
     config: PruningConfig
-    image_tokens: int
+    image_tokens: tuple[int, ...]  # per image
     plan: PrunePlan | None = None
     fallback: FallbackReason | None = None
     kept: KeptTokens | None = None  # from the worker, after the cutting step
@@ -52,14 +56,24 @@ def image_ranges(request: Any) -> list[tuple[int, int]]:
 
 
 def _settings(spec: StagedFullAttentionSpec, request: Any) -> PruningConfig | FallbackReason:
-    extra = request.sampling_params.extra_args if request.sampling_params else None
-    return requested_config(extra, spec.feather_default, spec.feather_num_layers)
+    """The request's pruning settings, resolved once and kept on it."""
+    settings = getattr(request, SETTINGS_ATTR, None)
+    if settings is None:
+        extra = request.sampling_params.extra_args if request.sampling_params else None
+        settings = requested_config(extra, spec.feather_default, spec.feather_num_layers)
+        setattr(request, SETTINGS_ATTR, settings)
+    return settings
+
+
+def _asks_pruning(spec: StagedFullAttentionSpec, request: Any) -> bool:
+    settings = _settings(spec, request)
+    return isinstance(settings, PruningConfig) and settings.enabled and bool(image_ranges(request))
 
 
 def _decide(spec: StagedFullAttentionSpec, request: Any, num_new_tokens: int,
             num_computed: int) -> RequestPruning:
     ranges = image_ranges(request)
-    image_tokens = sum(length for _, length in ranges)
+    image_tokens = tuple(length for _, length in ranges)
     settings = _settings(spec, request)
     if isinstance(settings, FallbackReason):
         return RequestPruning(PRESETS["none"], image_tokens, fallback=settings)
@@ -70,15 +84,27 @@ def _decide(spec: StagedFullAttentionSpec, request: Any, num_new_tokens: int,
     if not decision.prune:
         pruning.fallback = decision.reason
         return pruning
-    offset, length = ranges[0]
-    pruning.plan = PrunePlan(settings, offset, length, tuple(kept_per_stage_max(settings, length)))
+    # Each image keeps its own share: the stage bounds add up over images.
+    per_image = [kept_per_stage_max(settings, length) for length in image_tokens]
+    pruning.plan = PrunePlan(settings, tuple(ImageSpan(o, n) for o, n in ranges),
+                             tuple(sum(stage) for stage in zip(*per_image)))
     return pruning
 
 
 def _reaches_image(request: Any, num_new_tokens: int, num_computed: int) -> bool:
     ranges = image_ranges(request)
     return bool(ranges) and num_computed < request.num_prompt_tokens and \
-        num_computed + num_new_tokens > min(offset for offset, _ in ranges)
+        num_computed + num_new_tokens > ranges[0][0]
+
+
+def _max_chunk(scheduler: Any, request: Any) -> int:
+    """The most prompt tokens any step can give `request` with all its
+    images (0 when its images exceed the encoder's step budget)."""
+    if sum(length for _, length in image_ranges(request)) > scheduler.max_num_encoder_input_tokens:
+        return 0
+    limit = scheduler.max_num_scheduled_tokens
+    threshold = scheduler.scheduler_config.long_prefill_token_threshold
+    return min(limit, threshold) if threshold > 0 else limit
 
 
 def _staged_spec(manager: KVCacheManager) -> StagedFullAttentionSpec | None:
@@ -111,7 +137,7 @@ def _report(scheduler: Any, request: Any) -> PruningReport:
     if pruning is None:  # never reached an image step: text-only, or settings only
         settings = _settings(_staged_spec(kv), request)
         pruning = RequestPruning(settings if isinstance(settings, PruningConfig) else PRESETS["none"],
-                                 sum(length for _, length in image_ranges(request)),
+                                 tuple(length for _, length in image_ranges(request)),
                                  fallback=settings if isinstance(settings, FallbackReason) else None)
     held = tuple(len(blocks) for blocks in kv.get_block_ids(request.request_id))
     tokens = request.num_computed_tokens
@@ -145,7 +171,7 @@ def install() -> None:
                     for manager in _stage_managers(self):
                         manager.track(request.request_id,
                                       decided.plan.dropped_at(manager.kv_cache_spec.feather_first_layer),
-                                      decided.plan.image_offset)
+                                      decided.plan.first_offset)
         blocks = original_allocate(self, request, num_new_tokens, num_new_computed_tokens, *args, **kwargs)
         if decided is not None:
             if blocks is None:  # not scheduled: decide again next time
@@ -164,13 +190,11 @@ def install() -> None:
     @functools.wraps(original_computed)
     def get_computed_blocks(self, request):
         # The cut must compute every image token: a request that asks for
-        # pruning takes from the prefix cache only the text before its image.
+        # pruning takes from the prefix cache only the text before its first image.
         spec = _staged_spec(self)
-        ranges = image_ranges(request) if spec is not None else []
-        settings = _settings(spec, request) if len(ranges) == 1 else None
-        if not isinstance(settings, PruningConfig) or not settings.enabled:
+        if spec is None or not _asks_pruning(spec, request):
             return original_computed(self, request)
-        cap = ranges[0][0]
+        cap = image_ranges(request)[0][0]
         coordinator = self.coordinator
         find = coordinator.find_longest_cache_hit
         coordinator.find_longest_cache_hit = lambda hashes, max_len: find(hashes, min(max_len, cap))
@@ -202,6 +226,18 @@ def install() -> None:
         return output
 
     Scheduler.schedule = schedule
+
+    original_encoder = Scheduler._try_schedule_encoder_inputs
+
+    @functools.wraps(original_encoder)
+    def _try_schedule_encoder_inputs(self, request, num_computed_tokens, num_new_tokens, *args, **kwargs):
+        spec = _staged_spec(self.kv_cache_manager)
+        if spec is not None and getattr(request, ATTR, None) is None and _asks_pruning(spec, request):
+            num_new_tokens = chunk_end(num_computed_tokens, num_new_tokens, request.num_prompt_tokens,
+                                       image_ranges(request)[0][0], _max_chunk(self, request))
+        return original_encoder(self, request, num_computed_tokens, num_new_tokens, *args, **kwargs)
+
+    Scheduler._try_schedule_encoder_inputs = _try_schedule_encoder_inputs
 
     original_update = Scheduler.update_from_output
 

@@ -54,7 +54,7 @@ class StagedFullAttentionManager(FullAttentionManager):
     Per pruned request (set by the scheduler hook from the plan, kept as
     long as the request's blocks, like vLLM's own `req_to_blocks`):
     `dropped`, the image tokens its plan lets this stage's first layer drop;
-    `image_offset`, where its image starts."""
+    `image_offset`, where its first image starts."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -20,7 +20,6 @@ class FallbackReason(str, enum.Enum):
     these codes are metric label values and report fields."""
 
     INVALID_SETTINGS = "invalid_settings"
-    MULTIPLE_IMAGES = "multiple_images"
     NON_SQUARE_IMAGE = "non_square_image"
     NO_TEXT_AFTER_IMAGE = "no_text_after_image"
     IMAGE_ALREADY_COMPUTED = "image_already_computed"
@@ -33,12 +32,13 @@ class FallbackReason(str, enum.Enum):
 
 _DESCRIPTIONS = {
     FallbackReason.INVALID_SETTINGS: "the request's pruning settings are invalid for this model",
-    FallbackReason.MULTIPLE_IMAGES: "multiple images: pruning supports one image per request",
     FallbackReason.NON_SQUARE_IMAGE: "non-square image-token layout: FEATHER's grid needs side x side tokens",
-    FallbackReason.NO_TEXT_AFTER_IMAGE: "no text after the image: the last prompt token would be an image token",
+    FallbackReason.NO_TEXT_AFTER_IMAGE:
+        "no text after the last image: the last prompt token would be an image token",
     FallbackReason.IMAGE_ALREADY_COMPUTED:
         "image tokens were computed in an earlier step (prefix cache or a resumed chunked prefill)",
-    FallbackReason.PROMPT_SPLIT: "prompt split across steps (chunked prefill or token budget)",
+    FallbackReason.PROMPT_SPLIT:
+        "the images and the rest of the prompt exceed one step's token budget (chunked prefill)",
 }
 
 
@@ -56,24 +56,45 @@ class PruneDecision:
 def decide(num_computed: int, num_scheduled: int, prompt_len: int,
            image_ranges: list[tuple[int, int]]) -> PruneDecision:
     """Can the step that computes tokens [num_computed, num_computed +
-    num_scheduled) of a prompt of `prompt_len` tokens prune its image?
+    num_scheduled) of a prompt of `prompt_len` tokens prune its images
+    (`image_ranges`: (offset, length) of each, in prompt order)?
 
     Call it only for a request whose settings ask for pruning, on the first
-    step that reaches its image.
+    step that reaches its first image.
     """
     if not image_ranges:
         return PruneDecision(False)  # text-only: nothing to prune, no fallback
-    if len(image_ranges) > 1:
-        return PruneDecision(False, FallbackReason.MULTIPLE_IMAGES)
-    offset, length = image_ranges[0]
-    try:
-        grid_side(length)
-    except NonSquareGridError:
-        return PruneDecision(False, FallbackReason.NON_SQUARE_IMAGE)
-    if offset + length >= prompt_len:
+    for _, length in image_ranges:
+        try:
+            grid_side(length)
+        except NonSquareGridError:
+            return PruneDecision(False, FallbackReason.NON_SQUARE_IMAGE)
+    first = image_ranges[0][0]
+    last_end = max(offset + length for offset, length in image_ranges)
+    if last_end >= prompt_len:
         return PruneDecision(False, FallbackReason.NO_TEXT_AFTER_IMAGE)
-    if num_computed > offset:
+    if num_computed > first:
         return PruneDecision(False, FallbackReason.IMAGE_ALREADY_COMPUTED)
     if num_computed + num_scheduled < prompt_len:
         return PruneDecision(False, FallbackReason.PROMPT_SPLIT)
     return PruneDecision(True)
+
+
+def chunk_end(num_computed: int, num_scheduled: int, prompt_len: int, first_image: int,
+              max_chunk: int) -> int:
+    """Tokens to schedule for a prefill that asks for pruning, given that
+    the scheduler offers `num_scheduled` from `num_computed` on.
+
+    The cut needs its first image's first token and the last prompt token in
+    one step: a chunk that would end between them ends before the image
+    instead (possibly 0 tokens: the request waits for a step with room).
+    When the images and the rest of the prompt exceed `max_chunk` (the most
+    any step can give one request) no step can hold them: the offer stands,
+    and the request runs unpruned (`PROMPT_SPLIT`).
+    """
+    end = num_computed + num_scheduled
+    if num_computed > first_image or end <= first_image or end >= prompt_len:
+        return num_scheduled
+    if prompt_len - first_image > max_chunk:
+        return num_scheduled
+    return first_image - num_computed

@@ -1,6 +1,6 @@
 """Build local LLaVA-1.5-layout checkpoints with random weights.
 
-`python -m feather_vllm.checkpoints --profile tiny --out DIR [--seed N]`
+`python -m feather_vllm.tools.checkpoints --profile tiny --out DIR [--seed N]`
 
 The machines this project is developed and tested on have no model hub, so
 every checkpoint is made here: a CLIP ViT-336/14 vision tower (24 x 24 = 576
@@ -79,7 +79,7 @@ PROFILES: dict[str, Profile] = {
         text_hidden=768, text_mlp=2048, text_layers=32, text_heads=12,
         text_kv_heads=12, vocab_size=1024, init_std=0.05, dtype="float32",
     ),
-    # The trained demo (feather_vllm/demo): a 1.5M-parameter LLaVA that
+    # The trained demo (feather_vllm/tools/demo): a 1.5M-parameter LLaVA that
     # answers where an object is. Answers, colours and shapes are single
     # tokens, so every question has the same length.
     "demo": Profile(
@@ -271,7 +271,7 @@ def ensure_checkpoint(profile: str, out: str | Path, seed: int = 0) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m feather_vllm.checkpoints",
+    parser = argparse.ArgumentParser(prog="python -m feather_vllm.tools.checkpoints",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--profile", choices=sorted(PROFILES), default="tiny")
     parser.add_argument("--out", required=True, help="output directory")

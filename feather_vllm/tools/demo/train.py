@@ -1,4 +1,4 @@
-"""Train the demo model: `python -m feather_vllm.demo.train --out DIR`.
+"""Train the demo model: `python -m feather_vllm.tools.demo.train --out DIR`.
 
 A 1.5M-parameter LLaVA-1.5-layout model (CLIP 336/14 -> 576 image tokens,
 32 Llama layers so the presets' cut layers apply) learns to answer
@@ -7,9 +7,14 @@ Recipe measured on 2 CPU cores (../shared/DEMO_MODEL.md): loss on the
 answer only, AdamW, cosine schedule, a size curriculum, a 2-D position
 init for the vision tower and a wide projector init. About 1 s per step.
 
-`--pruning-aware` drops random image tokens on the presets' schedules (cut
-layers and kept counts, jittered) in half of the batches, so that the model
-learns to answer from fewer tokens.
+`--pruning-aware` drops image tokens on the presets' schedules (cut layers
+and kept counts, jittered) in a share of the batches (`--drop-share`), so
+that the model learns to answer from fewer tokens. The dropped tokens are
+chosen as serving chooses them (`--criterion attention`: the last prompt
+token's attention at the layer before each cut, RoPE or RoPE-free as the
+stage says, united with FEATHER's grid) or at random (`--criterion random`).
+`--init DIR` fine-tunes trained weights (the standard model) instead of
+starting from scratch: no size curriculum, a shorter warm-up.
 """
 
 from __future__ import annotations
@@ -25,8 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from feather_vllm.demo.scenes import CELLS, make_scene
-from feather_vllm.pruning import PRESETS, Stage, select_stage
+from feather_vllm.pruning import PRESETS, Stage, last_token_image_attention, select_stage
+from feather_vllm.tools.demo.scenes import CELLS, make_scene
 
 
 def _init_vision_positions(model) -> None:
@@ -63,27 +68,47 @@ def _batch(processor, scenes, answer_ids: list[int], eos_id: int):
     return inputs, targets
 
 
-def _drop_schedule(rng: np.random.Generator) -> tuple[Stage, ...]:
+def _drop_schedule(rng: np.random.Generator, jitter: float = 0.5) -> tuple[Stage, ...]:
     """The stages of one pruning preset (fastv, feather or pyramiddrop, at
-    random) with each keep fraction scaled by a random factor in [0.5, 1.5],
-    so that the model meets the presets' cut layers and depths and the
-    explicit stages around them."""
+    random) with each keep fraction scaled by a random factor in
+    [1 - jitter, 1 + jitter], so that the model meets the presets' cut
+    layers and depths and the explicit stages around them (jitter 0: the
+    presets exactly)."""
     names = [name for name, preset in PRESETS.items() if preset.stages]
     preset = PRESETS[names[rng.integers(len(names))]]
-    return tuple(replace(stage, keep=min(1.0, stage.keep * rng.uniform(0.5, 1.5))) for stage in preset.stages)
+    if not jitter:
+        return preset.stages
+    return tuple(replace(stage, keep=min(1.0, stage.keep * rng.uniform(1 - jitter, 1 + jitter)))
+                 for stage in preset.stages)
+
+
+def _criterion_scores(layer, hidden: torch.Tensor, cos_sin, last: int, image_rows: torch.Tensor,
+                      rope: bool) -> torch.Tensor:
+    """Serving's criterion inside `layer` (the layer before a cut) for one
+    sample: the last prompt token's attention to the image rows."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    attn = layer.self_attn
+    x = layer.input_layernorm(hidden)[None]
+    q = attn.q_proj(x).view(1, x.shape[1], -1, attn.head_dim).transpose(1, 2)
+    k = attn.k_proj(x).view(1, x.shape[1], -1, attn.head_dim).transpose(1, 2)
+    if rope:
+        q, k = apply_rotary_pos_emb(q, k, *cos_sin)
+    return last_token_image_attention(q[0, :, last], k[0, :, image_rows].transpose(0, 1), attn.scaling)
 
 
 def _dropping_forward(model, inputs, rng: np.random.Generator,
                       schedule: Callable[[np.random.Generator], tuple[Stage, ...]] = _drop_schedule,
-                      kept_log: dict[tuple[int, int], torch.Tensor] | None = None):
+                      kept_log: dict[tuple[int, int], torch.Tensor] | None = None, criterion: str = "random"):
     """Forward through the decoder with image tokens dropped (masked out as
     keys) at the cut layers of a random preset schedule, per sample. Each cut
-    keeps a random subset of the surviving image tokens of the size the
-    preset keeps (united with FEATHER's uniform grid where the stage has
-    one): the presets' selection with random scores instead of attention.
-    `schedule(rng)` gives a sample's stages (default: a jittered preset);
-    `kept_log`, when given, receives each (sample, layer)'s survivors. The
-    order of random draws is that of the shipped weights' training run."""
+    keeps the presets' count of the surviving image tokens (united with
+    FEATHER's uniform grid where the stage has one), ranked by serving's
+    criterion (`criterion="attention"`, computed without gradient in the
+    layer before the cut) or by random scores (`"random"`). `schedule(rng)`
+    gives a sample's stages (default: a jittered preset); `kept_log`, when
+    given, receives each (sample, layer)'s survivors. With random scores the
+    order of random draws is that of the standard recipe's first run."""
     inner = model.model
     lm = inner.language_model
     ids = inputs["input_ids"]
@@ -107,15 +132,25 @@ def _dropping_forward(model, inputs, rng: np.random.Generator,
         for stage in schedule(rng):
             cuts.setdefault(stage.layer, []).append((b, stage))
     hidden = embeds
+    pending: dict[tuple[int, int], torch.Tensor] = {}  # (sample, cut layer) -> criterion scores
     for index, layer in enumerate(lm.layers):
         for b, stage in cuts.get(index, []):
-            scores = torch.from_numpy(rng.random(survivors[b].numel()))
+            if criterion == "attention":
+                scores = pending.pop((b, index))
+            else:
+                scores = torch.from_numpy(rng.random(survivors[b].numel()))
             kept = select_stage(scores, survivors[b], stage, image_rows[b].numel())
             gone = survivors[b][~torch.isin(survivors[b], kept)]
             dropped[b, image_rows[b][gone]] = True
             survivors[b] = kept
             if kept_log is not None:
                 kept_log[b, index] = kept
+        if criterion == "attention":
+            with torch.no_grad():
+                for b, stage in cuts.get(index + 1, []):
+                    pending[b, index + 1] = _criterion_scores(
+                        layer, hidden[b], (cos_sin[0][b:b + 1], cos_sin[1][b:b + 1]), length - 2,
+                        image_rows[b][survivors[b]], stage.criterion == "rope")
         mask = causal[None, None].expand(batch, 1, length, length).clone()
         mask.masked_fill_(dropped[:, None, None, :], float("-inf"))
         mask[:, :, torch.arange(length), torch.arange(length)] = 0.0  # a row always sees itself
@@ -126,11 +161,12 @@ def _dropping_forward(model, inputs, rng: np.random.Generator,
 
 
 def train(out: Path, steps: int, seed: int, pruning_aware: bool, threads: int, batch_size: int = 8,
-          lr: float = 3e-3, save_every: int = 0) -> dict:
+          lr: float = 3e-3, save_every: int = 0, init: Path | None = None, drop_share: float = 0.5,
+          criterion: str = "random", jitter: float = 0.5) -> dict:
     from tqdm import tqdm
     from transformers import AutoProcessor
 
-    from feather_vllm.checkpoints import build_checkpoint, save_model
+    from feather_vllm.tools.checkpoints import build_checkpoint, save_model
 
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -143,10 +179,15 @@ def train(out: Path, steps: int, seed: int, pruning_aware: bool, threads: int, b
             if item.name != "model.safetensors":
                 shutil.copy(item, out / item.name)
     processor = AutoProcessor.from_pretrained(out)
-    model = _fresh_model(out, seed)
-    _init_vision_positions(model)
-    with torch.no_grad():
-        model.model.multi_modal_projector.linear_1.weight.normal_(0.0, 0.25)
+    if init is not None:
+        from transformers import LlavaForConditionalGeneration
+
+        model = LlavaForConditionalGeneration.from_pretrained(init, dtype=torch.float32)
+    else:
+        model = _fresh_model(out, seed)
+        _init_vision_positions(model)
+        with torch.no_grad():
+            model.model.multi_modal_projector.linear_1.weight.normal_(0.0, 0.25)
     tokenizer = processor.tokenizer
     answer_ids = [tokenizer.convert_tokens_to_ids(c) for c in CELLS]
     decay, no_decay = [], []
@@ -154,7 +195,10 @@ def train(out: Path, steps: int, seed: int, pruning_aware: bool, threads: int, b
         (no_decay if "embed" in name or "norm" in name or name.endswith("bias") else decay).append(param)
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98))
-    warmup = 50
+    warmup = 50 if init is None else 20
+    # From scratch, large objects first, shrinking to the target sizes by 40%
+    # of the steps; trained weights start at the target sizes.
+    curriculum = 0.4 if init is None else 0.0
 
     def lr_at(step: int) -> float:
         if step < warmup:
@@ -167,13 +211,12 @@ def train(out: Path, steps: int, seed: int, pruning_aware: bool, threads: int, b
     bar = tqdm(range(steps), desc="training demo", unit="step")
     running = None
     for step in bar:
-        # Curriculum: large objects first, shrinking to the target sizes by 40%.
-        t = min(1.0, step / (0.4 * steps))
+        t = min(1.0, step / (curriculum * steps)) if curriculum else 1.0
         lo, hi = int(110 + (64 - 110) * t), int(170 + (112 - 170) * t)
         scenes = [make_scene(rng, (lo, hi)) for _ in range(batch_size)]
         inputs, targets = _batch(processor, scenes, answer_ids, tokenizer.eos_token_id)
-        if pruning_aware and rng.random() < 0.5:
-            logits = _dropping_forward(model, inputs, rng)
+        if pruning_aware and rng.random() < drop_share:
+            logits = _dropping_forward(model, inputs, rng, lambda r: _drop_schedule(r, jitter), criterion=criterion)
         else:
             logits = model(**inputs, logits_to_keep=2).logits
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
@@ -188,7 +231,8 @@ def train(out: Path, steps: int, seed: int, pruning_aware: bool, threads: int, b
             save_model(model, out)  # a usable checkpoint if the run is cut short
     model.eval()
     save_model(model, out)
-    return {"steps": steps, "final_loss": running, "pruning_aware": pruning_aware, "seed": seed}
+    return {"steps": steps, "final_loss": running, "pruning_aware": pruning_aware, "seed": seed,
+            "init": str(init) if init else None, "drop_share": drop_share, "criterion": criterion, "jitter": jitter}
 
 
 def _fresh_model(out: Path, seed: int):
@@ -199,16 +243,24 @@ def _fresh_model(out: Path, seed: int):
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m feather_vllm.demo.train", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m feather_vllm.tools.demo.train", description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--steps", type=int, default=2300)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--pruning-aware", action="store_true")
     parser.add_argument("--save-every", type=int, default=0, help="also save every N steps")
+    parser.add_argument("--init", type=Path, help="fine-tune these trained weights instead of starting fresh")
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--drop-share", type=float, default=0.5, help="share of batches with dropped tokens")
+    parser.add_argument("--criterion", choices=["random", "attention"], default="random",
+                        help="how dropped tokens are chosen (attention: as serving chooses)")
+    parser.add_argument("--jitter", type=float, default=0.5,
+                        help="keep fractions scaled by a random factor in [1 - j, 1 + j] (0: the presets)")
     args = parser.parse_args(argv)
     summary = train(args.out, args.steps, args.seed, args.pruning_aware, args.threads,
-                    save_every=args.save_every)
+                    lr=args.lr, save_every=args.save_every, init=args.init, drop_share=args.drop_share,
+                    criterion=args.criterion, jitter=args.jitter)
     print(f"saved to {args.out}: {summary}")
 
 

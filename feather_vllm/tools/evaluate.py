@@ -1,7 +1,7 @@
 """What each pruning setting costs in localization accuracy, measured against
 any OpenAI-compatible endpoint.
 
-python -m feather_vllm.evaluate --url http://127.0.0.1:8000 --model demo \\
+python -m feather_vllm.tools.evaluate --url http://127.0.0.1:8000 --model demo \\
     [--presets none,fastv,feather,pyramiddrop] [--stages '[{"layer": 8, "keep": 0.2}]'] \\
     [--scenes 200 --seed 12345 | --jsonl refs.jsonl] [--json out.json] [--png out.png]
 
@@ -39,7 +39,7 @@ from typing import Any
 import httpx
 from PIL import Image
 
-from feather_vllm.demo.scenes import CELLS, ROWS, held_out
+from feather_vllm.tools.demo.scenes import CELLS, ROWS, held_out
 
 REFCOCO_PROMPT = "Please provide the bounding box coordinate of the region this sentence describes: {}"
 
@@ -174,7 +174,7 @@ def summarize(items: list[dict[str, Any]], answers: dict[str, list[dict[str, Any
             entry["vs_none"] = {"difference": diff, "se": diff_se}
         stages: dict[int, dict[str, list]] = {}
         for r in results:
-            for stage in (r.get("feather") or {}).get("stages", []):
+            for stage in _image_stages(r.get("feather")):
                 if stage.get("mean_row") is None:
                     continue
                 agg = stages.setdefault(stage["layer"], {"kept": [], "mean_row": [], "coverage": []})
@@ -187,6 +187,12 @@ def summarize(items: list[dict[str, Any]], answers: dict[str, list[dict[str, Any
         } for layer, a in sorted(stages.items())]
         report[name] = entry
     return report
+
+
+def _image_stages(report: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The cuts of a one-image request's report (its `images[0].stages`)."""
+    images = (report or {}).get("images") or [{}]
+    return images[0].get("stages", [])
 
 
 def print_table(report: dict[str, Any]) -> None:
@@ -210,10 +216,10 @@ def kept_maps(items: list[dict[str, Any]], answers: dict[str, list[dict[str, Any
         panels = {}
         for name, results in answers.items():
             report = results[index].get("feather") or {}
-            stages = [s.get("kept_indices") for s in report.get("stages", [])]
+            stages = [s.get("kept_indices") for s in _image_stages(report)]
             if not stages or any(kept is None for kept in stages):
                 continue  # unpruned, a fallback, or a server that does not report indices
-            survived = [0] * report["image_tokens"]
+            survived = [0] * report["images"][0]["image_tokens"]
             for kept in stages:
                 for i in kept:
                     survived[i] += 1
@@ -292,7 +298,7 @@ def plot(report: dict[str, Any], path: Path, title: str, maps: list[dict[str, An
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m feather_vllm.evaluate", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m feather_vllm.tools.evaluate", description=__doc__.splitlines()[0])
     parser.add_argument("--url", required=True, help="base URL of an OpenAI-compatible server")
     parser.add_argument("--model", required=True)
     parser.add_argument("--api-key")

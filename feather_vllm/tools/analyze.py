@@ -1,6 +1,6 @@
 """Which image tokens a pruning setting keeps, through the real vLLM path.
 
-python -m feather_vllm.analyze --model DIR --image FILE --prompt TEXT \\
+python -m feather_vllm.tools.analyze --model DIR --image FILE --prompt TEXT \\
     --preset NAME --json OUT [--png OUT.png]
 
 Runs one greedy request on FeatherLlava (single-process engine), reads the
@@ -51,12 +51,12 @@ def analyze(model: str, image: Image.Image, prompt: str, preset: Any,
                             extra_args={"feather": config.to_dict()})
     out = llm.chat(messages, params, use_tqdm=False)[0]
     report = report_of(out)
-    n = report.image_tokens
+    (n,) = report.image_tokens  # one image
     side = int(round(n ** 0.5))
     stages = []
-    for layer, kept in report.stages:
-        kept = list(kept)
-        stages.append({"layer": layer, "kept": kept, "num_kept": len(kept),
+    for stage in report.stages:
+        kept = list(stage.per_image[0])
+        stages.append({"layer": stage.layer, "kept": kept, "num_kept": len(kept),
                        "mean_row": mean_row(kept, n), "quadrant_coverage": quadrant_coverage(kept, n)})
     return {
         "preset": config.name,
@@ -100,7 +100,7 @@ def plot(report: dict[str, Any], image: Image.Image, path: str | Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m feather_vllm.analyze", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m feather_vllm.tools.analyze", description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True)
     parser.add_argument("--image", required=True)
     parser.add_argument("--prompt", required=True)
