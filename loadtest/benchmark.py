@@ -44,7 +44,7 @@ PRESETS = ["none", "fastv", "feather", "pyramiddrop"]
 MAX_MODEL_LEN = 1024
 
 
-def _free_port() -> int:
+def free_port() -> int:
     import socket
 
     with socket.socket() as s:
@@ -86,7 +86,7 @@ class Server:
 
 def start_servers(model: str, out: Path, kv_gib: float, block_size: int, max_num_seqs: int,
                   enforce_eager: bool) -> tuple[Server, Server]:
-    gw_port, vllm_port = _free_port(), _free_port()
+    gw_port, vllm_port = free_port(), free_port()
     eager = ["--enforce-eager"] if enforce_eager else []
     gateway = Server([sys.executable, "-m", "server", "--model", model, "--served-model-name", "bench",
                       "--port", str(gw_port), "--dtype", "float32",
@@ -125,22 +125,30 @@ async def _gauge(client: httpx.AsyncClient, name: str) -> float:
     return sum(s.value for f in text_string_to_metric_families(text) if f.name == name for s in f.samples)
 
 
-async def _kv_held(url: str, preset: str | None, max_tokens: int) -> float:
-    """Share of the engine's KV cache (vllm:kv_cache_usage_perc) one image
-    request holds while it decodes, read after its 8th token."""
-    from loadtest.generator import chat_body, synthetic_image_url
-
-    cfg = _load(url, preset, requests=1, concurrency=1, max_tokens=max_tokens)
-    body = chat_body(cfg, synthetic_image_url(cfg.image_size, 0), preset)
-    chunks = 0
+async def kv_held_while_decoding(url: str, body: dict[str, Any]) -> float:
+    """Share of the engine's KV cache (vllm:kv_cache_usage_perc) the
+    streamed chat `body` holds while it decodes alone, read after its 8th
+    token."""
+    chunks, held = 0, None
     async with httpx.AsyncClient(base_url=url, timeout=600) as client:
         async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+            response.raise_for_status()
             async for line in response.aiter_lines():
                 if line.startswith("data: {") and '"content"' in line:
                     chunks += 1
                     if chunks == 8:
                         held = await _gauge(client, "vllm:kv_cache_usage_perc")
+    if held is None:
+        raise RuntimeError("the chat ended before its 8th token")
     return held
+
+
+async def _kv_held(url: str, preset: str | None, max_tokens: int) -> float:
+    """KV held by one image chat while it decodes."""
+    from loadtest.generator import chat_body, synthetic_image_url
+
+    cfg = _load(url, preset, requests=1, concurrency=1, max_tokens=max_tokens)
+    return await kv_held_while_decoding(url, chat_body(cfg, synthetic_image_url(cfg.image_size, 0), preset))
 
 
 async def _peak_running(url: str, stop: asyncio.Event) -> int:

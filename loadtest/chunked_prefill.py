@@ -7,7 +7,9 @@ Starts the gateway on the `bench` checkpoint twice, one after the other
 prefill on, the OpenAI server's default step budget) and with
 `--no-enable-chunked-prefill` (vLLM's budget then fits the model's whole
 context). Each gets the same closed-loop load: half image chats with
-`feather` pruning, half long text prompts (1,500 words), streamed. It prints
+`feather` pruning, half long text prompts (510 words: about 1,500 tokens
+with the project's checkpoints' tokenizer; the output gives the count),
+streamed. It prints
 the pruning fallback rate (from each image chat's report), and the
 inter-token latency of every request (p50/p99), chunked vs not.
 
@@ -26,16 +28,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
-
-from loadtest.benchmark import Server, _free_port, _gauge
+from loadtest.benchmark import Server, free_port, kv_held_while_decoding
 from loadtest.generator import LoadConfig, run_load, summarize, synthetic_image_url
 
 KV_BYTES = 2 * 2**30
 
 
 def start_gateway(model: str, out: Path, name: str, *flags: str, enforce_eager: bool) -> Server:
-    port = _free_port()
+    port = free_port()
     server = Server([sys.executable, "-m", "server", "--model", model, "--served-model-name", "bench",
                      "--port", str(port), "--dtype", "float32", "--kv-cache-memory-bytes", str(KV_BYTES),
                      "--max-waiting-requests", "512", "--no-enable-prefix-caching",
@@ -74,18 +74,7 @@ async def kv_held_two_images(url: str, preset: str, max_tokens: int = 32) -> flo
                 {"type": "text", "text": "Left."},
                 {"type": "image_url", "image_url": {"url": synthetic_image_url(336, 1)}},
                 {"type": "text", "text": "Where is the red square?"}]}]}
-    chunks, held = 0, None
-    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
-        async with client.stream("POST", "/v1/chat/completions", json=body) as response:
-            response.raise_for_status()
-            async for line in response.aiter_lines():
-                if line.startswith("data: {") and '"content"' in line:
-                    chunks += 1
-                    if chunks == 8:
-                        held = await _gauge(client, "vllm:kv_cache_usage_perc")
-    if held is None:
-        raise RuntimeError("the two-image chat ended before its 8th token")
-    return held
+    return await kv_held_while_decoding(url, body)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -95,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--text-words", type=int, default=1500)
+    parser.add_argument("--text-words", type=int, default=510, help="words per text prompt (~3 tokens each)")
     parser.add_argument("--enforce-eager", action="store_true", help="both gateways eager (faster start-up)")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -121,7 +110,8 @@ def main(argv: list[str] | None = None) -> None:
         runs[name] = {"summary": summarize(results), "pruning": fallbacks(results),
                       "text_prompt_tokens": max((r.prompt_tokens for r in results if r.kind == "text"), default=0)}
 
-    lines = [f"mixed load: {args.requests} requests (half image chats with feather, half {args.text_words}-word "
+    text_tokens = runs["chunked"]["text_prompt_tokens"]
+    lines = [f"mixed load: {args.requests} requests (half image chats with feather, half {text_tokens}-token "
              f"text prompts), concurrency {args.concurrency}, {args.max_tokens} tokens each"]
     for name, run in runs.items():
         s, pruning = run["summary"], run["pruning"]

@@ -93,6 +93,34 @@ def test_dropping_forward_without_cuts_is_the_models_forward():
     assert not torch.equal(log[0, 8], log[1, 8])  # random per sample
 
 
+@pytest.mark.parametrize("preset", ["fastv", "feather"])
+def test_attention_criterion_drops_what_serving_drops(preset):
+    """With `criterion="attention"` training keeps, per sample, the tokens
+    the transformers reference of serving keeps for the same prompt (the
+    appended answer token changes nothing before it: causal)."""
+    import numpy as np
+    import torch
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from feather_vllm.tools.demo.train import _batch, _dropping_forward
+    from tests.reference_hf import reference_generate
+
+    processor = AutoProcessor.from_pretrained(WEIGHTS_DIR)
+    model = LlavaForConditionalGeneration.from_pretrained(WEIGHTS_DIR).float().eval()
+    tokenizer = processor.tokenizer
+    scenes = held_out(2)
+    inputs, _ = _batch(processor, scenes, [tokenizer.convert_tokens_to_ids(c) for c in CELLS],
+                       tokenizer.eos_token_id)
+    log: dict = {}
+    with torch.no_grad():
+        _dropping_forward(model, inputs, np.random.default_rng(0), schedule=lambda rng: PRESETS[preset].stages,
+                          kept_log=log, criterion="attention")
+    for b in range(2):
+        prompt = inputs["input_ids"][b:b + 1, :-1]
+        ref = reference_generate(model, prompt, inputs["pixel_values"][b:b + 1], PRESETS[preset], 1)
+        assert [log[b, stage.layer].tolist() for stage in PRESETS[preset].stages] == [k[0] for k in ref["kept"]]
+
+
 def test_drop_schedule_jitters_the_presets():
     import numpy as np
 
@@ -132,3 +160,18 @@ def test_training_is_reproducible_from_a_seed(tmp_path):
     a, b = (load_file(tmp_path / n / "model.safetensors") for n in ("a", "b"))
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
     assert (tmp_path / "a" / "tokenizer.json").exists() and (tmp_path / "a" / "processor_config.json").exists()
+
+
+def test_fine_tuning_with_serving_selection_is_reproducible(tmp_path):
+    """The pruning-aware recipe's path: trained weights, every batch pruned
+    with serving's criterion; same seed, same weights, and they moved."""
+    from safetensors.torch import load_file
+
+    from feather_vllm.tools.demo.train import train
+
+    for name in ("a", "b"):
+        train(tmp_path / name, steps=2, seed=3, pruning_aware=True, threads=1, batch_size=2, lr=1e-3,
+              init=WEIGHTS_DIR, drop_share=1.0, criterion="attention", jitter=0.0)
+    a, b, start = (load_file(d / "model.safetensors") for d in (tmp_path / "a", tmp_path / "b", WEIGHTS_DIR))
+    assert a.keys() == b.keys() == start.keys() and all((a[k] == b[k]).all() for k in a)
+    assert any(not (a[k] == start[k]).all() for k in a)
