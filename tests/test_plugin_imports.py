@@ -74,3 +74,12 @@ def test_plugin_import_path_leaves_out_the_tools(code, blocked, forbidden, env):
     assert proc.returncode == 0, proc.stderr[-4000:]
     (line,) = [ln for ln in proc.stdout.splitlines() if ln.startswith("LOADED=")]
     assert json.loads(line.removeprefix("LOADED=")) == []
+
+
+def test_evaluation_runs_under_its_short_name():
+    """`python -m feather_vllm.evaluate` is the tools' evaluation."""
+    proc = subprocess.run([sys.executable, "-m", "feather_vllm.evaluate", "--help"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.startswith("usage: python -m feather_vllm.tools.evaluate")
+    assert "What each pruning setting costs in localization accuracy" in proc.stdout

@@ -5,5 +5,5 @@ from pathlib import Path
 
 _DATA = Path(__file__).resolve().parents[2] / "demo"
 WEIGHTS_DIR = _DATA / "weights"
-# The same recipe trained with --pruning-aware (random tokens dropped on the presets' schedules).
+# The standard weights fine-tuned with serving's own token selection (make demo-train-pruning-aware).
 PRUNING_AWARE_WEIGHTS_DIR = _DATA / "weights_pruning_aware"

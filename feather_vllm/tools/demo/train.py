@@ -13,8 +13,10 @@ that the model learns to answer from fewer tokens. The dropped tokens are
 chosen as serving chooses them (`--criterion attention`: the last prompt
 token's attention at the layer before each cut, RoPE or RoPE-free as the
 stage says, united with FEATHER's grid) or at random (`--criterion random`).
-`--init DIR` fine-tunes trained weights (the standard model) instead of
-starting from scratch: no size curriculum, a shorter warm-up.
+`--init DIR` fine-tunes trained weights (the standard model), with their
+tokenizer, instead of starting from scratch: no size curriculum, a shorter
+warm-up. The shipped pruning-aware model is the standard one fine-tuned so
+(`make demo-train-pruning-aware`).
 """
 
 from __future__ import annotations
@@ -173,10 +175,12 @@ def train(out: Path, steps: int, seed: int, pruning_aware: bool, threads: int, b
     rng = np.random.default_rng(seed)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        # Tokenizer, processor and config of the demo profile; weights are trained here.
-        base = build_checkpoint("demo", Path(tmp) / "init", seed)
+        # Tokenizer, processor and config: fine-tuning keeps the trained
+        # weights' own (their embeddings are indexed by its ids); from
+        # scratch, the demo profile's. Weights are trained here.
+        base = init if init is not None else build_checkpoint("demo", Path(tmp) / "init", seed)
         for item in base.iterdir():
-            if item.name != "model.safetensors":
+            if item.name != "model.safetensors" and item.resolve() != (out / item.name).resolve():
                 shutil.copy(item, out / item.name)
     processor = AutoProcessor.from_pretrained(out)
     if init is not None:
