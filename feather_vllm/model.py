@@ -111,6 +111,7 @@ class FeatherLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         pcfg.resolve(default).validate(self.num_decoder_layers)
         self._tp = get_tensor_model_parallel_world_size()
         guards.check_text_model(self.language_model)
+        guards.check_attention_backends(self.language_model)
         self.kv_boundaries = kv_boundaries(config, self.num_decoder_layers)
         if not pcfg.has_padding_free_stages(self.kv_boundaries, self.num_decoder_layers):
             logger.warning("KV stage boundaries %s make vLLM pad KV groups: equal stages avoid it",

@@ -47,7 +47,8 @@ def create_app(settings: Settings, stop_server: Callable[[int], None] | None = N
 
     async def _start() -> None:
         try:
-            args = engine_args if engine_args is not None else build_engine_args(settings)
+            args = engine_args if engine_args is not None else build_engine_args(
+                settings.model, settings.default_preset, settings.kv_boundaries)
             engine = await asyncio.to_thread(start_engine, args)
             state.attach(engine, engine_layout(engine))
             logger.info("engine ready: %s", settings.model)

@@ -1,4 +1,7 @@
-"""The vLLM engine behind the gateway: arguments, start-up, layout."""
+"""The vLLM engine behind the gateway: arguments, start-up, layout.
+
+Knows nothing of the gateway's settings or command line (`server.settings`
+imports this module, never the reverse): callers pass the values it needs."""
 
 from __future__ import annotations
 
@@ -10,7 +13,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from feather_vllm.engine import PRUNING_OVERRIDES, Override, merge_overrides
-from server.settings import Settings
 
 if TYPE_CHECKING:
     from vllm.engine.arg_utils import AsyncEngineArgs
@@ -53,26 +55,27 @@ def _fill_unset_compilation(config: Any, defaults: dict[str, Any]) -> Any:
     return config
 
 
-def build_engine_args(settings: Settings, engine_args: AsyncEngineArgs | None = None) -> AsyncEngineArgs:
+def build_engine_args(model: str, default_preset: str, kv_boundaries: list[int] | None,
+                      engine_args: AsyncEngineArgs | None = None) -> AsyncEngineArgs:
     """`engine_args` (vLLM's flags as parsed; default: vLLM's defaults for
-    `settings.model`) with the overrides: the pruning ones
+    `model`) with the overrides: the pruning ones
     (`feather_vllm.engine.merge_overrides`: FEATHER's architecture merged into
     the user's hf_overrides, PIECEWISE CUDA graphs unless the user's
     compilation config sets a mode), the gateway's (`GATEWAY_OVERRIDES`), the
-    default preset and KV boundaries, and the served name (default: the model
-    directory's name)."""
+    default preset and KV boundaries (None: the model's default stages), and
+    the served name (default: the model directory's name)."""
     from vllm.config import CompilationConfig
     from vllm.engine.arg_utils import AsyncEngineArgs
 
     if engine_args is None:
-        engine_args = AsyncEngineArgs(model=settings.model)
+        engine_args = AsyncEngineArgs(model=model)
     hf_overrides = engine_args.hf_overrides
     if callable(hf_overrides):
         raise TypeError("hf_overrides must be a dict for the FEATHER model (got a function)")
     merged = merge_overrides({"hf_overrides": dict(hf_overrides or {}),
-                              "compilation_config": engine_args.compilation_config}, settings.default_preset)
-    if settings.kv_boundaries is not None:
-        merged["hf_overrides"]["feather_kv_boundaries"] = list(settings.kv_boundaries)
+                              "compilation_config": engine_args.compilation_config}, default_preset)
+    if kv_boundaries is not None:
+        merged["hf_overrides"]["feather_kv_boundaries"] = list(kv_boundaries)
     compilation = merged["compilation_config"]
     if isinstance(compilation, CompilationConfig):  # what vLLM's parser makes of --compilation-config
         compilation = _fill_unset_compilation(compilation, PRUNING_OVERRIDES[1].value)
@@ -82,7 +85,7 @@ def build_engine_args(settings: Settings, engine_args: AsyncEngineArgs | None = 
         engine_args,
         hf_overrides=merged["hf_overrides"],
         compilation_config=compilation,
-        served_model_name=engine_args.served_model_name or [Path(settings.model).name],
+        served_model_name=engine_args.served_model_name or [Path(model).name],
         **{o.name: o.value for o in GATEWAY_OVERRIDES},
     )
 

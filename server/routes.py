@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -295,6 +296,35 @@ def _engine_error(err: Exception) -> APIError:
     return APIError(500, f"the engine failed on this request: {type(err).__name__}", code="engine_error")
 
 
+LOGPROB_FLOOR = -9999.0  # vLLM's floor for a logprob in the OpenAI shapes
+
+
+def clamp_logprob(logprob: float) -> float:
+    """-inf (a token the sampler ruled out) and NaN become `LOGPROB_FLOOR`:
+    unclamped, they fail the plain answer's JSON (a 500) and are not JSON in
+    a stream. Mirrors vLLM 0.32's `_clamp_logprob`
+    (vllm/entrypoints/scale_out/token_in_token_out/serving.py). Its chat
+    server (`OpenAIServingChat._create_chat_logprobs` and `_get_top_logprobs`,
+    vllm/entrypoints/openai/chat_completion/serving.py) has the same floor,
+    `max(logprob, -9999.0)`, but that leaves NaN as NaN."""
+    return LOGPROB_FLOOR if math.isnan(logprob) else max(logprob, LOGPROB_FLOOR)
+
+
+def chat_logprobs(token_ids: Any, step_logprobs: Any, top_logprobs: int, tokenizer: Any) -> dict[str, Any]:
+    """The OpenAI `logprobs` of one choice (plain or streamed chunk): per
+    sampled token its logprob and its `top_logprobs` most likely
+    candidates, every logprob clamped (`clamp_logprob`)."""
+    def entry(tid: int, lp: Any) -> dict[str, Any]:
+        text = lp.decoded_token if lp.decoded_token is not None else tokenizer.decode([tid])
+        return {"token": text, "logprob": clamp_logprob(lp.logprob), "bytes": list(text.encode("utf-8"))}
+
+    content = []
+    for token_id, candidates in zip(token_ids, step_logprobs):
+        top = sorted(candidates.items(), key=lambda kv: kv[1].rank)[:top_logprobs]
+        content.append({**entry(token_id, candidates[token_id]), "top_logprobs": [entry(t, lp) for t, lp in top]})
+    return {"content": content}
+
+
 class _EventStream(StreamingResponse):
     """SSE response that always settles its request: however the response
     ends (finished, client gone, never started), the engine request is
@@ -410,16 +440,7 @@ class _Call:
     def _logprobs(self, output: Any) -> dict[str, Any] | None:
         if not self.body.logprobs or output.logprobs is None:
             return None
-        tokenizer = self.state.tokenizer
-        content = []
-        for token_id, candidates in zip(output.token_ids, output.logprobs):
-            def entry(tid: int, lp: Any) -> dict[str, Any]:
-                text = lp.decoded_token if lp.decoded_token is not None else tokenizer.decode([tid])
-                return {"token": text, "logprob": lp.logprob, "bytes": list(text.encode("utf-8"))}
-            top = sorted(candidates.items(), key=lambda kv: kv[1].rank)[: self.body.top_logprobs or 0]
-            content.append({**entry(token_id, candidates[token_id]),
-                            "top_logprobs": [entry(t, lp) for t, lp in top]})
-        return {"content": content}
+        return chat_logprobs(output.token_ids, output.logprobs, self.body.top_logprobs or 0, self.state.tokenizer)
 
     async def complete(self) -> ChatCompletionResponse:
         final = None

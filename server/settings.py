@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from server.engine import OVERRIDE_NOTES, OVERRIDES, build_engine_args
+
 if TYPE_CHECKING:
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.utils.argparse_utils import FlexibleArgumentParser
@@ -124,8 +126,6 @@ def _epilog() -> str:
     import json
     import textwrap
 
-    from server.engine import OVERRIDE_NOTES, OVERRIDES
-
     def wrap(text: str, indent: str = "") -> str:
         return textwrap.fill(text, 100, initial_indent=indent, subsequent_indent=indent + "    ")
 
@@ -199,8 +199,6 @@ def parse_args(argv: list[str] | None = None) -> GatewayArgs:
     defaults; engine flags not given are vLLM's defaults (plus the overrides)."""
     from vllm.engine.arg_utils import AsyncEngineArgs
 
-    from server.engine import build_engine_args
-
     parser = build_parser()
     namespace = parser.parse_args(argv)
     if not namespace.model:
@@ -220,7 +218,8 @@ def parse_args(argv: list[str] | None = None) -> GatewayArgs:
         if settings.allowed_image_hosts is None and engine_args.allowed_media_domains:
             # vLLM's media allow list means the same: only these hosts' images are fetched.
             settings = settings.model_copy(update={"allowed_image_hosts": list(engine_args.allowed_media_domains)})
-        engine_args = build_engine_args(settings, engine_args)
+        engine_args = build_engine_args(settings.model, settings.default_preset, settings.kv_boundaries,
+                                        engine_args)
     except Exception as e:  # noqa: BLE001 - a usage error: one line, exit code 2
         parser.error(" ".join(f"{type(e).__name__}: {e}".split())[:1000])
     return GatewayArgs(settings, engine_args)

@@ -2,7 +2,8 @@
 
 Engines run in vLLM's single-process mode (fast start-up) and are shared
 per test module; scripts and servers that need the real multiprocess path
-start their own.
+start their own. The tests/test_server_*.py files share one gateway for the
+session (tests/server_fixtures.py), stopped after the last test that uses it.
 """
 
 from __future__ import annotations
@@ -22,9 +23,33 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
+# Session-scoped, defined once here: every test_server_*.py file gets the same gateway.
+from tests.server_fixtures import SHARED_SERVER, client, offline_texts, scene_url, server  # noqa: E402,F401
+
+_LAST_SERVER_USER = pytest.StashKey[str]()
+
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     from feather_vllm.tools.checkpoints import build_checkpoint
 
     return build_checkpoint("tiny", tmp_path_factory.mktemp("ckpt") / "tiny", seed=0)
+
+
+@pytest.hookimpl(trylast=True)  # after deselection (-k, -m) and any reordering
+def pytest_collection_modifyitems(config, items):
+    """Notes the last test that uses a `server` fixture (the shared gateway,
+    or a module's own of that name: then the shared one is stopped later,
+    never earlier than its last use)."""
+    users = [item.nodeid for item in items if "server" in getattr(item, "fixturenames", ())]
+    config.stash[_LAST_SERVER_USER] = users[-1] if users else ""
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item, nextitem):
+    """The shared gateway stops after its last test, not at the end of the
+    session: the rest of the suite does not run beside an idle engine."""
+    if item.nodeid == item.config.stash.get(_LAST_SERVER_USER, ""):
+        shared = item.config.stash.get(SHARED_SERVER, None)
+        if shared is not None:
+            shared.stop()  # again at the session's end: a no-op then

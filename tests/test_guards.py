@@ -67,3 +67,117 @@ def test_v2_model_runner_is_refused(vllm_config, monkeypatch):
     assert len(found) == 1 and "VLLM_USE_V2_MODEL_RUNNER=0" in found[0]
     with pytest.raises(guards.UnsupportedSettingError, match="VLLM_USE_V2_MODEL_RUNNER=0"):
         guards.check(vllm_config)
+
+
+def _enum(name: str):
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    return AttentionBackendEnum[name]
+
+
+def _kv_connector():
+    from vllm.config import KVTransferConfig
+
+    return KVTransferConfig(kv_connector="LMCacheConnectorV1", kv_role="kv_both")
+
+
+@pytest.mark.parametrize("changes,named", [
+    ({"attention_config.backend": "FLASHINFER"}, "FLASHINFER (--attention-backend)"),
+    ({"attention_config.backend": "FLEX_ATTENTION"}, "FLEX_ATTENTION (--attention-backend)"),
+    ({"attention_config.backend": "TRITON_FLASHINFER"}, "TRITON_FLASHINFER (--attention-backend)"),
+    ({"attention_config.backend": "ROCM_AITER_FA"}, "ROCM_AITER_FA (--attention-backend)"),
+    ({"attention_config.backend_per_kind": {"full_attention": "FLASHINFER"}},
+     "backend_per_kind['full_attention']"),
+    ({"compilation_config.cudagraph_mode": "PIECEWISE", "compilation_config.splitting_ops":
+      ["vllm::unified_attention_with_output"]}, "splitting_ops without vllm::unified_kv_cache_update"),
+    ({"compilation_config.cudagraph_mode": "PIECEWISE", "compilation_config.splitting_ops": []},
+     "splitting_ops without vllm::unified_attention_with_output and vllm::unified_kv_cache_update"),
+    ({"compilation_config.use_inductor_graph_partition": True}, "use_inductor_graph_partition=True"),
+    ({"kv_transfer_config": "connector"}, "KV connector LMCacheConnectorV1 (--kv-transfer-config"),
+], ids=["flashinfer", "flex", "triton-flashinfer", "rocm-aiter-fa", "backend-per-kind",
+        "splitting-ops-no-kv-write", "splitting-ops-empty", "inductor-partition", "kv-connector"])
+def test_unsupported_engine_setting_is_named(vllm_config, changes, named):
+    from vllm.config.compilation import CUDAGraphMode
+
+    config = vllm_config
+    for path, value in changes.items():
+        if path == "compilation_config.cudagraph_mode":
+            value = CUDAGraphMode[value]
+        elif path == "attention_config.backend":
+            value = _enum(value)
+        elif path == "attention_config.backend_per_kind":
+            value = {kind: _enum(name) for kind, name in value.items()}
+        elif path == "kv_transfer_config":
+            value = _kv_connector()
+        config = _with(config, path, value)
+    found = guards.problems(config)
+    assert len(found) == 1 and named in found[0], found
+
+
+@pytest.mark.parametrize("name", ["FLASH_ATTN", "TRITON_ATTN", "CPU_ATTN"])
+def test_allowed_configured_backend_passes(vllm_config, name):
+    assert guards.problems(_with(vllm_config, "attention_config.backend", _enum(name))) == []
+
+
+def test_piecewise_graphs_with_default_splitting_ops_pass(vllm_config):
+    """vLLM's resolved default under VLLM_COMPILE + PIECEWISE (GPU)."""
+    from vllm.config.compilation import CUDAGraphMode
+
+    config = _with(vllm_config, "compilation_config.cudagraph_mode", CUDAGraphMode.PIECEWISE)
+    config = _with(config, "compilation_config.splitting_ops",
+                   ["vllm::unified_attention_with_output", "vllm::unified_kv_cache_update"])
+    assert guards.problems(config) == []
+
+
+def test_breakable_cuda_graphs_are_refused(vllm_config, monkeypatch):
+    """Read from vllm.envs (set as an attribute: vLLM may cache its envs)."""
+    from vllm import envs
+    from vllm.config.compilation import CUDAGraphMode
+
+    monkeypatch.setattr(envs, "VLLM_USE_BREAKABLE_CUDAGRAPH", True, raising=False)
+    found = guards.problems(_with(vllm_config, "compilation_config.cudagraph_mode", CUDAGraphMode.PIECEWISE))
+    assert len(found) == 1 and "VLLM_USE_BREAKABLE_CUDAGRAPH=0" in found[0], found
+    assert guards.problems(vllm_config) == []  # no CUDA graphs (CPU): nothing is captured
+
+
+def _fake_backend(name: str, module: str, qualname: str = "Backend"):
+    return type(qualname, (), {"get_name": staticmethod(lambda: name), "__module__": module,
+                               "__qualname__": qualname})
+
+
+def _language_model(*backends):
+    from types import SimpleNamespace as NS
+
+    return NS(model=NS(layers=[NS(self_attn=NS(attn=NS(attn_backend=b))) for b in backends]))
+
+
+def test_selected_attention_backends_allowed():
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+    from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend
+    from vllm.v1.attention.backends.triton_attn import TritonAttentionBackend
+
+    guards.check_attention_backends(_language_model(CPUAttentionBackend, FlashAttentionBackend,
+                                                    TritonAttentionBackend))
+
+
+@pytest.mark.parametrize("backend,named", [
+    (_fake_backend("FLASHINFER", "vllm.v1.attention.backends.flashinfer", "FlashInferBackend"),
+     "FLASHINFER (selected by vLLM)"),
+    ("flex", "FLEX_ATTENTION (selected by vLLM)"),
+    # ROCm's AITER FlashAttention calls itself FLASH_ATTN: the class decides.
+    (_fake_backend("FLASH_ATTN", "vllm.v1.attention.backends.rocm_aiter_fa", "AiterFlashAttentionBackend"),
+     "FLASH_ATTN (vllm.v1.attention.backends.rocm_aiter_fa.AiterFlashAttentionBackend)"),
+    (None, "decoder layer 1 cannot be read"),
+], ids=["flashinfer", "flex", "flash-attn-name-other-class", "unreadable"])
+def test_selected_attention_backend_refused(backend, named):
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    if backend == "flex":
+        from vllm.v1.attention.backends.flex_attention import FlexAttentionBackend as backend
+    with pytest.raises(guards.UnsupportedSettingError) as raised:
+        guards.check_attention_backends(_language_model(CPUAttentionBackend, backend, backend))
+    message = str(raised.value)
+    assert named in message, message
+    assert message.count(named) == 1  # one message per backend, not per layer
+    if backend is not None:
+        assert "set --attention-backend FLASH_ATTN or TRITON_ATTN" in message
