@@ -5,7 +5,7 @@ DEMO_MODEL ?= feather_vllm/demo/weights
 PORT ?= 8000
 HOST ?= 127.0.0.1
 
-.PHONY: setup serve test checkpoints bench demo-train demo-train-pruning-aware clean
+.PHONY: setup serve test seams checkpoints bench demo-train demo-train-pruning-aware clean
 
 setup:
 	@bash scripts/setup.sh
@@ -44,6 +44,12 @@ bench: setup
 # Set up, then run the whole test suite. Exit code 5 (no tests ran) fails.
 test: setup
 	@bash scripts/test.sh
+
+# The seam contract (feather_vllm/kv/seams.py) against the source of each
+# vLLM release it names (wheels downloaded once into ~/.cache/feather-vllm/seams,
+# or $$FEATHER_VLLM_SEAMS_CACHE): supported releases must pass, the next must be refused.
+seams: setup
+	$(PY) -m feather_vllm.kv.seams
 
 clean:
 	rm -rf .venv checkpoints .pytest_cache

@@ -7,18 +7,38 @@ def register() -> None:
     """`vllm.general_plugins` entry point: register the model architecture.
 
     vLLM loads this in every process (API server, engine core, workers), so
-    it is also where the KV-cache integration installs its hooks.
+    it is also where the KV-cache integration installs its hooks. vLLM does
+    not guard the call, so this never raises: outside the supported vLLM
+    range (`feather_vllm.kv.seams`), or on any error, it logs one warning,
+    registers nothing, and vLLM runs unchanged.
     """
-    from feather_vllm import compat
+    import logging
 
-    compat.apply_all()
+    try:
+        from feather_vllm import compat
 
-    from vllm import ModelRegistry
+        compat.apply_all()  # harmless on any install: each shim checks its condition
+        from feather_vllm.kv import seams
 
-    if ARCHITECTURE not in ModelRegistry.get_supported_archs():
-        ModelRegistry.register_model(
-            ARCHITECTURE, "feather_vllm.model:FeatherLlavaForConditionalGeneration")
+        refusal = seams.refusal()
+        if refusal is None:
+            from feather_vllm import kv
 
-    from feather_vllm import kv
+            kv.install()  # inert until the architecture below is loaded
+            from vllm import ModelRegistry
 
-    kv.install()
+            if ARCHITECTURE not in ModelRegistry.get_supported_archs():
+                ModelRegistry.register_model(
+                    ARCHITECTURE, "feather_vllm.model:FeatherLlavaForConditionalGeneration")
+            return
+    except Exception as exc:  # noqa: BLE001 - never break vLLM for every model
+        import sys
+
+        try:
+            version = str(sys.modules["vllm"].__version__)
+        except Exception:  # noqa: BLE001
+            version = "(version unknown)"
+        refusal = (f"feather_vllm could not check or install its integration with vLLM {version} "
+                   f"({type(exc).__name__}: {exc}): FEATHER pruning is not registered "
+                   "(vLLM itself runs unchanged)")
+    logging.getLogger("feather_vllm").warning("%s", refusal)

@@ -39,7 +39,7 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from feather_vllm.kv import guards, specs
 from feather_vllm.kv import step as kv_step
-from feather_vllm.kv.plan import ImageSpan, KeptTokens, StageKept
+from feather_vllm.kv.plan import ImageSpan, KeptTokens, StageKept, in_effect
 from feather_vllm.pruning import config as pcfg
 from feather_vllm.pruning.scoring import last_token_image_attention
 from feather_vllm.pruning.selection import select_stage
@@ -65,11 +65,8 @@ class _Cutting:
 
     def present(self, layer: int) -> list[torch.Tensor]:
         """Per image, its tokens present in `layer` (0-based within the image)."""
-        current = [torch.arange(image.length) for image in self.images]
-        for cut, kept in self.kept:
-            if cut <= layer:
-                current = kept
-        return current
+        i = in_effect([cut for cut, _ in self.kept], layer)
+        return [torch.arange(image.length) for image in self.images] if i is None else self.kept[i][1]
 
     def dropped_positions(self, layer: int) -> torch.Tensor:
         """Absolute positions of the image tokens absent from `layer`, ascending."""
@@ -173,7 +170,7 @@ class FeatherLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         for req, cutting in zip(batch.requests, cuttings):
             if req.cuts_now and cutting is not None:
                 req.pruning.kept = KeptTokens(tuple(StageKept(layer, tuple(tuple(k.tolist()) for k in kept))
-                                                    for layer, kept in cutting.kept))
+                                                    for layer, kept in cutting.kept), life=req.pruning.plan.life)
 
         hidden, _ = lm.norm(hidden, residual)
         if rows.shape[0] == total_rows:

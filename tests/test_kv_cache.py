@@ -56,6 +56,17 @@ def _predicted_blocks(kv, preset: str, prompt_len: int, image_tokens: int) -> li
     return out
 
 
+def _kept_blocks_of(kv, stages, tokens: int, image_tokens: int = 576) -> list[int]:
+    """Blocks each group needs for `tokens` tokens given what the cuts
+    (`stages`, StageKept) really kept."""
+    out = []
+    for group in kv.kv_cache_config.kv_cache_groups:
+        kept = [s.total for s in stages if s.layer <= group.kv_cache_spec.feather_first_layer]
+        dropped = image_tokens - kept[-1] if kept else 0
+        out.append(math.ceil((tokens - dropped) / BLOCK))
+    return out
+
+
 @pytest.fixture(scope="module")
 def llm(tiny_checkpoint):
     engine = make_llm(tiny_checkpoint, block_size=BLOCK)
@@ -103,14 +114,53 @@ def test_blocks_per_group_equal_prediction(llm, preset):
     (finished,) = _run_to_end(engine).values()
     report = report_of(finished)
     assert kv.block_pool.get_num_free_blocks() == free_before
-    # At finish the first 3 of the 4 generated tokens are in the KV cache too
-    # (fastv's groups: 159 + 3 tokens, a sixth block).
-    assert list(report.kv_blocks_held) == _predicted_blocks(kv, preset, request.num_prompt_tokens + 3, 576)
+    # Once the cut's real counts came back, each group holds only what was
+    # kept (the reservation's surplus blocks went back to the pool); at
+    # finish the first 3 of the 4 generated tokens are in the KV cache too.
+    assert list(report.kv_blocks_held) == _kept_blocks_of(kv, report.stages, request.num_prompt_tokens + 3)
     assert list(report.kv_blocks_unpruned) == expected["none"]
     assert report.preset == preset and report.image_tokens == (576,) and report.fallback is None
     kept = [stage.total for stage in report.stages]
     bounds = kept_per_stage_max(pcfg.resolve(preset), 576)
     assert len(kept) == len(bounds) and all(k <= b for k, b in zip(kept, bounds))
+
+
+@pytest.mark.parametrize(("preset", "bound_is_exact"), [("feather", False), ("fastv", True)])
+def test_reservation_trimmed_to_what_the_cut_kept(llm, monkeypatch, preset, bound_is_exact):
+    """The plan reserves each stage's upper bound; once the cut's real
+    counts are back, every group holds exactly what the kept tokens need,
+    and the surplus blocks are back in the pool (prompts of several lengths,
+    so some bound and real count fall in different blocks). FEATHER's bound
+    (top-k plus the whole grid) exceeds what the union keeps; FastV keeps
+    exactly its bound, so nothing is freed."""
+    scheduler, kv, _ = engine_parts(llm)
+    engine = llm.llm_engine
+    reserved: dict[str, list[int]] = {}
+    schedule = scheduler.schedule
+
+    def recording_schedule(*args, **kwargs):
+        out = schedule(*args, **kwargs)
+        for rid in list(kv.coordinator.single_type_managers[0].req_to_blocks):
+            reserved.setdefault(rid, blocks_per_group(kv, rid))
+        return out
+
+    monkeypatch.setattr(scheduler, "schedule", recording_schedule)
+    shrank = 0
+    for pad in range(0, 32, 4):
+        free_before = kv.block_pool.get_num_free_blocks()
+        engine.add_request(f"trim-{preset}-{pad}", image_prompt(sample_images()[pad % 3], QUESTION + " x" * pad),
+                           _params(preset, 4))
+        engine.step()  # the cutting prefill, and its output: kept tokens back, surplus freed
+        (rid,) = kv.coordinator.single_type_managers[0].req_to_blocks
+        request = scheduler.requests[rid]
+        assert reserved[rid] == _predicted_blocks(kv, preset, request.num_prompt_tokens, 576)
+        held = blocks_per_group(kv, rid)
+        assert held == _kept_blocks_of(kv, request.feather_pruning.kept.stages, request.num_computed_tokens)
+        assert kv.block_pool.get_num_free_blocks() == free_before - sum(held)
+        shrank += sum(held) < sum(reserved[rid])
+        _run_to_end(engine)
+        assert kv.block_pool.get_num_free_blocks() == free_before
+    assert (shrank == 0) == bound_is_exact
 
 
 def test_mixed_run_with_aborts_frees_every_block(llm):

@@ -14,7 +14,7 @@ No vLLM import here: the gateway and tools read reports without vLLM.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from feather_vllm.pruning.config import PruningConfig, resolve
@@ -32,6 +32,18 @@ class ImageSpan:
     length: int
 
 
+def in_effect(cut_layers: Sequence[int], layer: int) -> int | None:
+    """Index of the cut whose effect `layer` sees (the last cut at or before
+    it; cuts ascending), None before the first: the one definition of
+    "which tokens are absent from layer L" for plans, kept tokens and the
+    cutting forward."""
+    found = None
+    for i, cut in enumerate(cut_layers):
+        if cut <= layer:
+            found = i
+    return found
+
+
 @dataclasses.dataclass(frozen=True)
 class PrunePlan:
     """A request the scheduler decided to prune in the step that cuts.
@@ -43,6 +55,7 @@ class PrunePlan:
     config: PruningConfig
     images: tuple[ImageSpan, ...]  # in prompt order
     kept_max: tuple[int, ...]  # per stage: the most image tokens (all images) it can keep
+    life: int = 0  # the request's preemptions when decided: what its cut keeps answers this plan only
 
     @property
     def first_offset(self) -> int:
@@ -55,11 +68,8 @@ class PrunePlan:
 
     def dropped_at(self, layer: int) -> int:
         """Image tokens surely absent from `layer` (what its KV need not hold)."""
-        dropped = 0
-        for stage, kept in zip(self.config.stages, self.kept_max):
-            if stage.layer <= layer:
-                dropped = self.image_tokens - kept
-        return dropped
+        i = in_effect([stage.layer for stage in self.config.stages], layer)
+        return 0 if i is None else self.image_tokens - self.kept_max[i]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,14 +90,12 @@ class KeptTokens:
     """What a request's cutting prefill kept, per stage."""
 
     stages: tuple[StageKept, ...]
+    life: int = 0  # the plan's (PrunePlan.life) that this cut answers
 
     def dropped_at(self, layer: int, image_tokens: int) -> int:
         """Image tokens (of `image_tokens` in all) absent from `layer`."""
-        dropped = 0
-        for stage in self.stages:
-            if stage.layer <= layer:
-                dropped = image_tokens - stage.total
-        return dropped
+        i = in_effect([stage.layer for stage in self.stages], layer)
+        return 0 if i is None else image_tokens - self.stages[i].total
 
 
 @dataclasses.dataclass(frozen=True)

@@ -88,6 +88,20 @@ def _step_batch(runner: Any, bases: list[step.GroupBase], num_reqs: int) -> step
                           layer_group=layer_group)
 
 
+def _trim_blocks(runner: Any, req_id: str, counts: dict[int, int]) -> None:
+    """Cut the request's block list of each KV group to `counts[group]`
+    blocks (the scheduler freed the rest)."""
+    state = runner.requests.get(req_id)
+    if state is None:
+        return
+    row = runner.input_batch.req_id_to_index.get(req_id)
+    for group, count in counts.items():
+        del state.block_ids[group][count:]
+        if row is not None:
+            table = runner.input_batch.block_table[group]
+            table.num_blocks_per_row[row] = min(int(table.num_blocks_per_row[row]), count)
+
+
 def attach_kept(output: Any, kept: dict[str, KeptTokens]) -> bool:
     """Put `kept` on a step's ModelRunnerOutput as `feather_kept` (pickled
     to the scheduler's process with it); with async scheduling, on the
@@ -129,7 +143,21 @@ def install() -> None:
 
     @functools.wraps(original_update)
     def _update_states(self, scheduler_output, *args, **kwargs):
+        # Blocks the scheduler freed after a cut go before this step's new
+        # blocks are appended, so both sides keep the same block list.
+        for req_id, counts in (getattr(scheduler_output, "feather_trims", None) or {}).items():
+            _trim_blocks(self, req_id, counts)
         result = original_update(self, scheduler_output, *args, **kwargs)
+        # A request's pruning state belongs to one life of it: a new request,
+        # or one resumed after preemption (its KV recomputed from scratch),
+        # starts without any; only the plan the scheduler sends with the
+        # step that cuts sets it. Never read from a previous life.
+        started = {r.req_id for r in scheduler_output.scheduled_new_reqs} | \
+            set(scheduler_output.scheduled_cached_reqs.resumed_req_ids)
+        for req_id in started:
+            state = self.requests.get(req_id)
+            if state is not None and getattr(state, ATTR, None) is not None:
+                setattr(state, ATTR, None)
         plans = getattr(scheduler_output, "feather_plans", None) or {}
         for req_id, plan in plans.items():
             setattr(self.requests[req_id], ATTR, WorkerPruning(plan))

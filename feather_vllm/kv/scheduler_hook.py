@@ -87,7 +87,7 @@ def _decide(spec: StagedFullAttentionSpec, request: Any, num_new_tokens: int,
     # Each image keeps its own share: the stage bounds add up over images.
     per_image = [kept_per_stage_max(settings, length) for length in image_tokens]
     pruning.plan = PrunePlan(settings, tuple(ImageSpan(o, n) for o, n in ranges),
-                             tuple(sum(stage) for stage in zip(*per_image)))
+                             tuple(sum(stage) for stage in zip(*per_image)), life=request.num_preemptions)
     return pruning
 
 
@@ -115,6 +115,7 @@ def _staged_spec(manager: KVCacheManager) -> StagedFullAttentionSpec | None:
                      if isinstance(g.kv_cache_spec, StagedFullAttentionSpec)), None)
         manager._feather_spec = spec
         manager._feather_new_plans = {}
+        manager._feather_trims = {}  # request id -> {KV group: blocks it keeps}, for the worker
     return spec
 
 
@@ -129,6 +130,21 @@ def _forget(manager: KVCacheManager, request: Any) -> None:
         setattr(request, ATTR, None)
     if _staged_spec(manager) is not None:
         manager._feather_new_plans.pop(request.request_id, None)
+        manager._feather_trims.pop(request.request_id, None)
+
+
+def _trim(manager: KVCacheManager, request: Any, pruning: RequestPruning) -> None:
+    """The cut kept fewer image tokens than the plan reserved for: each stage
+    frees its surplus blocks now, and the worker drops them from its block
+    table before the next step adds any (`SchedulerOutput.feather_trims`)."""
+    counts = {}
+    for stage in _stage_managers(manager):
+        dropped = pruning.kept.dropped_at(stage.kv_cache_spec.feather_first_layer, pruning.plan.image_tokens)
+        kept_blocks = stage.trim(request.request_id, dropped, request.num_computed_tokens)
+        if kept_blocks is not None:
+            counts[stage.kv_cache_group_id] = kept_blocks
+    if counts:
+        manager._feather_trims[request.request_id] = counts
 
 
 def _report(scheduler: Any, request: Any) -> PruningReport:
@@ -188,32 +204,33 @@ def install() -> None:
     original_computed = KVCacheManager.get_computed_blocks
 
     @functools.wraps(original_computed)
-    def get_computed_blocks(self, request):
+    def get_computed_blocks(self, request, *args, **kwargs):
         # The cut must compute every image token: a request that asks for
         # pruning takes from the prefix cache only the text before its first image.
         spec = _staged_spec(self)
         if spec is None or not _asks_pruning(spec, request):
-            return original_computed(self, request)
+            return original_computed(self, request, *args, **kwargs)
         cap = image_ranges(request)[0][0]
         coordinator = self.coordinator
         find = coordinator.find_longest_cache_hit
         coordinator.find_longest_cache_hit = lambda hashes, max_len: find(hashes, min(max_len, cap))
         try:
-            return original_computed(self, request)
+            return original_computed(self, request, *args, **kwargs)
         finally:
             del coordinator.find_longest_cache_hit  # back to the class method
 
     KVCacheManager.get_computed_blocks = get_computed_blocks
 
-    for name in ("free", "pop_blocks_for_free"):
-        original_free = getattr(KVCacheManager, name)
-
+    def forgetting(original_free):
         @functools.wraps(original_free)
-        def free(self, request, _original=original_free):
+        def free(self, request, *args, **kwargs):
             _forget(self, request)
-            return _original(self, request)
+            return original_free(self, request, *args, **kwargs)
 
-        setattr(KVCacheManager, name, free)
+        return free
+
+    for name in ("free", "pop_blocks_for_free"):
+        setattr(KVCacheManager, name, forgetting(getattr(KVCacheManager, name)))
 
     original_schedule = Scheduler.schedule
 
@@ -222,7 +239,9 @@ def install() -> None:
         output = original_schedule(self, *args, **kwargs)
         if _staged_spec(self.kv_cache_manager) is not None:
             output.feather_plans = self.kv_cache_manager._feather_new_plans
+            output.feather_trims = self.kv_cache_manager._feather_trims
             self.kv_cache_manager._feather_new_plans = {}
+            self.kv_cache_manager._feather_trims = {}
         return output
 
     Scheduler.schedule = schedule
@@ -246,8 +265,11 @@ def install() -> None:
         for request_id, kept in (getattr(model_runner_output, "feather_kept", None) or {}).items():
             request = self.requests.get(request_id)
             pruning = getattr(request, ATTR, None) if request is not None else None
-            if pruning is not None and pruning.plan is not None:
+            # Only the cut of this life's plan: a step that cut before a
+            # preemption may report after it (async scheduling).
+            if pruning is not None and pruning.plan is not None and kept.life == pruning.plan.life:
                 pruning.kept = kept
+                _trim(self.kv_cache_manager, request, pruning)
         return original_update(self, scheduler_output, model_runner_output, *args, **kwargs)
 
     Scheduler.update_from_output = update_from_output

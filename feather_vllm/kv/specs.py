@@ -69,6 +69,24 @@ class StagedFullAttentionManager(FullAttentionManager):
         self.dropped.pop(request_id, None)
         self.image_offset.pop(request_id, None)
 
+    def trim(self, request_id: str, dropped: int, num_tokens: int) -> int | None:
+        """The cut dropped `dropped` image tokens from this stage (the plan
+        reserved for fewer): free the blocks past what `num_tokens` (all
+        scheduled so far) need now. Returns the request's new block count,
+        or None when nothing was freed. Freed blocks are at the tail and were
+        never written (compact slots stop before them)."""
+        if request_id not in self.dropped:
+            return None
+        self.dropped[request_id] = dropped
+        blocks = self.req_to_blocks.get(request_id)
+        keep = -(-(num_tokens - dropped) // self.block_size)
+        if not blocks or len(blocks) <= keep:
+            return None
+        surplus = blocks[keep:]
+        del blocks[keep:]
+        self.block_pool.free_blocks(reversed(surplus))
+        return keep
+
     def get_num_blocks_to_allocate(self, request_id, num_tokens, new_computed_blocks,
                                    total_computed_tokens, num_local_computed_tokens,
                                    num_tokens_main_model, *args, **kwargs) -> int:
@@ -77,9 +95,10 @@ class StagedFullAttentionManager(FullAttentionManager):
             request_id, num_tokens - dropped, new_computed_blocks, total_computed_tokens,
             num_local_computed_tokens, num_tokens_main_model - dropped, *args, **kwargs)
 
-    def allocate_new_blocks(self, request_id, num_tokens, num_tokens_main_model):
+    def allocate_new_blocks(self, request_id, num_tokens, num_tokens_main_model, *args, **kwargs):
         dropped = self.dropped.get(request_id, 0)
-        return super().allocate_new_blocks(request_id, num_tokens - dropped, num_tokens_main_model - dropped)
+        return super().allocate_new_blocks(request_id, num_tokens - dropped, num_tokens_main_model - dropped,
+                                           *args, **kwargs)
 
     def cache_blocks(self, request, num_tokens, *args, **kwargs) -> None:
         # From the image on, compacted blocks are not the blocks of the full
@@ -89,9 +108,9 @@ class StagedFullAttentionManager(FullAttentionManager):
             num_tokens = min(num_tokens, self.image_offset[request.request_id])
         super().cache_blocks(request, num_tokens, *args, **kwargs)
 
-    def pop_blocks_for_free(self, request_id: str):
+    def pop_blocks_for_free(self, request_id: str, *args: Any, **kwargs: Any):
         self.forget(request_id)
-        return super().pop_blocks_for_free(request_id)
+        return super().pop_blocks_for_free(request_id, *args, **kwargs)
 
 
 def register_spec() -> None:
@@ -106,19 +125,19 @@ def stage_attention_layers(layers: list[Any], boundaries: list[int], num_layers:
                            default: str | None) -> None:
     """Give each decoder layer's attention a KV spec tagged with its stage
     (every layer, stage 0 included: one plain spec would merge them all)."""
-    for index, layer in enumerate(layers):
-        attn = layer.self_attn.attn
-        stage = bisect.bisect_right(boundaries, index)
-        first = ([0] + list(boundaries))[stage]
-        original = attn.get_kv_cache_spec
-
-        def get_kv_cache_spec(vllm_config, _original=original, _stage=stage, _first=first):
-            spec = _original(vllm_config)
+    def staged(original: Any, stage: int, first: int) -> Any:
+        def get_kv_cache_spec(*args: Any, **kwargs: Any) -> KVCacheSpec:
+            spec = original(*args, **kwargs)
             if type(spec) is not FullAttentionSpec:
                 return spec
             return StagedFullAttentionSpec(
                 **{f.name: getattr(spec, f.name) for f in dataclasses.fields(FullAttentionSpec)},
-                feather_stage=_stage, feather_first_layer=_first,
+                feather_stage=stage, feather_first_layer=first,
                 feather_num_layers=num_layers, feather_default=default)
 
-        attn.get_kv_cache_spec = get_kv_cache_spec
+        return get_kv_cache_spec
+
+    for index, layer in enumerate(layers):
+        attn = layer.self_attn.attn
+        stage = bisect.bisect_right(boundaries, index)
+        attn.get_kv_cache_spec = staged(attn.get_kv_cache_spec, stage, ([0] + list(boundaries))[stage])
