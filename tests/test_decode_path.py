@@ -1,6 +1,7 @@
 """After the cut, a pruned request decodes through vLLM's own forward: only
 its metadata differs, built on the device for the whole batch, with no
-host round trip per request."""
+host round trip per request, and built once per KV group (as unpruned)
+when the cuts fall on KV-stage starts."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import sys
 import pytest
 import torch
 
-from feather_vllm.kv import decode_metadata
 from tests.helpers import engine_parts, image_prompt, make_llm, sample_images, shutdown
 
 QUESTION = "Where is the red square?"
@@ -54,14 +54,15 @@ class _Probe:
             return original_forward(*args, **kwargs)
 
         monkeypatch.setattr(model, "_pruned_forward", pruned_forward)
-        original_apply = decode_metadata.apply
+        from vllm.v1.worker.utils import AttentionGroup
 
-        def apply(*args, **kwargs):
-            builds = original_apply(*args, **kwargs)
-            self.builds += builds
-            return builds
+        original_build = AttentionGroup.build_metadata
 
-        monkeypatch.setattr(decode_metadata, "apply", apply)
+        def build_metadata(*args, **kwargs):
+            self.builds += 1
+            return original_build(*args, **kwargs)
+
+        monkeypatch.setattr(AttentionGroup, "build_metadata", build_metadata)
 
 
 def _decode_step_counts(llm, monkeypatch, presets: list[str]) -> _Probe:
@@ -91,19 +92,20 @@ def test_pruned_decode_runs_stock_forward_without_host_syncs(llm, monkeypatch, b
     probe = _decode_step_counts(llm, monkeypatch, ["feather"] * batch)
     assert probe.cutting_forwards == 0  # vLLM's own forward (compiled where vLLM compiles)
     assert probe.syncs == 0  # no .cpu()/.item()/.tolist() in feather_vllm code, whatever the batch
-    # One build per KV group after a cut with pruned requests, whatever the
-    # batch size: feather cuts at 8 and 16 -> groups [8, 12) .. [28, 32).
-    assert probe.builds == 6
+    # One metadata build per KV group, as unpruned: feather's cuts (8, 16)
+    # are stage starts, so each pruned group is shifted before vLLM builds it.
+    assert probe.builds == 8
 
 
-def test_unpruned_decode_builds_nothing(llm, monkeypatch):
+def test_unpruned_decode_builds_as_vllm(llm, monkeypatch):
     probe = _decode_step_counts(llm, monkeypatch, ["none"] * 4)
-    assert (probe.cutting_forwards, probe.syncs, probe.builds) == (0, 0, 0)
+    assert (probe.cutting_forwards, probe.syncs, probe.builds) == (0, 0, 8)
 
 
 def test_mixed_cut_layers_partition_groups(llm, monkeypatch):
     """FastV cuts at 3, inside the group of layers [0, 4): layer 3 gets its
     own metadata there; PyramidDrop's cuts are group starts."""
     probe = _decode_step_counts(llm, monkeypatch, ["fastv", "pyramiddrop", "none"])
-    # Layer 3 of group [0, 4), then groups [4, 8) .. [28, 32): 1 + 7.
-    assert probe.builds == 8 and probe.syncs == 0
+    # vLLM's 8 builds (groups [4, 8) .. [28, 32) shifted before theirs), and
+    # one more for layer 3, after FastV's cut inside group [0, 4).
+    assert probe.builds == 9 and probe.syncs == 0

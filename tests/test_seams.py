@@ -312,7 +312,8 @@ feather_vllm.register()
 import vllm
 assert vllm.__file__.startswith({root!r}), vllm.__file__
 print("RESULT=" + json.dumps({{"warnings": warnings,
-                              "hooks": [m for m in sys.modules if m.startswith("feather_vllm.kv.") and "hook" in m]}}))
+                              "hooks": [m for m in sys.modules
+                                        if m in ("feather_vllm.kv.runner_v1", "feather_vllm.kv.scheduler_hook")]}}))
 """
 
 

@@ -87,53 +87,51 @@ _LLAMA = "vllm.model_executor.models.llama"
 _LLAVA = "vllm.model_executor.models.llava"
 
 SEAMS: tuple[Seam, ...] = (
-    # -- the model runner (kv/runner_hook.py), V1 GPUModelRunner, which the CPU runner inherits
-    # runner_hook: _update_states puts the step's plans on the runner's request states.
+    # -- the model runner (kv/runner_v1.py), V1 GPUModelRunner, which the CPU runner inherits
+    # runner_v1: _update_states puts the step's plans on the runner's request states.
     Seam(_RUNNER, "GPUModelRunner._update_states", params=("self", "scheduler_output")),
-    # runner_hook: execute_model scopes a real step; it runs _update_states, the
+    # runner_v1: execute_model scopes a real step; it runs _update_states, the
     # slot mappings and the attention metadata (slot_mappings by keyword) in that order.
     Seam(_RUNNER, "GPUModelRunner.execute_model", params=("self", "scheduler_output"),
          calls=(("self._update_states", ()), ("self._get_slot_mappings", ()),
                 ("self._build_attention_metadata", ("slot_mappings", "num_reqs_padded")))),
-    # runner_hook: sample_tokens' output (or its async wrapper) carries the kept tokens.
+    # runner_v1: sample_tokens' output (or its async wrapper) carries the kept tokens.
     Seam(_RUNNER, "GPUModelRunner.sample_tokens", params=("self",)),
-    # runner_hook: _get_slot_mappings returns (by KV group, by layer); decode metadata edits the second.
+    # runner_v1: _get_slot_mappings returns (by KV group, by layer); decode metadata edits the second.
     Seam(_RUNNER, "GPUModelRunner._get_slot_mappings", params=("self",), returns=2),
-    # runner_hook: _build_attention_metadata is wrapped by these names and reads these keywords;
+    # runner_v1: _build_attention_metadata is wrapped by these names and reads these keywords;
     # its result[0] is the per-layer metadata dict.
     Seam(_RUNNER, "GPUModelRunner._build_attention_metadata",
          params=("self", "num_tokens", "num_reqs", "max_query_len"),
          kwargs=("slot_mappings", "num_reqs_padded", "for_cudagraph_capture"), returns=2),
-    # runner_hook (_is_feather, _bases, _states, _step_batch, decode_metadata.apply): runner state read.
+    # runner_v1 (_is_feather, _bases, _states, _step_batch, decode_metadata.apply): runner state read.
     Seam(_RUNNER, "GPUModelRunner",
          attrs=("requests", "input_batch", "attn_groups", "req_indices", "positions", "get_model")),
     Seam(_RUNNER, "GPUModelRunner.get_model", params=("self",), closed=True),
-    # runner_hook.attach_kept: with async scheduling, get_output() returns _model_runner_output.
+    # runner_v1.attach_kept: with async scheduling, get_output() returns _model_runner_output.
     Seam(_RUNNER, "AsyncGPUModelRunnerOutput", attrs=("_model_runner_output", "get_output")),
     Seam(_RUNNER, "AsyncGPUModelRunnerOutput.get_output", params=("self",),
          source=("output = self._model_runner_output",)),
-    # runner_hook: build_metadata is wrapped to record each group's common metadata;
+    # runner_v1: build_metadata is wrapped to record each group's common metadata;
     # step.py / decode_metadata.py call it with that metadata alone.
     Seam("vllm.v1.worker.utils", "AttentionGroup.build_metadata",
          params=("self", "common_attn_metadata"), closed=True),
     Seam("vllm.v1.worker.utils", "AttentionGroup", attrs=("layer_names", "kv_cache_group_id")),
-    # runner_hook._step_batch / _bases: the input batch's rows and per-group block tables.
+    # runner_v1._step_batch / _bases: the input batch's rows and per-group block tables.
     Seam("vllm.v1.worker.gpu_input_batch", "InputBatch",
          attrs=("req_ids", "req_id_to_index", "num_computed_tokens_cpu", "num_prompt_tokens", "block_table")),
-    # runner_hook._trim_blocks: a request's block list per KV group, cut after the scheduler trims it.
+    # runner_v1._trim_blocks: a request's block list per KV group, cut after the scheduler trims it.
     Seam("vllm.v1.worker.gpu_input_batch", "CachedRequestState", attrs=("block_ids",)),
     Seam("vllm.v1.worker.block_table", "MultiGroupBlockTable", attrs=("__getitem__",)),
-    # runner_hook._bases (get_device_tensor), step.retarget (block_size),
-    # decode_metadata.compact_slots (block_table.gpu).
-    Seam("vllm.v1.worker.block_table", "BlockTable",
-         attrs=("block_size", "block_table", "get_device_tensor", "num_blocks_per_row")),
+    # runner_v1._bases / _plan_decode (get_device_tensor, block_size), _trim_blocks (num_blocks_per_row).
+    Seam("vllm.v1.worker.block_table", "BlockTable", attrs=("block_size", "get_device_tensor", "num_blocks_per_row")),
     Seam("vllm.v1.worker.block_table", "BlockTable.get_device_tensor", params=("self", "num_reqs"), closed=True),
     # step.py / decode_metadata.py: the fields a metadata rewrite sets on a copy.
     Seam("vllm.v1.attention.backend", "CommonAttentionMetadata",
          attrs=("query_start_loc", "query_start_loc_cpu", "seq_lens", "seq_lens_cpu_upper_bound", "num_reqs",
                 "num_actual_tokens", "max_query_len", "max_seq_len", "block_table_tensor", "slot_mapping",
                 "positions")),
-    # runner_hook.attach_kept: the step output classes, and the shared empty output.
+    # runner_v1.attach_kept: the step output classes, and the shared empty output.
     Seam("vllm.v1.outputs", "ModelRunnerOutput", attrs=("req_ids", "req_id_to_index")),
     Seam("vllm.v1.outputs", "AsyncModelRunnerOutput", attrs=("get_output",)),
     Seam("vllm.v1.outputs", "EMPTY_MODEL_RUNNER_OUTPUT"),
@@ -186,7 +184,7 @@ SEAMS: tuple[Seam, ...] = (
     Seam("vllm.multimodal.inputs", "MultiModalFeatureSpec", attrs=("modality", "mm_position")),
     Seam("vllm.multimodal.inputs", "PlaceholderRange", attrs=("offset", "length")),
     Seam("vllm.sampling_params", "SamplingParams", attrs=("extra_args",)),
-    # runner_hook._update_states: a new or resumed request (CachedRequestData.resumed_req_ids)
+    # runner_v1._update_states: a new or resumed request (CachedRequestData.resumed_req_ids)
     # starts without pruning state; it re-prefills and the scheduler decides again.
     Seam("vllm.v1.core.sched.output", "SchedulerOutput", attrs=("scheduled_new_reqs", "scheduled_cached_reqs")),
     Seam("vllm.v1.core.sched.output", "NewRequestData", attrs=("req_id",)),

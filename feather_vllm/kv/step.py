@@ -1,12 +1,13 @@
 """What the model needs to know about the batch of one engine step.
 
-The model runner (vLLM internals) publishes a `StepBatch` before the
+The model runner seam (`kv.runner_v1`) publishes a `StepBatch` before the
 forward pass of a step in which some request cuts (its plan arrived with
 this step); `FeatherLlavaForConditionalGeneration` reads it to find each
 request's rows and pruning, and asks it (`retarget`) to rewrite the
-attention metadata and KV slots of the layers after a cut: that rewrite
-lives here, with the rest of vLLM's internals. Other steps (decode, unpruned prefills) and
-dummy/profiling runs publish nothing: the model runs vLLM's own forward.
+attention metadata and KV slots of the layers after a cut. Runner-agnostic:
+it works on vLLM's `CommonAttentionMetadata`, its forward context and plain
+tensors. Other steps (decode, unpruned prefills) and dummy/profiling runs
+publish nothing: the model runs vLLM's own forward.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ class GroupBase:
 
     attn_group: Any  # vllm.v1.worker.utils.AttentionGroup
     common: Any  # CommonAttentionMetadata with this group's block table and slots
-    block_table: Any  # vllm.v1.worker.block_table.BlockTable of the group
+    block_size: int  # tokens per block of the group's block table
     layer_indices: tuple[int, ...]  # decoder layer of each name in attn_group.layer_names
 
 
@@ -69,40 +70,38 @@ class StepBatch:
         from vllm.forward_context import get_forward_context
 
         fc = get_forward_context()
-        rows_cpu = rows.cpu()
-        pos_cpu = positions.cpu()
+        device = rows.device
+        # Request row ranges among the survivors: one host copy of the rows.
         bounds = torch.tensor([r.row_start for r in self.requests] +
                               [self.requests[-1].row_start + self.requests[-1].num_rows])
-        edges = torch.searchsorted(rows_cpu, bounds)
+        edges = torch.searchsorted(rows.cpu(), bounds)
         qsl = torch.zeros(len(self.requests) + 1, dtype=torch.int32)
         qsl[1:] = torch.cumsum(edges[1:] - edges[:-1], 0)
         seq_lens = torch.tensor([r.seq_len - (0 if d is None else d.numel()) for r, d in zip(self.requests, dropped)],
                                 dtype=torch.int32)
+        shifted = [(i, int(edges[i]), int(edges[i + 1]), d.to(device)) for i, d in enumerate(dropped)
+                   if d is not None and d.numel()]
         built: dict[int, tuple[Any, torch.Tensor]] = {}
         for name in layer_names:
             g = self.layer_group[name]
             if g not in built:
                 view = self.groups[g]
                 slots = fc.slot_mapping[name][rows].clone()
-                block_table = view.common.block_table_tensor
-                for i, d in enumerate(dropped):
-                    if d is None or d.numel() == 0:
-                        continue
-                    lo, hi = int(edges[i]), int(edges[i + 1])
-                    pos = pos_cpu[lo:hi].long()
+                block_table, size = view.common.block_table_tensor, view.block_size
+                for i, lo, hi, d in shifted:  # on the device: compact position -> block -> slot
+                    pos = positions[lo:hi].long()
                     compact = pos - torch.searchsorted(d, pos)
-                    size = view.block_table.block_size
-                    blocks = block_table[i].cpu().long()[compact // size]
-                    slots[lo:hi] = (blocks * size + compact % size).to(slots.device)
-                built[g] = (self._metadata(g, qsl, seq_lens, slots, positions, rows.shape[0]), slots)
+                    slots[lo:hi] = block_table[i, compact // size].long() * size + compact % size
+                built[g] = (self._metadata(g, qsl, seq_lens, slots, positions), slots)
             fc.attn_metadata[name], fc.slot_mapping[name] = built[g]
 
     def _metadata(self, group: int, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
-                  slot_mapping: torch.Tensor, positions: torch.Tensor, num_rows: int) -> Any:
+                  slot_mapping: torch.Tensor, positions: torch.Tensor) -> Any:
         """Attention metadata of `group` for a compacted set of rows.
 
         `query_start_loc` and `seq_lens` are per request (CPU, int32) in the
         pruned layers' own (compact) token space; `slot_mapping` is per row.
+        Rows past the last request (CUDA-graph padding) are not attended.
         """
         view = self.groups[group]
         cm = copy(view.common)
@@ -111,7 +110,7 @@ class StepBatch:
         cm.query_start_loc = query_start_loc.to(device, non_blocking=True)
         cm.seq_lens = seq_lens.to(device, non_blocking=True)
         cm.seq_lens_cpu_upper_bound = seq_lens
-        cm.num_actual_tokens = num_rows
+        cm.num_actual_tokens = int(query_start_loc[-1])
         q = query_start_loc[1:] - query_start_loc[:-1]
         cm.max_query_len = int(q.max()) if q.numel() else 0
         cm.max_seq_len = int(seq_lens.max()) if seq_lens.numel() else 0

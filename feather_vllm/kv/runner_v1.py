@@ -1,25 +1,31 @@
-"""Model-runner hooks (vLLM internals, pinned version: the V1
-`vllm.v1.worker.gpu_model_runner.GPUModelRunner`, which the CPU runner
-inherits). Inert unless the loaded model is the FEATHER architecture.
+"""The model-runner seam for vLLM's V1 runner
+(`vllm.v1.worker.gpu_model_runner.GPUModelRunner`, which the CPU runner
+inherits; deleted in vLLM 0.34: `docs/model_runner_v2.md` maps each piece
+onto Model Runner V2). The only module that reads a runner's private state
+(requests, input batch, block tables, positions, slot mappings, outputs);
+`kv.step` and `kv.decode_metadata` work on what it hands them. Inert unless
+the loaded model is the FEATHER architecture.
 
-- `_update_states`: the plans that came with the step (`SchedulerOutput.
-  feather_plans`) go onto their requests' cached states; those requests cut
-  in this step. The worker applies plans, it never decides.
-- `_get_slot_mappings` / `_build_attention_metadata`: in a step where some
-  request cuts, publish the batch (`kv.step.StepBatch`) for the model's
-  cutting forward; in any other step, give the layers after each cut of the
-  batch's pruned requests their compact metadata (`kv.decode_metadata`), so
-  the model runs vLLM's own (compiled) forward.
+- `_update_states`: lifecycle of the worker's pruning state. Blocks the
+  scheduler freed after a cut leave the request's block table first; a new
+  or resumed request starts without pruning state; the plans that came with
+  the step (`SchedulerOutput.feather_plans`) go onto their requests' cached
+  states, and those requests cut in this step. The worker never decides.
+- `_build_attention_metadata`: in a step where some request cuts, publish
+  the batch (`kv.step.StepBatch`) for the model's cutting forward; in any
+  other step, shift the pruned layers' metadata (`kv.decode_metadata`):
+  groups whose layers lie between two cuts before vLLM's own build (their
+  only build), groups split by a cut after it. The model then runs vLLM's
+  own (compiled) forward.
 - `execute_model` / `sample_tokens`: the scope of a real step (dummy and
   profile runs publish nothing), and the kept tokens of the requests that
   cut ride the step's `ModelRunnerOutput` as `feather_kept`, also when
   async scheduling wraps it in an `AsyncModelRunnerOutput`.
-`AttentionGroup.build_metadata` is wrapped to capture the
-`CommonAttentionMetadata` vLLM built for each group.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from copy import copy
 from typing import Any
@@ -29,7 +35,22 @@ from feather_vllm.kv.plan import KeptTokens, WorkerPruning
 
 ATTR = "feather_pruning"  # the WorkerPruning on the runner's CachedRequestState
 
-_recording: dict[int, Any] | None = None  # id(AttentionGroup) -> its common metadata, in a build
+
+@dataclasses.dataclass
+class _Build:
+    """What the `AttentionGroup.build_metadata` wrapper does during one
+    `_build_attention_metadata` call of a real step."""
+
+    recorded: dict[int, Any]  # id(AttentionGroup) -> the common metadata vLLM built it from
+    # id(AttentionGroup) -> (part, block size, layer names): shifted before vLLM's build
+    shift_before: dict[int, tuple[int, int, list[str]]]
+    shift: decode_metadata.DecodeShift | None = None
+    req_indices: Any = None
+    positions: Any = None
+    slot_by_layer: dict[str, Any] | None = None
+
+
+_build: _Build | None = None
 
 
 def _is_feather(runner: Any) -> bool:
@@ -45,23 +66,31 @@ def _layer_index(name: str) -> int:
     return int(name.split(".layers.")[1].split(".")[0])
 
 
+def _groups(runner: Any) -> list[tuple[int, Any, tuple[int, ...]]]:
+    """(KV group, attention group, decoder layer of each of its layers)."""
+    out = getattr(runner, "_feather_groups", None)
+    if out is None:
+        out = runner._feather_groups = [
+            (gid, ag, tuple(_layer_index(n) for n in ag.layer_names))
+            for gid, attn_groups in enumerate(runner.attn_groups) for ag in attn_groups]
+    return out
+
+
 def _bases(runner: Any, recorded: dict[int, Any], slot_mappings: dict[int, Any],
            num_reqs_padded: int) -> list[step.GroupBase]:
     """Each attention group's base metadata in this step."""
     any_common = next(iter(recorded.values()))
     bases = []
-    for gid, attn_groups in enumerate(runner.attn_groups):
+    for gid, ag, layers in _groups(runner):
         block_table = runner.input_batch.block_table[gid]
-        for ag in attn_groups:
-            common = recorded.get(id(ag))
-            if common is None:
-                # Built through the backend's update_block_table shortcut: the
-                # same base, this group's own block table and slots.
-                common = copy(any_common)
-                common.block_table_tensor = block_table.get_device_tensor(num_reqs_padded)
-                common.slot_mapping = slot_mappings[gid]
-            bases.append(step.GroupBase(
-                ag, common, block_table, tuple(_layer_index(n) for n in ag.layer_names)))
+        common = recorded.get(id(ag))
+        if common is None:
+            # Built through the backend's update_block_table shortcut: the
+            # same base, this group's own block table and slots.
+            common = copy(any_common)
+            common.block_table_tensor = block_table.get_device_tensor(num_reqs_padded)
+            common.slot_mapping = slot_mappings[gid]
+        bases.append(step.GroupBase(ag, common, block_table.block_size, layers))
     return bases
 
 
@@ -117,6 +146,23 @@ def attach_kept(output: Any, kept: dict[str, KeptTokens]) -> bool:
     return True
 
 
+def _plan_decode(runner: Any, num_tokens: int, num_reqs: int, num_reqs_padded: int) -> _Build:
+    """The decode shift of a step without cuts, and which attention groups
+    take it before vLLM's build."""
+    shift = decode_metadata.shift_of(_states(runner, num_reqs), num_reqs_padded, runner.positions.device)
+    build = _Build(recorded={}, shift_before={}, shift=shift)
+    if shift is None:
+        return build
+    build.req_indices = runner.req_indices.gpu[:num_tokens]
+    build.positions = runner.positions[:num_tokens]
+    build.slot_by_layer = runner._feather_slot_by_layer
+    for gid, ag, layers in _groups(runner):
+        k = decode_metadata.single_part(layers, shift)
+        if k is not None and shift.shifts(k):
+            build.shift_before[id(ag)] = (k, runner.input_batch.block_table[gid].block_size, list(ag.layer_names))
+    return build
+
+
 def install() -> None:
     """Patch the runner once per process (idempotent)."""
     from vllm.v1.worker import utils as worker_utils
@@ -133,8 +179,15 @@ def install() -> None:
 
     @functools.wraps(original_build_group)
     def build_metadata(self, common_attn_metadata, *args, **kwargs):
-        if _recording is not None:
-            _recording[id(self)] = common_attn_metadata
+        if _build is not None:
+            _build.recorded[id(self)] = common_attn_metadata
+            before = _build.shift_before.get(id(self))
+            if before is not None:
+                k, block_size, names = before
+                common_attn_metadata = decode_metadata.shifted(
+                    common_attn_metadata, _build.shift, k, block_size, _build.req_indices, _build.positions)
+                for name in names:
+                    _build.slot_by_layer[name] = common_attn_metadata.slot_mapping
         return original_build_group(self, common_attn_metadata, *args, **kwargs)
 
     worker_utils.AttentionGroup.build_metadata = build_metadata
@@ -213,24 +266,28 @@ def install() -> None:
 
     @functools.wraps(original_build)
     def _build_attention_metadata(self, num_tokens, num_reqs, max_query_len, *args, **kwargs):
-        global _recording
-        real = self._feather_in_step and not kwargs.get("for_cudagraph_capture", False)
-        _recording = {} if real else None
+        global _build
+        if not self._feather_in_step or kwargs.get("for_cudagraph_capture", False):
+            return original_build(self, num_tokens, num_reqs, max_query_len, *args, **kwargs)
+        num_reqs_padded = kwargs.get("num_reqs_padded") or num_reqs
+        build = _Build(recorded={}, shift_before={}) if self._feather_cutting else \
+            _plan_decode(self, num_tokens, num_reqs, num_reqs_padded)
+        _build = build
         try:
             result = original_build(self, num_tokens, num_reqs, max_query_len, *args, **kwargs)
-            recorded = _recording
         finally:
-            _recording = None
-        if not real or not recorded:
+            _build = None
+        if not build.recorded:
             return result
-        attn_metadata = result[0]
-        num_reqs_padded = kwargs.get("num_reqs_padded") or num_reqs
-        bases = _bases(self, recorded, kwargs["slot_mappings"], num_reqs_padded)
+        bases = _bases(self, build.recorded, kwargs["slot_mappings"], num_reqs_padded)
         if self._feather_cutting:
             step._current = _step_batch(self, bases, num_reqs)
-        else:
-            decode_metadata.apply(bases, _states(self, num_reqs), self.req_indices.gpu[:num_tokens],
-                                  self.positions[:num_tokens], attn_metadata, self._feather_slot_by_layer)
+        elif build.shift is not None:
+            # Groups vLLM built through update_block_table (GPU, equal specs)
+            # never reached the wrapper: they are rebuilt with the rest.
+            done = set(build.shift_before) & set(build.recorded)
+            decode_metadata.rebuild_split_groups(bases, build.shift, build.req_indices, build.positions,
+                                                 result[0], self._feather_slot_by_layer, done)
         return result
 
     GPUModelRunner._build_attention_metadata = _build_attention_metadata
