@@ -112,3 +112,49 @@ def test_tokens_equal_roomy_pool(reference, tight, i):
     assert got_report.fallback is None and got_report.stages == want_report.stages
     if PRESETS[i] != "none":
         assert got_report.stages
+
+
+def test_a_resume_that_falls_back_runs_unpruned(tiny_checkpoint, monkeypatch):
+    """A request pruned in its first life whose resume the scheduler runs
+    unpruned (forced here: any decision after a preemption falls back):
+    the worker forgets the first life's cut (no stale state: its KV is
+    recomputed in full), the report says so, and the answer stays finite."""
+    from feather_vllm.kv import runner_v1, scheduler_hook
+    from feather_vllm.pruning.schedule import FallbackReason
+
+    decide = scheduler_hook._decide
+
+    def falls_back_on_resume(spec, request, *args):
+        decided = decide(spec, request, *args)
+        if request.num_preemptions and decided.plan is not None:
+            decided.plan, decided.fallback = None, FallbackReason.PROMPT_SPLIT
+        return decided
+
+    monkeypatch.setattr(scheduler_hook, "_decide", falls_back_on_resume)
+    llm = make_llm(tiny_checkpoint, enable_chunked_prefill=True, max_num_batched_tokens=BUDGET, max_model_len=1408,
+                   block_size=32, kv_cache_bytes=SMALL_POOL)
+    try:
+        scheduler, _, _ = engine_parts(llm)
+        runner = llm.llm_engine.model_executor.driver_worker.worker.model_runner
+        engine = llm.llm_engine
+        for i, preset in enumerate(PRESETS):
+            engine.add_request(f"r{i}", _prompt(i), _params(preset))
+        outs, stale = {}, []
+        while engine.has_unfinished_requests():
+            for o in engine.step():
+                if o.finished:
+                    outs[o.request_id] = o
+            for request in scheduler.running:
+                pruning = getattr(request, scheduler_hook.ATTR, None)
+                state = getattr(runner.requests.get(request.request_id), runner_v1.ATTR, None)
+                if request.num_preemptions and pruning is not None and pruning.fallback is not None \
+                        and state is not None:
+                    stale.append(request.request_id)
+    finally:
+        shutdown(llm)
+    resumed = [o for o in outs.values() if report_of(o).fallback is FallbackReason.PROMPT_SPLIT]
+    assert resumed and not stale
+    for out in resumed:
+        report = report_of(out)
+        assert report.stages == () and report.kv_blocks_held == report.kv_blocks_unpruned
+        assert all(math.isfinite(lp.logprob) for step in out.outputs[0].logprobs for lp in step.values())
