@@ -37,7 +37,19 @@ PRUNING_OVERRIDES = (
     Override("compilation_config", {"cudagraph_mode": "PIECEWISE"},
              "attention runs outside captured CUDA graphs, so each pruned KV group reads its own "
              "metadata every step (full graphs are refused at start)"),
+    Override("block_size", 32,
+             "CPU only, when --block-size is not given (GPUs keep vLLM's default, 16): KV is held in "
+             "whole blocks, and vLLM's CPU default of 128 tokens rounds a pruned stage's ~270 tokens "
+             "up to 384 (feather 0.50x of unpruned instead of 0.44x); the CPU attention kernel's fast "
+             "path takes any multiple of 32"),
 )
+CPU_BLOCK_SIZE = PRUNING_OVERRIDES[2]
+
+
+def _on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
 
 
 def merge_overrides(kwargs: dict[str, Any], default_preset: str | None = None) -> dict[str, Any]:
@@ -56,6 +68,8 @@ def merge_overrides(kwargs: dict[str, Any], default_preset: str | None = None) -
         out["compilation_config"] = dict(PRUNING_OVERRIDES[1].value)
     elif isinstance(compilation, dict):
         out["compilation_config"] = {**PRUNING_OVERRIDES[1].value, **compilation}
+    if out.get("block_size") is None and _on_cpu():
+        out["block_size"] = CPU_BLOCK_SIZE.value
     return out
 
 

@@ -1,5 +1,5 @@
-"""KV blocks per image request and max concurrent image requests at a fixed
-KV budget, per preset, observed in the real engine's scheduler.
+"""KV blocks per image request and max image requests decoding at once at a
+fixed KV budget, per preset, observed in the real engine's scheduler.
 
 python -m loadtest.kv_capacity [--model DIR] [--kv-cache-mib 640] [--block-size 32]
 
@@ -55,15 +55,17 @@ def measure(model: str, kv_cache_mib: int, block_size: int, requests: int, max_t
         # One request alone: the blocks each KV group held, from the engine's report.
         (probe,) = [o for o in llm.generate([prompt], params, use_tqdm=False)]
         report = report_of(probe)
-        image_tokens = report.image_tokens
+        image_tokens = report.image_tokens_total
         text_tokens = len(probe.prompt_token_ids) - image_tokens
-        # Peak of requests running at once when many arrive together.
+        # Peak of requests decoding at once when many arrive together (past
+        # their prefill: "running" also counts requests that only computed a
+        # chunk of text before their image and may yet be preempted).
         for i in range(requests):
             engine.add_request(f"{preset}-{i}", prompt, params)
         peak = 0
         while engine.has_unfinished_requests():
             engine.step()
-            peak = max(peak, len(scheduler.running))
+            peak = max(peak, sum(r.num_computed_tokens >= r.num_prompt_tokens for r in scheduler.running))
         results["presets"][preset] = {
             "blocks_per_group": list(report.kv_blocks_held), "blocks": report.kv_blocks_used,
             # The paper's cost model: prompt KV in token-layers, at the stages' upper bounds.
@@ -77,7 +79,7 @@ def report(results: dict[str, Any]) -> str:
     lines = [f"KV budget {results['kv_cache_mib']} MiB = {results['num_blocks']} blocks of "
              f"{results['block_size']} tokens; one image request (576 image tokens)",
              f"{'preset':<12} {'blocks/req':>10} {'x none':>7} {'cost model':>10} "
-             f"{'max concurrent':>15} {'x none':>7}"]
+             f"{'max decoding':>15} {'x none':>7}"]
     for preset, r in results["presets"].items():
         lines.append(
             f"{preset:<12} {r['blocks']:>10} {r['blocks'] / base['blocks']:>7.2f} {r['predicted_ratio']:>10.2f} "

@@ -19,7 +19,8 @@ every check passed, 1 otherwise.
 - kept_sets_reference: kept image indices per stage of every pruning preset
   (one mixed batch) equal the transformers reference's.
 - kv_blocks_per_group: a feather request's KV blocks held per KV group at
-  finish equal the cost model's reservation, and sum to less than unpruned.
+  finish equal what the cut kept (reservations are trimmed to it), and sum
+  to less than unpruned.
 - benchmark_default_compilation: vLLM's default compilation (torch.compile;
   piecewise CUDA graphs as `engine_kwargs` sets them) on the `bench`
   checkpoint, vLLM's default dtype: TTFT (a max_tokens=1 request, median of
@@ -56,7 +57,6 @@ from typing import Any, Callable
 ROOT = Path(__file__).resolve().parents[1]
 CHECKS = ("unpruned_exact", "kept_sets_reference", "kv_blocks_per_group",
           "benchmark_default_compilation", "flashinfer")
-SUPPORTED_VLLM = ((0, 32), (0, 33))
 PRUNED = ("fastv", "feather", "pyramiddrop")
 MAX_TOKENS = 16  # unpruned_exact: greedy tokens per prompt
 LOGPROB_TOL = 1e-4
@@ -120,13 +120,10 @@ def check_environment(device: str) -> dict[str, Any]:
         return out
     version = str(getattr(vllm, "__version__", "unknown"))
     out["vllm"] = version
-    try:
-        major_minor = tuple(int(p) for p in version.lstrip("v").split(".")[:2])
-    except ValueError:
-        major_minor = ()
-    if major_minor not in SUPPORTED_VLLM:
-        out["error"] = (f"vLLM {version} is not supported: the plugin supports vLLM "
-                        f"{' and '.join('%d.%d.x' % v for v in SUPPORTED_VLLM)}")
+    from feather_vllm.kv import seams
+
+    if not seams.supported_version(version):
+        out["error"] = f"vLLM {version} is not supported: the plugin supports vLLM {seams.supported_range()}"
         return out
     try:
         from vllm.platforms import current_platform
@@ -371,15 +368,11 @@ def kept_sets(llm) -> dict[str, Any]:
             "error": "; ".join(problems) or None}
 
 
-def predicted_blocks(kv, preset: str, tokens: int, image_tokens: int) -> list[int]:
-    """tests/test_kv_cache.py `_predicted_blocks`: per KV group, blocks for
-    `tokens` minus the image tokens no layer of the group can hold (the most
-    the preset keeps at the group's first layer, from the cost model)."""
-    from feather_vllm.pruning import config as pcfg
-    from feather_vllm.pruning.cost import kept_per_stage_max
-
-    cfg = pcfg.resolve(preset)
-    cuts = list(zip(cfg.cut_layers, kept_per_stage_max(cfg, image_tokens)))
+def predicted_blocks(kv, cuts: list[tuple[int, int]], tokens: int, image_tokens: int) -> list[int]:
+    """Per KV group, blocks for `tokens` minus the image tokens absent from
+    the group's first layer, given `cuts` ((layer, image tokens kept) per
+    cut, as the engine's report has them: reservations are trimmed to what
+    the cut kept)."""
     out = []
     for group in kv.kv_cache_config.kv_cache_groups:
         spec = group.kv_cache_spec
@@ -401,8 +394,8 @@ def kv_blocks(llm) -> dict[str, Any]:
         return {"ok": False, "error": "no pruning report on the finished output"}
     tokens = len(out.prompt_token_ids) + KV_MAX_TOKENS - 1  # the last token is sampled, never cached
     image_tokens = report.image_tokens_total
-    expected = predicted_blocks(kv, "feather", tokens, image_tokens)
-    unpruned = predicted_blocks(kv, "none", tokens, image_tokens)
+    expected = predicted_blocks(kv, [(stage.layer, stage.total) for stage in report.stages], tokens, image_tokens)
+    unpruned = predicted_blocks(kv, [], tokens, image_tokens)
     held, reported_unpruned = list(report.kv_blocks_held), list(report.kv_blocks_unpruned)
     freed = kv.block_pool.get_num_free_blocks() == free_before
     ok = report.fallback is None and held == expected and reported_unpruned == unpruned and sum(held) < sum(unpruned)

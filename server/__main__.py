@@ -21,6 +21,8 @@ def main(argv: list[str] | None = None) -> None:
     settings = args.settings
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
+    import signal
+
     import uvicorn
 
     from server import lifecycle
@@ -39,9 +41,24 @@ def main(argv: list[str] | None = None) -> None:
 
     level = settings.log_level.lower()  # vLLM's --log-level names are upper case; NOTSET is uvicorn's "trace"
     app = create_app(settings, stop_server, args.engine_args)
-    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port,
-                                           log_level="trace" if level == "notset" else level,
-                                           timeout_graceful_shutdown=5))
+
+    class Server(uvicorn.Server):
+        """SIGTERM drains (server.app.Drain: admitted requests finish within
+        --shutdown-timeout, a second SIGTERM aborts them), then the server
+        stops and the process exits 0. Uvicorn's own handling would close
+        the connections at once and re-raise SIGTERM after its shutdown (exit
+        -15). SIGINT (Ctrl-C) stays uvicorn's: a quick stop."""
+
+        def handle_exit(self, sig, frame) -> None:
+            if sig == signal.SIGTERM:
+                app.state.drain.request()
+            else:
+                super().handle_exit(sig, frame)
+
+    # Once drained, the streams have ended: uvicorn's grace period only covers idle connections.
+    server = Server(uvicorn.Config(app, host=settings.host, port=settings.port,
+                                   log_level="trace" if level == "notset" else level,
+                                   timeout_graceful_shutdown=5))
     server.run()
     if exit_code:
         sys.exit(exit_code)

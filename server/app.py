@@ -12,7 +12,7 @@ from fastapi import FastAPI
 
 from server import errors, lifecycle, metrics, routes
 from server.auth import Auth
-from server.engine import build_engine_args, engine_layout, start_engine
+from server.engine import DEFAULT_SHUTDOWN_TIMEOUT_S, build_engine_args, engine_layout, start_engine
 from server.settings import Settings
 from server.state import GatewayState
 
@@ -22,6 +22,64 @@ if TYPE_CHECKING:
 logger = logging.getLogger("server")
 
 ENGINE_POLL_S = 1.0
+DRAIN_POLL_S = 0.1
+ABORT_GRACE_S = 10.0  # after the drain: time for aborted requests to send their last chunk
+
+
+class Drain:
+    """Graceful shutdown (SIGTERM; `python -m server` calls `request`).
+    At once: /health answers 503 (load balancers stop routing here) and new
+    requests get 503 with Retry-After; admitted requests, streamed or not,
+    run to the end. When none is left, or after --shutdown-timeout seconds,
+    or at a second SIGTERM, those still running are aborted (a stream ends
+    with finish_reason "abort" and an error event) and the server is told to
+    stop (`stop_server(0)`): uvicorn closes its connections, the lifespan
+    stops the engine, the process exits 0."""
+
+    def __init__(self, state: GatewayState, stop_server: Callable[[int], None] | None) -> None:
+        self.state, self.stop_server = state, stop_server
+        self.loop: asyncio.AbstractEventLoop | None = None  # set by the lifespan
+        self.task: asyncio.Task | None = None
+        self.forced = False
+
+    def request(self) -> None:
+        """Begin the drain; a second call ends it (aborting what is left).
+        Safe from a signal handler."""
+        if self.loop is None:  # before the app started: nothing to drain
+            if self.stop_server is not None:
+                self.stop_server(0)
+            return
+        self.loop.call_soon_threadsafe(self._on_request)
+
+    def _on_request(self) -> None:
+        if self.task is None:
+            self.task = self.loop.create_task(self._run())
+        elif not self.forced:
+            logger.warning("shutdown requested again: aborting the %d request(s) left", self.state.in_flight)
+            self.forced = True
+
+    async def _run(self) -> None:
+        state, loop = self.state, asyncio.get_running_loop()
+        state.draining = True
+        metrics.DRAINING.set(1)
+        timeout = state.shutdown_timeout
+        logger.info("shutting down: refusing new requests, draining %d request(s) for up to %s s "
+                    "(--shutdown-timeout)", state.in_flight, timeout)
+        deadline = loop.time() + timeout
+        while state.in_flight and not self.forced and loop.time() < deadline:
+            await asyncio.sleep(DRAIN_POLL_S)
+        if state.in_flight:
+            reason = "signal" if self.forced else "timeout"
+            logger.warning("shutdown (%s): aborting %d unfinished request(s)", reason, state.in_flight)
+            grace = loop.time() + ABORT_GRACE_S
+            while state.in_flight and loop.time() < grace:
+                # Again each round: a request admitted (rendering) when the last round ran.
+                for call in list(state.calls):
+                    await call.abort_for_shutdown(reason)
+                await asyncio.sleep(DRAIN_POLL_S)
+        logger.info("drained; stopping")
+        if self.stop_server is not None:
+            self.stop_server(state.exit_code or 0)
 
 
 def create_app(settings: Settings, stop_server: Callable[[int], None] | None = None,
@@ -36,6 +94,9 @@ def create_app(settings: Settings, stop_server: Callable[[int], None] | None = N
     its orchestrator restarts it (python -m server does). Without it the
     app keeps answering 503."""
     state = GatewayState(settings)
+    state.shutdown_timeout = float(engine_args.shutdown_timeout if engine_args is not None
+                                   and engine_args.shutdown_timeout is not None else DEFAULT_SHUTDOWN_TIMEOUT_S)
+    drain = Drain(state, stop_server)
 
     def fatal(reason: str) -> None:
         state.exit_code = lifecycle.ENGINE_DIED_EXIT_CODE
@@ -66,8 +127,10 @@ def create_app(settings: Settings, stop_server: Callable[[int], None] | None = N
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
+        drain.loop = asyncio.get_running_loop()
         starter = asyncio.create_task(_start())
         yield
+        metrics.DRAINING.set(0)
         starter.cancel()
         state.images.close()
         if state.engine is not None:
@@ -75,6 +138,7 @@ def create_app(settings: Settings, stop_server: Callable[[int], None] | None = N
 
     app = FastAPI(title="feather-vllm", lifespan=lifespan)
     app.state.gateway = state
+    app.state.drain = drain  # drain.request(): graceful shutdown (SIGTERM)
 
     # Outermost last: the response counter sees every answer, including the
     # 401/429 of auth (checked before the body is read) and the 413 of the body limit.

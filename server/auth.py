@@ -1,6 +1,6 @@
 """API keys, checked in ASGI middleware before the request body is read.
 
-A request to /v1/* without a valid `Authorization: Bearer <key>` gets 401
+A request to /v1/*, /version, /tokenize or /detokenize without a valid `Authorization: Bearer <key>` gets 401
 without the server reading (or parsing) a byte of its body. With several
 keys (one per client) and `max_requests_per_key`, each key may have at most
 that many chat completions in flight (429 beyond, also before the body).
@@ -18,6 +18,12 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from server.errors import error_body
 
 PROTECTED_PREFIX = "/v1/"
+PROTECTED_PATHS = frozenset({"/version", "/tokenize", "/detokenize"})  # vLLM's, outside /v1/
+
+
+def protected(path: str) -> bool:
+    """Paths that need a key (probes, /health and /ping, and /metrics do not)."""
+    return path.startswith(PROTECTED_PREFIX) or path in PROTECTED_PATHS
 UNAUTHORIZED = "missing or invalid API key (Authorization: Bearer <key>)"
 
 
@@ -38,7 +44,7 @@ class Auth:
         self.in_flight: dict[int, int] = defaultdict(int)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith(PROTECTED_PREFIX) or not self.keys:
+        if scope["type"] != "http" or not protected(scope["path"]) or not self.keys:
             await self.app(scope, receive, send)
             return
         index = key_index(Headers(scope=scope).get("authorization", ""), self.keys)

@@ -25,9 +25,14 @@ GATEWAY_OVERRIDES = (
              "the gateway's /metrics shows vLLM's vllm:* metrics next to feather_* (--disable-log-stats is ignored)"),
 )
 OVERRIDES = PRUNING_OVERRIDES + GATEWAY_OVERRIDES  # what --help and the README list
+# vLLM's --shutdown-timeout (0 there: SIGTERM aborts in-flight requests) when the flag is not given: a
+# production gateway lets admitted answers finish; 600 s covers the longest answer a 2-core CPU
+# generates within a 4k context (and minutes more than a GPU needs). server/app.py `Drain` applies it.
+DEFAULT_SHUTDOWN_TIMEOUT_S = 600
 # How each override meets the user's own value of that argument.
 OVERRIDE_NOTES = {
     "compilation_config": "set only when --compilation-config sets no cudagraph_mode; its other fields are kept",
+    "block_size": "on CPU, set only when --block-size is not given",
 }
 
 
@@ -68,12 +73,13 @@ def build_engine_args(model: str, default_preset: str, kv_boundaries: list[int] 
     from vllm.engine.arg_utils import AsyncEngineArgs
 
     if engine_args is None:
-        engine_args = AsyncEngineArgs(model=model)
+        engine_args = AsyncEngineArgs(model=model, shutdown_timeout=None)
     hf_overrides = engine_args.hf_overrides
     if callable(hf_overrides):
         raise TypeError("hf_overrides must be a dict for the FEATHER model (got a function)")
     merged = merge_overrides({"hf_overrides": dict(hf_overrides or {}),
-                              "compilation_config": engine_args.compilation_config}, default_preset)
+                              "compilation_config": engine_args.compilation_config,
+                              "block_size": engine_args.block_size}, default_preset)
     if kv_boundaries is not None:
         merged["hf_overrides"]["feather_kv_boundaries"] = list(kv_boundaries)
     compilation = merged["compilation_config"]
@@ -85,7 +91,10 @@ def build_engine_args(model: str, default_preset: str, kv_boundaries: list[int] 
         engine_args,
         hf_overrides=merged["hf_overrides"],
         compilation_config=compilation,
+        block_size=merged["block_size"],
         served_model_name=engine_args.served_model_name or [Path(model).name],
+        shutdown_timeout=(DEFAULT_SHUTDOWN_TIMEOUT_S if engine_args.shutdown_timeout is None
+                          else engine_args.shutdown_timeout),
         **{o.name: o.value for o in GATEWAY_OVERRIDES},
     )
 

@@ -38,7 +38,7 @@ _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
 _PART_TAGS = {"text", "image_url"}  # discriminator values right after a list index
 
 
-def _validation_param(loc: tuple[Any, ...]) -> str | None:
+def validation_param(loc: tuple[Any, ...]) -> str | None:
     """`("body", "messages", 0, "role")` -> "messages[0].role"."""
     out = ""
     after_index = False
@@ -101,7 +101,7 @@ def install(app: FastAPI) -> None:
         # branch's type mismatch, e.g. for `stop`: str | list[str].
         first = max(err.errors(), key=lambda e: (not str(e.get("type", "")).endswith("_type"), len(e.get("loc", ()))),
                     default={"loc": (), "msg": "invalid request"})
-        param = _validation_param(tuple(first.get("loc", ())))
+        param = validation_param(tuple(first.get("loc", ())))
         if first.get("type") == "json_invalid":
             message = "request body is not valid JSON"
             param = None

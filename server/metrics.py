@@ -21,7 +21,8 @@ _TOKEN_LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15,
 REQUESTS = Counter("feather_requests", "Chat completion responses by HTTP status and preset (every response, "
                    "errors included)", ["status", "preset"])
 HANDLERS = {"/v1/chat/completions": "chat_completions", "/v1/models": "models", "/health": "health",
-            "/metrics": "metrics"}
+            "/metrics": "metrics", "/ping": "ping", "/version": "version", "/tokenize": "tokenize",
+            "/detokenize": "detokenize", "/live": "live"}
 HTTP_RESPONSES = Counter("feather_http_responses", "HTTP responses of every endpoint by handler and status",
                          ["handler", "status"])
 TTFT = Histogram("feather_time_to_first_token_seconds", "Time to first token", ["preset"], buckets=_LATENCY)
@@ -38,6 +39,13 @@ KV_BLOCKS_UNPRUNED = Counter("feather_kv_blocks_unpruned", "KV blocks the same r
                              ["preset"])
 FALLBACKS = Counter("feather_pruning_fallbacks", "Requests that asked for pruning and ran unpruned", ["reason"])
 RUNNING = Gauge("feather_requests_running", "Requests generating tokens")
+DRAINING = Gauge("feather_draining", "1 while the gateway drains for shutdown (new requests refused, admitted "
+                 "ones finishing), else 0")
+# `reason`: "timeout" (--shutdown-timeout passed) or "signal" (a second SIGTERM).
+SHUTDOWN_ABORTS = Counter("feather_shutdown_aborted_requests", "Chat completions aborted at shutdown, unfinished",
+                          ["reason"])
+for _reason in ("timeout", "signal"):
+    SHUTDOWN_ABORTS.labels(_reason)  # both series exist (at 0) from the start
 WAITING = Gauge("feather_requests_waiting", "Requests accepted and waiting for their first token")
 
 

@@ -63,9 +63,18 @@ MAX_STOP_SEQUENCES = 16
 StopString = Annotated[StrictStr, Field(min_length=1, max_length=1000)]
 
 
+Int64 = Annotated[StrictInt, Field(ge=-2**63, le=2**63 - 1)]
+Number = StrictFloat | StrictInt
+TokenIds = list[Annotated[StrictInt, Field(ge=0)]]
+
+
 class ChatCompletionRequest(BaseModel):
-    # OpenAI clients send fields we do not use (user, metadata, ...): ignore them.
-    model_config = ConfigDict(extra="ignore")
+    """Every field of vLLM 0.32's chat request, each honoured, accepted
+    without effect or refused (server/fields.py says which); other fields
+    are kept in `model_extra` and refused as unknown unless the gateway runs
+    with --lenient-fields (routes._check_fields)."""
+
+    model_config = ConfigDict(extra="allow")
 
     model: StrictStr
     messages: list[Message] = Field(min_length=1)
@@ -74,24 +83,77 @@ class ChatCompletionRequest(BaseModel):
     n: StrictInt = Field(1, ge=1, le=8)
     max_tokens: StrictInt | None = Field(None, ge=1)
     max_completion_tokens: StrictInt | None = Field(None, ge=1)
-    temperature: StrictFloat | StrictInt | None = Field(None, ge=0, le=2)
-    top_p: StrictFloat | StrictInt | None = Field(None, gt=0, le=1)
-    seed: StrictInt | None = Field(None, ge=-2**63, le=2**63 - 1)
+    temperature: Number | None = Field(None, ge=0, le=2)
+    top_p: Number | None = Field(None, gt=0, le=1)
+    seed: Int64 | None = None
     stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_SEQUENCES)] | None = None
-    frequency_penalty: StrictFloat | StrictInt | None = Field(None, ge=-2, le=2)
-    presence_penalty: StrictFloat | StrictInt | None = Field(None, ge=-2, le=2)
+    frequency_penalty: Number | None = Field(None, ge=-2, le=2)
+    presence_penalty: Number | None = Field(None, ge=-2, le=2)
     logprobs: StrictBool = False
     top_logprobs: StrictInt | None = Field(None, ge=0, le=20)
-    ignore_eos: StrictBool = False  # vLLM's extension, for benchmarks
+    logit_bias: dict[StrictStr, Number] | None = Field(None, max_length=1024)
+    response_format: dict[str, Any] | None = None  # checked and converted by vLLM's own request
     feather: FeatherSettings | None = None
-    # OpenAI features this server does not implement: refused when used,
-    # never silently ignored (see routes._refuse_unsupported).
+    # vLLM's sampling parameters (its `to_sampling_params` checks them further)
+    top_k: StrictInt | None = None
+    min_p: Number | None = None
+    repetition_penalty: Number | None = None
+    watermarking: StrictBool | None = None
+    stop_token_ids: TokenIds | None = Field(None, max_length=1024)
+    include_stop_str_in_output: StrictBool = False
+    ignore_eos: StrictBool = False
+    min_tokens: StrictInt = Field(0, ge=0)
+    skip_special_tokens: StrictBool = True
+    spaces_between_special_tokens: StrictBool = True
+    truncate_prompt_tokens: StrictInt | None = Field(None, ge=-1)
+    truncation_side: Literal["left", "right"] | None = None
+    logprob_token_ids: TokenIds | None = None
+    allowed_token_ids: TokenIds | None = None
+    bad_words: list[StrictStr] = Field(default_factory=list, max_length=1024)
+    structured_outputs: dict[str, Any] | None = None  # checked and converted by vLLM's own request
+    repetition_detection: dict[str, Any] | None = None
+    stream_interval: StrictInt | None = Field(None, ge=1)
+    # vLLM's prompt and request parameters
+    add_generation_prompt: StrictBool = True
+    continue_final_message: StrictBool = False
+    add_special_tokens: StrictBool = False
+    priority: Int64 = 0
+    request_id: StrictStr | None = Field(None, min_length=1, max_length=256)
+    session_id: StrictStr | None = Field(None, max_length=256)
+    return_tokens_as_token_ids: StrictBool | None = None
+    cache_salt: StrictStr | None = Field(None, min_length=1, max_length=128)
+    # Accepted, no effect here (server/fields.py: NO_EFFECT)
+    user: StrictStr | None = None
+    metadata: dict[str, Any] | None = None
+    store: StrictBool | None = None
+    service_tier: StrictStr | None = None
+    include_reasoning: StrictBool = True
+    parallel_tool_calls: StrictBool | None = None
+    routed_experts_prompt_start: StrictInt = Field(0, ge=0)
+    return_token_offsets: StrictBool | None = None
+    mm_payload: Literal["tensors", "none"] = "tensors"
+    return_mm_kwargs: StrictBool | None = None
+    # Refused unless at their defaults (server/fields.py: REFUSED)
     tools: list[Any] | None = None
     tool_choice: Any = None
+    reasoning_effort: Any = None
+    thinking_token_budget: Any = None
+    use_beam_search: StrictBool = False
+    length_penalty: Number = 1.0
+    prompt_logprobs: Any = None
+    echo: StrictBool = False
+    documents: Any = None
+    chat_template: Any = None
+    chat_template_kwargs: Any = None
+    media_io_kwargs: Any = None
+    mm_processor_kwargs: Any = None
+    return_token_ids: StrictBool | None = None
+    return_prompt_text: StrictBool | None = None
+    kv_transfer_params: Any = None
+    ec_transfer_params: Any = None
+    vllm_xargs: Any = None
     functions: list[Any] | None = None
     function_call: Any = None
-    response_format: dict[str, Any] | None = None
-    logit_bias: dict[str, Any] | None = None
     audio: Any = None
     prediction: Any = None
 
@@ -161,6 +223,7 @@ class Choice(BaseModel):
     message: ChatMessage
     logprobs: dict[str, Any] | None = None
     finish_reason: str | None
+    stop_reason: int | str | None = None  # vLLM's: the stop string or token id that ended the choice
 
 
 class ChatCompletionResponse(BaseModel):
@@ -183,6 +246,7 @@ class ChunkChoice(BaseModel):
     delta: Delta
     logprobs: dict[str, Any] | None = None
     finish_reason: str | None = None
+    stop_reason: int | str | None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -206,3 +270,51 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class _Tokenize(BaseModel):
+    # Unknown fields are refused unless --lenient-fields (routes.check_unknown_fields).
+    model_config = ConfigDict(extra="allow")
+
+    model: StrictStr | None = None
+    return_token_strs: StrictBool | None = False
+
+
+class TokenizeCompletionRequest(_Tokenize):
+    """vLLM's /tokenize body for a text prompt."""
+
+    prompt: StrictStr
+    add_special_tokens: StrictBool = True
+
+
+class TokenizeChatRequest(_Tokenize):
+    """vLLM's /tokenize body for chat messages (text only in this gateway)."""
+
+    messages: list[Message] = Field(min_length=1)
+    add_generation_prompt: StrictBool = True
+    continue_final_message: StrictBool = False
+    add_special_tokens: StrictBool = False
+    # vLLM's, refused as in chat completions (server/fields.py)
+    chat_template: Any = None
+    chat_template_kwargs: Any = None
+    media_io_kwargs: Any = None
+    mm_processor_kwargs: Any = None
+    tools: list[Any] | None = None
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    model: StrictStr | None = None
+    tokens: list[Annotated[StrictInt, Field(ge=0, le=2**63 - 1)]]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str

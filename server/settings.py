@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from server.engine import OVERRIDE_NOTES, OVERRIDES, build_engine_args
+from server.engine import DEFAULT_SHUTDOWN_TIMEOUT_S, OVERRIDE_NOTES, OVERRIDES, build_engine_args
 
 if TYPE_CHECKING:
     from vllm.engine.arg_utils import AsyncEngineArgs
@@ -68,14 +68,17 @@ class Settings(BaseSettings):
                                     "rarely needed decoder)")
     allow_file_urls: bool = Field(False, description="accept file:// image URLs (under --allowed-local-dir)")
     allowed_local_dir: Path | None = Field(None, description="file:// URLs must lie under this directory")
-    api_key: str | None = Field(None, description="require 'Authorization: Bearer <key>' on /v1/*; several "
-                                "keys comma-separated (e.g. one per client)")
+    api_key: str | None = Field(None, description="require 'Authorization: Bearer <key>' on /v1/*, /version, "
+                                "/tokenize and /detokenize; several keys (e.g. one per client) as vLLM takes "
+                                "them (--api-key K1 K2) or comma-separated (also in the variable)")
     max_requests_per_key: int | None = Field(None, description="chat completions in flight per API key "
                                              "(429 beyond)")
     max_waiting_requests: int = Field(64, description="requests beyond the engine's --max-num-seqs that may wait "
                                       "(429 beyond)")
     stream_send_timeout_s: float = Field(30.0, description="a stream whose client reads nothing for this long "
                                          "is ended and its request aborted")
+    lenient_fields: bool = Field(False, description="ignore unknown request fields (with a warning log), as "
+                                 "vLLM does, instead of refusing them with 400")
     log_level: str = Field("info", description="the gateway's log level: vLLM's --log-level when given")
 
     @property
@@ -139,6 +142,9 @@ def _epilog() -> str:
         value = json.dumps(o.value) if isinstance(o.value, dict) else repr(o.value)
         note = f" ({OVERRIDE_NOTES[o.name]})" if o.name in OVERRIDE_NOTES else ""
         parts.append(wrap(f"{o.name} = {value}: {o.reason}{note}", "  "))
+    parts.append(wrap(f"shutdown_timeout = {DEFAULT_SHUTDOWN_TIMEOUT_S} unless --shutdown-timeout is given "
+                      "(vLLM's default 0 aborts answers at SIGTERM): on SIGTERM the gateway refuses new requests "
+                      "(503), lets admitted ones finish for up to this many seconds, then aborts the rest", "  "))
     return "\n".join(parts).replace("%", "%%")
 
 
@@ -183,14 +189,17 @@ def build_parser() -> FlexibleArgumentParser:
         help_text = ((field.description + " " if field.description else "")
                      + f"[default: {_default_text(name)}; env FEATHER_{name.upper()}]").replace("%", "%%")
         # SUPPRESS: a flag not given stays out of the namespace, so the env var or the default applies.
-        if field.annotation is bool:
+        if name == "api_key":  # vLLM's form, several keys after one flag; joined in parse_args
+            group.add_argument(flag, dest=name, nargs="+", default=argparse.SUPPRESS, help=help_text)
+        elif field.annotation is bool:
             group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                help=help_text)
         else:
             group.add_argument(flag, dest=name, type=_flag_type(field.annotation), default=argparse.SUPPRESS,
                                help=help_text)
     AsyncEngineArgs.add_cli_args(parser)
-    parser.set_defaults(model=os.environ.get("FEATHER_MODEL") or None)
+    # None: not given, the gateway's drain default applies (server.engine.DEFAULT_SHUTDOWN_TIMEOUT_S).
+    parser.set_defaults(model=os.environ.get("FEATHER_MODEL") or None, shutdown_timeout=None)
     return parser
 
 
@@ -204,6 +213,8 @@ def parse_args(argv: list[str] | None = None) -> GatewayArgs:
     if not namespace.model:
         parser.error("--model is required (or the environment variable FEATHER_MODEL)")
     given = {name: getattr(namespace, name) for name in gateway_fields() if hasattr(namespace, name)}
+    if isinstance(given.get("api_key"), list):  # --api-key K1 K2 (and each may still be comma-separated)
+        given["api_key"] = ",".join(given["api_key"])
     served = namespace.served_model_name
     if isinstance(served, list):
         served = served[0] if served else None

@@ -57,7 +57,8 @@ def make_llm(checkpoint: Path, stock: bool = False, **kwargs: Any):
     kwargs.setdefault("enable_prefix_caching", False)
     kwargs.setdefault("distributed_executor_backend", "uni")
     kwargs.setdefault("max_model_len", 1024)
-    kw = engine_kwargs(str(checkpoint), dtype="float32", max_num_seqs=16, **kwargs)
+    kwargs.setdefault("max_num_seqs", 16)
+    kw = engine_kwargs(str(checkpoint), dtype="float32", **kwargs)
     if stock:
         kw.pop("hf_overrides")
     return LLM(**kw)

@@ -15,6 +15,7 @@ import pytest
 from tests.helpers import ServerProcess, png_data_url, sample_images
 
 KEY = "test-key"
+OTHER_KEY = "other-key"  # a second client (prefix-cache isolation per key)
 AUTH = {"Authorization": f"Bearer {KEY}"}
 QUESTION = "Where is the red square?"
 PRESETS = ["none", "fastv", "feather", "pyramiddrop"]
@@ -26,7 +27,7 @@ SHARED_SERVER = pytest.StashKey[ServerProcess]()
 def server(tiny_checkpoint, tmp_path_factory, request):
     local = tmp_path_factory.mktemp("images")
     sample_images()[1].save(local / "scene.png")
-    proc = ServerProcess(tiny_checkpoint, "--served-model-name", "tiny", "--api-key", KEY,
+    proc = ServerProcess(tiny_checkpoint, "--served-model-name", "tiny", "--api-key", KEY, OTHER_KEY,
                          "--max-num-seqs", "4", "--max-waiting-requests", "4",
                          "--max-image-bytes", "200000", "--max-image-pixels", "1000000",
                          "--allow-file-urls", "--allowed-local-dir", str(local), "--stream-send-timeout-s", "3")

@@ -36,26 +36,56 @@ def test_prometheus_config_and_rules_pass_promtool(tmp_path):
 def test_kubernetes_manifests_validate_against_schemas():
     import kubernetes_validate
 
-    for name in ("deployment.yaml", "service.yaml", "pvc.yaml"):
+    for name in ("deployment.yaml", "service.yaml", "pvc.yaml", "pdb.yaml"):
         for doc in yaml.safe_load_all((DEPLOY / "k8s" / name).read_text()):
             kubernetes_validate.validate(doc, "1.30", strict=True)
     deployment = yaml.safe_load((DEPLOY / "k8s/deployment.yaml").read_text())
     pod = deployment["spec"]["template"]["spec"]
     container = pod["containers"][0]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+    for probe in ("startupProbe", "readinessProbe"):
         assert container[probe]["httpGet"]["path"] == "/health"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/live"  # 200 while draining
     startup = container["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 900  # model loading takes minutes
     assert {v["name"] for v in pod["volumes"]} == {"model", "dshm"}
     assert deployment["spec"]["template"]["metadata"]["annotations"]["prometheus.io/path"] == "/metrics"
     kustomization = yaml.safe_load((DEPLOY / "k8s/kustomization.yaml").read_text())
     assert all((DEPLOY / "k8s" / r).exists() for r in kustomization["resources"])
+    assert "pdb.yaml" in kustomization["resources"]
+    labels = deployment["spec"]["selector"]["matchLabels"]
+    pdb = yaml.safe_load((DEPLOY / "k8s/pdb.yaml").read_text())
+    assert pdb["kind"] == "PodDisruptionBudget" and pdb["spec"]["selector"]["matchLabels"] == labels
+    assert pdb["spec"]["maxUnavailable"] >= 1  # a single replica can still be evicted (node drains)
+    spread = pod["topologySpreadConstraints"]
+    assert {c["topologyKey"] for c in spread} >= {"kubernetes.io/hostname"}
+    assert all(c["labelSelector"]["matchLabels"] == labels for c in spread)
     monitor = yaml.safe_load((DEPLOY / "k8s/servicemonitor.yaml").read_text())
     service = yaml.safe_load((DEPLOY / "k8s/service.yaml").read_text())
     assert monitor["kind"] == "ServiceMonitor"
     assert monitor["spec"]["selector"]["matchLabels"] == service["metadata"]["labels"]
     assert monitor["spec"]["endpoints"][0]["port"] == service["spec"]["ports"][0]["name"]
+
+
+def test_kubernetes_grace_period_covers_prestop_and_drain():
+    """KServe's pattern: a preStop sleep lets endpoint removal propagate
+    before SIGTERM; the gateway's drain (--shutdown-timeout, as
+    `python -m server` parses it) then fits in the grace period with room
+    for the aborts and the engine's teardown."""
+    from server.app import ABORT_GRACE_S
+    from server.settings import build_parser
+
+    pod = yaml.safe_load((DEPLOY / "k8s/deployment.yaml").read_text())["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    command = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "sleep"
+    pre_stop = int(command[1])
+    assert pre_stop == 15
+    drain = build_parser().parse_args(_deploy_command_lines()["k8s"]).shutdown_timeout
+    assert drain and drain > 0  # never vLLM's 0 (abort at SIGTERM) in production
+    grace = pod["terminationGracePeriodSeconds"]
+    assert grace > drain
+    assert grace >= pre_stop + drain + ABORT_GRACE_S
 
 
 def test_yaml_files_pass_yamllint():
@@ -96,6 +126,7 @@ def test_compose_file_wires_gateway_prometheus_grafana():
     assert gateway["build"]["target"] == "gpu"
     assert gateway["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
     assert "8000:8000" in gateway["ports"]
+    assert int(gateway["stop_grace_period"].removesuffix("s")) > 600  # the default drain, not Docker's 10 s
     for service in services.values():
         for volume in service.get("volumes", []):
             source = volume.split(":")[0]

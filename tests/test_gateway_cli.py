@@ -21,7 +21,8 @@ from tests.helpers import ServerProcess, png_data_url, sample_images
 
 ROOT = Path(__file__).resolve().parents[1]
 # What the gateway sets differently from vLLM's defaults.
-OVERRIDDEN = {"hf_overrides", "compilation_config", "disable_log_stats", "served_model_name"}
+OVERRIDDEN = {"hf_overrides", "compilation_config", "disable_log_stats", "served_model_name", "block_size",
+              "shutdown_timeout"}
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +58,8 @@ def test_no_flags_give_vllms_defaults_plus_the_overrides(parse, model_dir):
     assert engine.hf_overrides == {"architectures": [ARCHITECTURE], "feather_default": "none"}
     assert engine.compilation_config.cudagraph_mode == CUDAGraphMode.PIECEWISE
     assert engine.disable_log_stats is False
+    assert engine.block_size == 32  # on CPU, where vLLM's 128-token blocks round pruned stages up
+    assert engine.shutdown_timeout == 600  # SIGTERM drains (vLLM's 0 would abort the answers)
     assert engine.served_model_name == ["my-llava"] and args.settings.model_name == "my-llava"
     # Left to vLLM: the context length it derives, chunked prefill, its token budget, the KV budget.
     assert engine.max_model_len is None and engine.enable_chunked_prefill is None
@@ -88,16 +91,18 @@ def test_no_flags_give_vllms_defaults_plus_the_overrides(parse, model_dir):
     (["--max-num-seqs", "8"], "max_num_seqs", 8),
     (["--max_num_seqs", "8"], "max_num_seqs", 8),  # vLLM's parser takes underscores too
     (["--dtype", "float32"], "dtype", "float32"),
-    (["--block-size", "32"], "block_size", 32),
+    (["--block-size", "64"], "block_size", 64),  # the user's value wins over the CPU override
     (["--enforce-eager"], "enforce_eager", True),
     (["--served-model-name", "llava", "llava-1.5"], "served_model_name", ["llava", "llava-1.5"]),
     (["--allowed-media-domains", "a.example", "b.example"], "allowed_media_domains", ["a.example", "b.example"]),
+    (["--shutdown-timeout", "0"], "shutdown_timeout", 0),  # vLLM's abort-at-SIGTERM, when asked for
+    (["--shutdown-timeout", "30"], "shutdown_timeout", 30),
 ], ids=["tensor-parallel-size", "tp-short", "limit-mm-per-prompt", "seed", "kv-cache-dtype",
         "kv-cache-memory-bytes-human", "kv-cache-memory-bytes", "gpu-memory-utilization",
         "max-num-batched-tokens-human", "no-enable-prefix-caching", "enable-prefix-caching",
         "no-enable-chunked-prefill", "quantization", "max-model-len-human", "max-num-seqs",
         "max-num-seqs-underscores", "dtype", "block-size", "enforce-eager", "served-model-names",
-        "allowed-media-domains"])
+        "allowed-media-domains", "shutdown-timeout-0", "shutdown-timeout"])
 def test_vllm_flags_parse_with_vllms_types(parse, flags, field, expected):
     assert getattr(parse(*flags).engine_args, field) == expected
 
@@ -141,6 +146,31 @@ def test_gateway_flags_env_vars_and_flag_precedence(parse, monkeypatch):
     assert (settings.port, settings.max_waiting_requests, settings.allow_tiff_images) == (9200, 5, True)
     assert settings.api_keys == ["a", "b"] and settings.allowed_image_ports == [443, 8443]
     assert settings.log_level == "DEBUG"  # vLLM's --log-level sets the gateway's too
+
+
+@pytest.mark.parametrize("flags, env, keys", [
+    (["--api-key", "k1", "k2"], None, ["k1", "k2"]),  # vLLM's form: several keys after one flag
+    (["--api-key", "k1", "k2,k3"], None, ["k1", "k2", "k3"]),  # each may still be comma-separated
+    (["--api-key", "k1", "k2", "--port", "9300"], None, ["k1", "k2"]),  # the next flag ends the list
+    (["--api-key", "only"], "e1,e2", ["only"]),  # a flag wins over FEATHER_API_KEY
+    ([], "e1,e2", ["e1", "e2"]),
+    ([], None, []),
+], ids=["nargs", "nargs-and-commas", "nargs-then-flag", "flag-over-env", "env-commas", "none"])
+def test_several_api_keys_as_vllm_takes_them(parse, monkeypatch, flags, env, keys):
+    if env is None:
+        monkeypatch.delenv("FEATHER_API_KEY", raising=False)
+    else:
+        monkeypatch.setenv("FEATHER_API_KEY", env)
+    assert parse(*flags).settings.api_keys == keys
+
+
+def test_lenient_fields_flag_and_env(parse, monkeypatch):
+    monkeypatch.delenv("FEATHER_LENIENT_FIELDS", raising=False)
+    assert parse().settings.lenient_fields is False
+    assert parse("--lenient-fields").settings.lenient_fields is True
+    monkeypatch.setenv("FEATHER_LENIENT_FIELDS", "1")
+    assert parse().settings.lenient_fields is True
+    assert parse("--no-lenient-fields").settings.lenient_fields is False
 
 
 def test_allowed_media_domains_become_the_allowed_image_hosts(parse):

@@ -106,6 +106,24 @@ def test_every_key_accepted_and_probes_need_none():
     assert keyed == [200, 200] and health == 503 and metrics_status == 200
 
 
+def test_vllms_endpoints_need_a_key_and_ping_does_not():
+    """/version, /tokenize, /detokenize are keyed like /v1/* (401 before the
+    body is read); /ping is a probe like /health."""
+    app = _app()
+    for path in ("/version", "/tokenize", "/detokenize"):
+        scope = _scope(path, headers={"content-type": "application/json", "content-length": str(len(BIG))})
+        status, _, receive_calls = asyncio.run(_call(app, scope, BIG))
+        assert (status, receive_calls) == (401, 0), path
+
+    async def run():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as c:
+            keyed = (await c.get("/version", headers={"Authorization": f"Bearer {KEYS[1]}"})).status_code
+            return keyed, (await c.get("/ping")).status_code, (await c.post("/ping")).status_code
+
+    assert asyncio.run(run()) == (200, 503, 503)  # the engine is not started: /ping says what /health says
+
+
 def test_per_key_concurrency_cap():
     """With max_requests_per_key=1, a second chat completion of the same key
     is refused (429, body unread) while the first is in flight; another key

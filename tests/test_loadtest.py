@@ -138,3 +138,20 @@ def test_answer_parsing():
     assert parse_box("maybe 3", 100, 100) is None
     assert iou((0, 0, 10, 10), (5, 5, 15, 15)) == pytest.approx(25 / 175)
     assert iou((0, 0, 10, 10), (0, 0, 10, 10)) == 1.0
+
+
+def test_kv_capacity_measures_blocks_from_the_engine(tiny_checkpoint):
+    """loadtest.kv_capacity on the tiny checkpoint (few requests): each
+    preset's blocks are the engine's report, unpruned holds stock vLLM's
+    (one block per 32 tokens of prompt and answer in each of the 8 groups)."""
+    import math
+
+    from loadtest.kv_capacity import measure, report
+
+    results = measure(str(tiny_checkpoint), kv_cache_mib=64, block_size=32, requests=3, max_tokens=2)
+    presets = results["presets"]
+    assert list(presets) == ["none", "fastv", "feather", "pyramiddrop"]
+    assert presets["none"]["blocks_per_group"] == [math.ceil((591 + 1) / 32)] * 8
+    assert all(presets[p]["blocks"] < presets["none"]["blocks"] for p in ("fastv", "feather", "pyramiddrop"))
+    assert all(r["max_concurrent"] >= 1 for r in presets.values())
+    assert "feather" in report(results)

@@ -38,24 +38,24 @@ def test_image_chat_per_preset_matches_offline_engine(client, scene_url, offline
         assert 0 <= stage["mean_row"] <= 1 and set(stage["quadrant_coverage"]) == {
             "top_left", "top_right", "bottom_left", "bottom_right"}
         assert stage["kept_indices"] is None  # only when asked for
-    # The engine's block counts: default block size 128 on CPU, 8 KV groups
-    # of 4 layers; 591 + 7 tokens unpruned are 5 blocks in each.
+    # The engine's block counts: the CPU block size the pruning overrides set
+    # (32), 8 KV groups of 4 layers; 591 + 7 tokens unpruned are 19 blocks in each.
     blocks = report["kv_blocks"]
     assert blocks == offline_texts[preset, "blocks"]
-    assert blocks["unpruned"] == 8 * 5 and len(blocks["held_per_group"]) == 8
+    assert blocks["unpruned"] == 8 * 19 and len(blocks["held_per_group"]) == 8
     assert (blocks["used"] < blocks["unpruned"]) == (preset != "none")
 
 
 def test_cut_inside_a_kv_stage_saves_kv_from_the_next_stage(client, scene_url):
     """Layer 5 is inside the KV stage [4, 8): the cut holds, layers 5-7 keep
     full-length blocks, and every stage from layer 8 on holds 15 text +
-    288 image + 7 generated tokens (3 blocks of 128 instead of 5)."""
+    288 image + 7 generated tokens (10 blocks of 32 instead of 19)."""
     r = client.post("/v1/chat/completions",
                     json=image_chat(scene_url, feather={"stages": [{"layer": 5, "keep": 0.5}]}))
     assert r.status_code == 200, r.text
     report = r.json()["feather"]
     assert [(s["layer"], s["kept"]) for s in report["stages"]] == [(5, 288)]
-    assert report["kv_blocks"]["held_per_group"] == [5, 5, 3, 3, 3, 3, 3, 3] and report["fallback"] is None
+    assert report["kv_blocks"]["held_per_group"] == [19, 19, 10, 10, 10, 10, 10, 10] and report["fallback"] is None
 
 
 @pytest.mark.parametrize("preset", ["fastv", "feather"])

@@ -68,16 +68,19 @@ class _Engine:
 
     class renderer:  # noqa: N801 - an attribute, as on AsyncLLM
         default_chat_tok_params = SimpleNamespace(with_kwargs=lambda **kw: None)
+        mm_processor_cache = None
 
         @staticmethod
-        async def render_chat_async(conversations, chat_params, tok_params):
+        async def render_chat_async(conversations, chat_params, tok_params, **kwargs):
             return None, [{"prompt_token_ids": [1, 2, 3]}]
 
     errored = False
+    model_config = SimpleNamespace(max_model_len=1024)
 
-    async def generate(self, engine_input, params, request_id):
+    async def generate(self, engine_input, params, request_id, **kwargs):
         token_ids, steps = _steps()
-        output = SimpleNamespace(index=0, text="ad", token_ids=token_ids, logprobs=steps, finish_reason="length")
+        output = SimpleNamespace(index=0, text="ad", token_ids=token_ids, logprobs=steps, finish_reason="length",
+                                 stop_reason=None)
         yield SimpleNamespace(outputs=[output], finished=True, kv_transfer_params=None)
 
     async def abort(self, request_id):
@@ -96,6 +99,7 @@ def test_non_finite_logprobs_answered_as_json(stream):
     app = create_app(Settings(model="m"))
     state = app.state.gateway
     state.engine, state.tokenizer = _Engine(), _Tokenizer()
+    state.verify_params = lambda params: None  # the engine's own checks: none in this fake
     state.layout = EngineLayout(image_token_id=0, num_layers=32, max_model_len=1024, max_num_seqs=4,
                                 max_images_per_prompt=1)
     body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "temperature": 0,

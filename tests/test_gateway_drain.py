@@ -1,0 +1,206 @@
+"""Graceful shutdown through the real gateway process (vLLM's
+--shutdown-timeout, server/app.py `Drain`): SIGTERM while streams run lets
+them finish, token for token, while /health answers 503, /live 200 and new
+requests 503 with Retry-After; the process then exits 0. With a short
+--shutdown-timeout the streams left are aborted cleanly (finish_reason
+"abort" and an error event), and the process still exits 0.
+
+One gateway per test: each ends with its process gone."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import threading
+import time
+
+import httpx
+import pytest
+
+from tests.helpers import ServerProcess
+
+PROMPTS = ["Count to a hundred.", "Tell a long story.", "Describe the sea."]
+
+
+def _body(prompt: str, max_tokens: int, stream: bool = True) -> dict:
+    body = {"model": "tiny", "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+            "temperature": 0, "ignore_eos": True, "stream": stream, "logprobs": True,
+            "return_tokens_as_token_ids": True}
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    return body
+
+
+class Stream(threading.Thread):
+    """One streamed chat completion, read in a thread: its token ids, finish
+    reasons, error events, whether [DONE] came, and the time of each chunk."""
+
+    def __init__(self, url: str, prompt: str, max_tokens: int) -> None:
+        super().__init__(daemon=True)
+        self.url, self.body = url, _body(prompt, max_tokens)
+        self.admitted = threading.Event()
+        self.started = threading.Event()  # its first event came (the engine runs it)
+        self.tokens: list[str] = []
+        self.finish_reasons: list[str] = []
+        self.errors: list[dict] = []
+        self.done = False
+        self.usage: dict | None = None
+        self.text = ""
+        self.times: list[float] = []
+        self.failure: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            with httpx.stream("POST", self.url + "/v1/chat/completions", json=self.body, timeout=120) as r:
+                assert r.status_code == 200, r.read()
+                self.admitted.set()  # the headers: the gateway took it
+                for line in r.iter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    data = line[len("data: "):]
+                    self.times.append(time.monotonic())
+                    self.started.set()
+                    if data == "[DONE]":
+                        self.done = True
+                        continue
+                    event = json.loads(data)
+                    if "error" in event:
+                        self.errors.append(event["error"])
+                        continue
+                    self.usage = event.get("usage") or self.usage
+                    for choice in event["choices"]:
+                        self.text += (choice.get("delta") or {}).get("content") or ""
+                        for entry in (choice.get("logprobs") or {}).get("content") or ():
+                            self.tokens.append(entry["token"])
+                        if choice.get("finish_reason"):
+                            self.finish_reasons.append(choice["finish_reason"])
+        except BaseException as e:  # noqa: BLE001 - reported by the test
+            self.failure = e
+        finally:
+            self.admitted.set()
+            self.started.set()
+
+
+def _taken(server: ServerProcess) -> float:
+    """Chat completions the gateway has taken so far: waiting for their first
+    token, generating, or answered (200)."""
+    text = httpx.get(server.url + "/metrics", timeout=10).text
+    values = re.findall(r"^feather_requests_(?:waiting|running) (\S+)$", text, re.MULTILINE)
+    values += re.findall(r'^feather_requests_total\{status="200",preset="[^"]*"\} (\S+)$', text, re.MULTILINE)
+    return sum(float(v) for v in values)
+
+
+def _start_streams(server: ServerProcess, max_tokens: int, also: int = 0, before: float | None = None) -> list[Stream]:
+    """Starts the streams; returns once the gateway has taken them all, and
+    `also` requests the caller sent since `_taken` was `before`."""
+    before = _taken(server) if before is None else before
+    streams = [Stream(server.url, p, max_tokens) for p in PROMPTS]
+    for s in streams:
+        s.start()
+    deadline = time.monotonic() + 60
+    while _taken(server) < before + len(streams) + also:
+        assert time.monotonic() < deadline, "the streams were not all admitted"
+        assert not any(s.failure for s in streams), [s.failure for s in streams]
+        time.sleep(0.05)
+    return streams
+
+
+@pytest.fixture
+def gateways():
+    started: list[ServerProcess] = []
+    yield started
+    for server in started:
+        if server.proc.poll() is None:
+            server.proc.kill()
+
+
+def test_sigterm_drains_running_streams_then_exits_0(tiny_checkpoint, gateways):
+    max_tokens = 300  # about 1.5 s each here
+    # One sequence at a time: every answer is computed as in the undisturbed run (batch size 1; the
+    # tiny random model's greedy answers change with the batch), and the streams SIGTERM finds queued
+    # in the engine must finish too. The default drain timeout (600 s).
+    # One OpenMP thread: reductions in one order whatever the machine's load.
+    server = ServerProcess(tiny_checkpoint, "--served-model-name", "tiny", "--max-num-seqs", "1",
+                           "--no-enable-prefix-caching", env={"VLLM_CPU_OMP_THREADS_BIND": "0"})
+    gateways.append(server)
+    for prompt in PROMPTS:  # a first run of each prompt answers differently (its prefix is not cached yet)
+        warm_up = Stream(server.url, prompt, 16)
+        warm_up.run()
+        assert warm_up.failure is None and warm_up.done, warm_up.failure
+    reference, reference_texts = [], []
+    for prompt in PROMPTS:  # undisturbed runs, one at a time
+        s = Stream(server.url, prompt, max_tokens)
+        s.run()
+        assert s.failure is None and s.done and s.finish_reasons == ["length"], (s.failure, s.finish_reasons)
+        assert s.usage["completion_tokens"] == max_tokens, s.usage
+        reference.append(s.tokens)
+        reference_texts.append(s.text)
+    assert all(tokens for tokens in reference), [len(t) for t in reference]
+
+    plain: dict = {}  # a request not streamed, admitted before SIGTERM too
+    poster = threading.Thread(target=lambda: plain.update(response=httpx.post(
+        server.url + "/v1/chat/completions", json=_body(PROMPTS[0], max_tokens, stream=False), timeout=120)))
+    before = _taken(server)
+    poster.start()
+    streams = _start_streams(server, max_tokens, also=1, before=before)
+    server.proc.send_signal(signal.SIGTERM)
+    sent_at = time.monotonic()
+    with httpx.Client(base_url=server.url, timeout=10) as client:
+        health = client.get("/health")
+        assert health.status_code == 503 and health.headers.get("retry-after"), health.text
+        assert client.get("/live").status_code == 200
+        refused = client.post("/v1/chat/completions", json=_body(PROMPTS[0], 4, stream=False))
+        assert refused.status_code == 503, refused.text
+        assert refused.headers.get("retry-after")
+        assert refused.json()["error"]["code"] == "server_shutting_down"
+        assert refused.json()["error"]["type"] == "service_unavailable"
+        metrics = client.get("/metrics").text
+        assert "feather_draining 1.0" in metrics
+        assert 'feather_http_responses_total{handler="live",status="200"}' in metrics
+    for s in streams:
+        s.join(60)
+        assert not s.is_alive()
+    poster.join(60)
+    code = server.proc.wait(30)
+    elapsed = time.monotonic() - sent_at
+    assert code == 0, server.logs()[-3000:]
+    assert elapsed < 60
+    for s, tokens in zip(streams, reference):
+        assert s.failure is None, s.failure
+        assert s.errors == [] and s.done
+        assert s.finish_reasons == ["length"]
+        assert s.usage["completion_tokens"] == max_tokens
+        assert s.tokens == tokens  # every token, as undisturbed
+    answer = plain["response"]
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["usage"]["completion_tokens"] == max_tokens
+    assert answer.json()["choices"][0]["finish_reason"] == "length"
+    assert answer.json()["choices"][0]["message"]["content"] == reference_texts[0]
+    drained = re.search(r"draining (\d+) request", server.logs())
+    assert drained and int(drained.group(1)) >= 2  # SIGTERM found them running or queued
+    assert max(s.times[-1] for s in streams) > sent_at + 0.5  # they ran on well after SIGTERM
+    assert "aborted unfinished at shutdown" not in server.logs()
+
+
+def test_drain_timeout_aborts_streams_cleanly_then_exits_0(tiny_checkpoint, gateways):
+    server = ServerProcess(tiny_checkpoint, "--served-model-name", "tiny", "--shutdown-timeout", "1")
+    gateways.append(server)
+    streams = _start_streams(server, 900)  # far longer than the 1 s drain
+    for s in streams:
+        assert s.started.wait(60)
+    server.proc.send_signal(signal.SIGTERM)
+    sent_at = time.monotonic()
+    for s in streams:
+        s.join(60)
+        assert not s.is_alive()
+    code = server.proc.wait(30)
+    assert code == 0, server.logs()[-3000:]
+    assert time.monotonic() - sent_at < 30
+    for s in streams:
+        assert s.failure is None, s.failure
+        assert 0 < len(s.tokens) and s.usage is None  # no usage chunk: it was cut, and says so
+        assert s.finish_reasons == ["abort"]
+        assert [e["code"] for e in s.errors] == ["server_shutdown"]
+        assert s.done
+    assert server.logs().count("aborted unfinished at shutdown (timeout)") == len(streams)
