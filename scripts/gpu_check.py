@@ -567,7 +567,6 @@ def run_checks(device: str) -> dict[str, Any]:
                 _timed("kv_blocks_per_group", results, lambda: kv_blocks(llm))
             finally:
                 shutdown(llm)
-                del llm
                 run.release()
 
         try:
