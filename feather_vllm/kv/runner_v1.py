@@ -113,8 +113,7 @@ def _step_batch(runner: Any, bases: list[step.GroupBase], num_reqs: int) -> step
             pruning=getattr(runner.requests[req_id], ATTR, None),
             cuts_now=req_id in cutting))
     layer_group = {name: g for g, base in enumerate(bases) for name in base.attn_group.layer_names}
-    return step.StepBatch(requests=requests, num_rows=int(common.num_actual_tokens), groups=bases,
-                          layer_group=layer_group)
+    return step.StepBatch(requests=requests, groups=bases, layer_group=layer_group)
 
 
 def _trim_blocks(runner: Any, req_id: str, counts: dict[int, int]) -> None:

@@ -55,7 +55,6 @@ class GroupBase:
 @dataclasses.dataclass
 class StepBatch:
     requests: list[RequestSlice]
-    num_rows: int  # rows the model is given (may include padding)
     groups: list[GroupBase]
     layer_group: dict[str, int]  # attention layer name -> index into groups
 
