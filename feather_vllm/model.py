@@ -37,6 +37,7 @@ from vllm.model_executor.models.llava import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
+from feather_vllm.cutting_layer import CuttingLayers, compiles
 from feather_vllm.kv import guards, specs
 from feather_vllm.kv import step as kv_step
 from feather_vllm.kv.plan import ImageSpan, KeptTokens, StageKept, in_effect
@@ -115,6 +116,12 @@ class FeatherLlavaForConditionalGeneration(LlavaForConditionalGeneration):
                            self.kv_boundaries)
         specs.stage_attention_layers(list(self.language_model.model.layers), self.kv_boundaries,
                                      self.num_decoder_layers, default)
+        self._layers = CuttingLayers(self.language_model.model.layers, compiles(vllm_config))
+
+    def load_weights(self, weights):
+        loaded = super().load_weights(weights)
+        self._layers.warm_up()
+        return loaded
 
     # -- forward -----------------------------------------------------------
 
@@ -129,6 +136,7 @@ class FeatherLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         with it); the batch's other pruned requests read compact KV."""
         lm = self.language_model.model
         hidden = inputs_embeds if inputs_embeds is not None else lm.embed_input_ids(input_ids)
+        hidden, positions = self._layers.inputs(hidden, positions)
         residual = None
         total_rows = hidden.shape[0]
         rows = torch.arange(total_rows, device=hidden.device)  # original row of each current row
@@ -137,14 +145,13 @@ class FeatherLlavaForConditionalGeneration(LlavaForConditionalGeneration):
                       {layer for c in cuttings if c is not None for layer, _ in c.kept})
 
         for idx in range(lm.start_layer, lm.end_layer):
-            layer = lm.layers[idx]
             scorers = [(i, c) for i, c in enumerate(cuttings)
                        if c is not None and any(s.layer == idx + 1 for s in c.stages)]
             if scorers:
                 hidden, residual, scores = self._layer_with_scores(
-                    layer, positions, hidden, residual, rows, batch, scorers, idx + 1)
+                    idx, positions, hidden, residual, rows, batch, scorers)
             else:
-                hidden, residual = layer(positions, hidden, residual)
+                hidden, residual, _, _ = self._layers(idx, positions, hidden, residual)
             if idx + 1 not in cuts or idx + 1 >= lm.end_layer:
                 continue
             if scorers:
@@ -190,18 +197,11 @@ class FeatherLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         mask = get_tp_group().broadcast(mask, src=0)
         return torch.nonzero(mask.cpu()).flatten()
 
-    def _layer_with_scores(self, layer, positions, hidden, residual, rows, batch, scorers, cut):
-        """A Llama decoder layer's forward that also scores image tokens
-        for the requests cutting at `cut` (mirrors LlamaDecoderLayer.forward)."""
-        if residual is None:
-            residual = hidden
-            x = layer.input_layernorm(hidden)
-        else:
-            x, residual = layer.input_layernorm(hidden, residual)
-        attn = layer.self_attn
-        qkv, _ = attn.qkv_proj(x)
-        q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
-
+    def _layer_with_scores(self, idx, positions, hidden, residual, rows, batch, scorers):
+        """Decoder layer `idx` that also scores image tokens for the requests
+        cutting at `idx + 1`: the last prompt token's query against each
+        image's keys, with or without RoPE as each stage's criterion says."""
+        cut = idx + 1
         picks, sizes = {}, {}
         for i, state in scorers:
             req = batch.requests[i]
@@ -212,29 +212,23 @@ class FeatherLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             last_row = torch.tensor([req.row_start + req.prompt_len - 1 - req.num_computed])
             picks[i] = (torch.searchsorted(rows, last_row.to(rows.device)),
                         torch.searchsorted(rows, image_rows.to(rows.device)))
-        raw = {i: (q[last], k[img]) for i, (last, img) in picks.items()}  # gathers copy
-        q, k = attn.rotary_emb(positions, q, k)
-        roped = {i: (q[last], k[img]) for i, (last, img) in picks.items()}
+        hidden, residual, raw, roped = self._layers(idx, positions, hidden, residual, picks)
 
         scores = {}
-        head_dim = attn.head_dim
+        head_dim = self.language_model.model.layers[idx].self_attn.head_dim
+        scaling = self.language_model.model.layers[idx].self_attn.scaling
         for i, state in scorers:
             stage = next(s for s in state.stages if s.layer == cut)
             q_last, k_img = (roped if stage.criterion == "rope" else raw)[i]
             q_last = q_last.reshape(-1, head_dim)
             # Each image is scored on its own: softmax over its own keys.
-            s = torch.cat([last_token_image_attention(q_last, k.reshape(k.shape[0], -1, head_dim), attn.scaling)
+            s = torch.cat([last_token_image_attention(q_last, k.reshape(k.shape[0], -1, head_dim), scaling)
                            for k in k_img.split(sizes[i])])
             if self._tp > 1:
                 # Each rank holds a slice of the heads: average over all heads.
                 local_heads = q_last.shape[0]
                 s = tensor_model_parallel_all_reduce(s * local_heads) / (local_heads * self._tp)
             scores[i] = s.cpu().split(sizes[i])
-
-        out = attn.attn(q, k, v)
-        out, _ = attn.o_proj(out)
-        hidden, residual = layer.post_attention_layernorm(out, residual)
-        hidden = layer.mlp(hidden)
         return hidden, residual, scores
 
     def _retarget_attention(self, lm, batch, cuttings, rows, positions, start, stop):

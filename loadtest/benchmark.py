@@ -6,13 +6,15 @@ Starts the gateway on the `bench` checkpoint (built if absent) with a fixed
 KV budget, and vLLM's own OpenAI server on the same checkpoint and settings
 with the plugin switched off (`VLLM_PLUGINS=feather_cpu_compat`: stock
 LLaVA, stock vLLM, only the CPU-machine import shim).
-Both compile as vLLM does by default (`--enforce-eager` turns that off for
-both). Then it measures, with presets interleaved round by round so that
-machine noise hits all alike:
-  1. prefill time: TTFT at concurrency 1;
+Both run vLLM's defaults: compiled (`--enforce-eager` turns that off for
+both) and vLLM's default dtype (bf16 on CPUs; `--dtype` sets another).
+Then it measures, with presets interleaved round by round so that machine
+noise hits all alike:
+  1. prefill time: TTFT at concurrency 1, for a short question after the
+     image and for a long text before it (`--context-words`);
   2. KV held by one image request, from each engine's own gauge
      (`vllm:kv_cache_usage_perc`), against vLLM's own server;
-  3. decode: inter-token latency at concurrency 1 and 4;
+  3. decode: inter-token latency at concurrency 1 and 8 (a fresh image per request);
   4. saturated throughput: closed loop at high concurrency;
   5. max concurrent image requests at the fixed KV budget, observed from the
      engine (`vllm:num_requests_running`, sampled during 4.);
@@ -41,7 +43,10 @@ from loadtest.generator import LoadConfig, run_load, summarize
 from loadtest.plots import plot_latency_vs_load, plot_presets
 
 PRESETS = ["none", "fastv", "feather", "pyramiddrop"]
-MAX_MODEL_LEN = 1024
+MAX_MODEL_LEN = 2048
+# TTFT cases: words of text before the image (0: the image, then a short question).
+TTFT_CASES = {"short": 0, "long_text_first": 170}
+DECODE_CONCURRENCY = (1, 8)
 
 
 def free_port() -> int:
@@ -85,11 +90,11 @@ class Server:
 
 
 def start_servers(model: str, out: Path, kv_gib: float, block_size: int, max_num_seqs: int,
-                  enforce_eager: bool) -> tuple[Server, Server]:
+                  enforce_eager: bool, dtype: str) -> tuple[Server, Server]:
     gw_port, vllm_port = free_port(), free_port()
     eager = ["--enforce-eager"] if enforce_eager else []
     gateway = Server([sys.executable, "-m", "server", "--model", model, "--served-model-name", "bench",
-                      "--port", str(gw_port), "--dtype", "float32",
+                      "--port", str(gw_port), "--dtype", dtype,
                       "--kv-cache-memory-bytes", str(int(kv_gib * 2**30)),
                       "--block-size", str(block_size), "--max-model-len", str(MAX_MODEL_LEN),
                       "--max-num-seqs", str(max_num_seqs), "--max-waiting-requests", "256",
@@ -98,7 +103,7 @@ def start_servers(model: str, out: Path, kv_gib: float, block_size: int, max_num
     # The plugin off (only its CPU-machine import shim, a no-op where
     # torchvision loads): vLLM's own server as a user without feather-vllm runs it.
     stock = Server([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
-                    "--served-model-name", "bench", "--port", str(vllm_port), "--dtype", "float32",
+                    "--served-model-name", "bench", "--port", str(vllm_port), "--dtype", dtype,
                     *eager, "--kv-cache-memory-bytes", str(int(kv_gib * 2**30)),
                     "--block-size", str(block_size), "--max-model-len", str(MAX_MODEL_LEN),
                     "--max-num-seqs", str(max_num_seqs), "--no-enable-prefix-caching"],
@@ -113,9 +118,10 @@ def start_servers(model: str, out: Path, kv_gib: float, block_size: int, max_num
     return gateway, stock
 
 
-def _load(url: str, preset: str | None, *, requests: int, concurrency: int, max_tokens: int) -> LoadConfig:
+def _load(url: str, preset: str | None, *, requests: int, concurrency: int, max_tokens: int,
+          context_words: int = 0) -> LoadConfig:
     return LoadConfig(url=url, model="bench", presets=[preset], requests=requests, concurrency=concurrency,
-                      max_tokens=max_tokens)
+                      max_tokens=max_tokens, context_words=context_words)
 
 
 async def _gauge(client: httpx.AsyncClient, name: str) -> float:
@@ -177,21 +183,27 @@ async def _saturate(url: str, preset: str, requests: int, concurrency: int, max_
 
 def predictions(model: str) -> dict[str, dict[str, float]]:
     """The paper's cost model, as ratios to `none` for the bench prompt
-    (576 image + 15 text tokens): prefill FLOPs and prompt KV."""
-    from transformers import AutoConfig
+    (576 image + 15 text tokens): prefill FLOPs per TTFT case (its text
+    before the image counted with the checkpoint's tokenizer) and prompt KV."""
+    from transformers import AutoConfig, AutoTokenizer
 
     from feather_vllm.pruning import config as pcfg
     from feather_vllm.pruning.cost import flops_ratio, kv_ratio
+    from loadtest.generator import context_text
 
     text = AutoConfig.from_pretrained(model).text_config
+    tokenizer = AutoTokenizer.from_pretrained(model)
     n_image, n_text = 576, 15
+    before = {case: len(tokenizer(context_text(words), add_special_tokens=False).input_ids) if words else 0
+              for case, words in TTFT_CASES.items()}
     out = {}
     for preset in PRESETS:
         cfg = pcfg.resolve(preset)
         kv = kv_ratio(cfg, text.num_hidden_layers, n_image, n_text)
         out[preset] = {
-            "prefill": flops_ratio(cfg, text.num_hidden_layers, text.hidden_size, text.intermediate_size,
-                                   n_image, n_text),
+            **{f"prefill_{case}": flops_ratio(cfg, text.num_hidden_layers, text.hidden_size,
+                                              text.intermediate_size, n_image, n_text + before[case])
+               for case in TTFT_CASES},
             "kv": kv,
             "concurrency": 1 / kv,
         }
@@ -200,25 +212,26 @@ def predictions(model: str) -> dict[str, dict[str, float]]:
 
 async def measure(gateway: Server, stock: Server, rounds: int, sat_requests: int, sat_concurrency: int,
                   max_tokens: int) -> dict[str, Any]:
-    ttft = {p: [] for p in PRESETS}
+    ttft = {case: {p: [] for p in PRESETS} for case in TTFT_CASES}
     overhead = {"gateway": [], "vllm": []}
     # Warm both servers (first requests pay one-off costs).
     for url in (gateway.url, stock.url):
         await run_load(_load(url, None, requests=2, concurrency=1, max_tokens=2), progress=False)
     for _ in range(rounds):
-        for preset in PRESETS:  # interleaved: noise hits every preset alike
-            (r,) = await run_load(_load(gateway.url, preset, requests=1, concurrency=1, max_tokens=4),
-                                  progress=False)
-            ttft[preset].append(r.ttft)
+        for case, words in TTFT_CASES.items():
+            for preset in PRESETS:  # interleaved: noise hits every preset alike
+                (r,) = await run_load(_load(gateway.url, preset, requests=1, concurrency=1, max_tokens=4,
+                                            context_words=words), progress=False)
+                ttft[case][preset].append(r.ttft)
         for name, url, preset in (("gateway", gateway.url, "none"), ("vllm", stock.url, None)):
             (r,) = await run_load(_load(url, preset, requests=1, concurrency=1, max_tokens=4), progress=False)
             overhead[name].append(r.ttft)
     kv_held: dict[str, list[float]] = {p: [] for p in [*PRESETS, "vllm"]}
-    decode: dict[str, dict[int, list]] = {p: {1: [], 4: []} for p in [*PRESETS, "vllm"]}
+    decode: dict[str, dict[int, list]] = {p: {c: [] for c in DECODE_CONCURRENCY} for p in [*PRESETS, "vllm"]}
     for _ in range(2):
         for name, url, preset in [*((p, gateway.url, p) for p in PRESETS), ("vllm", stock.url, None)]:
             kv_held[name].append(await _kv_held(url, preset, max_tokens=64))
-            for concurrency in (1, 4):
+            for concurrency in DECODE_CONCURRENCY:
                 decode[name][concurrency] += await run_load(
                     _load(url, preset, requests=concurrency, concurrency=concurrency, max_tokens=max_tokens),
                     progress=False)
@@ -233,7 +246,7 @@ async def measure(gateway: Server, stock: Server, rounds: int, sat_requests: int
             "kv_held_perc": {p: statistics.median(v) for p, v in kv_held.items()},
             "decode_itl_s": {p: {c: summarize(r)["itl_s"] for c, r in by_c.items()} for p, by_c in decode.items()},
             "saturated": {p: summarize(saturated[p]) for p in PRESETS},
-            "saturated_c1": {p: summarize([_as_result(t) for t in ttft[p]]) for p in PRESETS},
+            "saturated_c1": {p: summarize([_as_result(t) for t in ttft["short"][p]]) for p in PRESETS},
             "max_concurrent": peaks}
 
 
@@ -244,22 +257,27 @@ def _as_result(ttft: float):
 
 
 def report(m: dict[str, Any], pred: dict[str, dict[str, float]]) -> str:
-    med = {p: statistics.median(v) for p, v in m["ttft_c1"].items()}
+    med = {p: statistics.median(v) for p, v in m["ttft_c1"]["short"].items()}
     thr = {p: m["saturated"][p]["output_token_throughput"] for p in PRESETS}
     conc = m["max_concurrent"]
     kv = m["kv_held_perc"]
     itl = {p: {c: d["p50"] for c, d in by_c.items()} for p, by_c in m["decode_itl_s"].items()}
     lines = [f"{'preset':<12} {'TTFT c=1 ms':>11} {'x none':>7} {'pred':>6}   {'KV held %':>9} {'x vLLM':>7} "
-             f"{'pred':>6}   {'ITL c=1 ms':>10} {'ITL c=4 ms':>10}   {'sat. tok/s':>10} {'x none':>7}"
+             f"{'pred':>6}   {'ITL c=1 ms':>10} {'ITL c=8 ms':>10}   {'sat. tok/s':>10} {'x none':>7}"
              f"   {'max running':>11} {'x none':>7} {'pred':>6}"]
     for p in PRESETS:
-        lines.append(f"{p:<12} {med[p] * 1000:>11.0f} {med[p] / med['none']:>7.2f} {pred[p]['prefill']:>6.2f}"
+        lines.append(f"{p:<12} {med[p] * 1000:>11.0f} {med[p] / med['none']:>7.2f} {pred[p]['prefill_short']:>6.2f}"
                      f"   {kv[p] * 100:>9.3f} {kv[p] / kv['vllm']:>7.2f} {pred[p]['kv']:>6.2f}"
-                     f"   {itl[p][1] * 1000:>10.1f} {itl[p][4] * 1000:>10.1f}"
+                     f"   {itl[p][1] * 1000:>10.1f} {itl[p][8] * 1000:>10.1f}"
                      f"   {thr[p]:>10.1f} {thr[p] / thr['none']:>7.2f}"
                      f"   {conc[p]:>11} {conc[p] / max(conc['none'], 1):>7.2f} {pred[p]['concurrency']:>6.2f}")
     lines.append(f"{'vLLM (stock)':<12} {'':>11} {'':>7} {'':>6}   {kv['vllm'] * 100:>9.3f} {1:>7.2f} {'':>6}"
-                 f"   {itl['vllm'][1] * 1000:>10.1f} {itl['vllm'][4] * 1000:>10.1f}")
+                 f"   {itl['vllm'][1] * 1000:>10.1f} {itl['vllm'][8] * 1000:>10.1f}")
+    for case in TTFT_CASES:
+        by = {p: statistics.median(v) for p, v in m["ttft_c1"][case].items()}
+        lines.append(f"TTFT c=1, {case}: " + ", ".join(
+            f"{p} {by[p] * 1000:.0f} ms ({by[p] / by['none']:.2f}x none, model {pred[p]['prefill_' + case]:.2f}x, "
+            f"{by[p] / by['none'] / pred[p]['prefill_' + case]:.2f}x the model)" for p in PRESETS[1:]))
     gw = statistics.median(m["overhead_ttft_c1"]["gateway"])
     vl = statistics.median(m["overhead_ttft_c1"]["vllm"])
     lines.append(f"gateway overhead: p50 TTFT at c=1 (preset none) {gw * 1000:.0f} ms vs vLLM's own server "
@@ -279,6 +297,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--enforce-eager", action="store_true",
                         help="both servers without compilation (vLLM's default compiles)")
+    parser.add_argument("--dtype", default="auto", help="both servers (vLLM's default: bf16 on CPUs)")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     model = args.model
@@ -289,7 +308,8 @@ def main(argv: list[str] | None = None) -> None:
     started = time.time()
     pred = predictions(model)
     gateway, stock = start_servers(model, args.out, args.kv_cache_gib, args.block_size,
-                                   max_num_seqs=args.saturation_concurrency, enforce_eager=args.enforce_eager)
+                                   max_num_seqs=args.saturation_concurrency, enforce_eager=args.enforce_eager,
+                                   dtype=args.dtype)
     try:
         m = asyncio.run(measure(gateway, stock, args.rounds, args.saturation_requests,
                                 args.saturation_concurrency, args.max_tokens))

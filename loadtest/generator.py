@@ -54,6 +54,7 @@ class LoadConfig:
     presets: Sequence[str | None] = (None,)  # cycled; None sends no `feather` field
     kinds: Sequence[str] = ("image",)  # cycled: "image" chats, or "text" prompts of `text_words` words
     text_words: int = 1500
+    context_words: int = 0  # image chats: words of text before the image (a document, then the picture)
     requests: int = 32
     duration_s: float | None = None
     concurrency: int | None = 4  # closed loop
@@ -86,14 +87,24 @@ def file_image_url(path: Path) -> str:
     return f"data:image/{mime};base64," + base64.b64encode(path.read_bytes()).decode()
 
 
+def _words(n: int) -> str:
+    return " ".join(f"w{i % 97}" for i in range(n))
+
+
+def context_text(words: int) -> str:
+    """The text an image chat with `context_words` sends before its image."""
+    return f"Read this first: {_words(words)}"
+
+
 def chat_body(cfg: LoadConfig, image_url: str | None, preset: str | None) -> dict[str, Any]:
     """An image chat, or (`image_url` None) a long text prompt of
-    `cfg.text_words` words (about one token each)."""
+    `cfg.text_words` words (1-3 tokens each, by tokenizer)."""
     if image_url is None:
-        words = " ".join(f"w{i % 97}" for i in range(cfg.text_words))
-        content: list[dict[str, Any]] = [{"type": "text", "text": f"Summarize: {words}"}]
+        content: list[dict[str, Any]] = [{"type": "text", "text": f"Summarize: {_words(cfg.text_words)}"}]
     else:
         content = [{"type": "image_url", "image_url": {"url": image_url}}, {"type": "text", "text": cfg.prompt}]
+        if cfg.context_words:
+            content.insert(0, {"type": "text", "text": context_text(cfg.context_words)})
     body: dict[str, Any] = {
         "model": cfg.model, "max_tokens": cfg.max_tokens, "temperature": 0, "stream": True,
         "stream_options": {"include_usage": True}, "ignore_eos": True,

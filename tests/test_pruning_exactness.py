@@ -9,7 +9,7 @@ import torch
 
 from feather_vllm.kv.plan import report_of
 from feather_vllm.pruning.config import resolve
-from tests.helpers import PROMPTS, chat, make_llm, sample_images, shutdown
+from tests.helpers import PROMPTS, chat, engine_parts, make_llm, sample_images, shutdown
 from tests.reference_hf import reference_generate
 
 MAX_TOKENS = 16
@@ -73,11 +73,33 @@ def engine_results(request, tiny_checkpoint, cases, stock_results):
                 params.append(_params(preset))
         outs = llm.chat(convs, params, use_tqdm=False)
         results = [_result(o) for o in outs]
+        cutting_ops = None if request.param == "multiprocess" else _cutting_ops(engine_parts(llm)[2])
     finally:
         shutdown(llm)
     n = len(cases)
     by_preset = {preset: results[i * n:(i + 1) * n] for i, preset in enumerate(["none", *PRUNED])}
-    return {"mode": request.param, "stock": stock_results, **by_preset}
+    return {"mode": request.param, "stock": stock_results, "cutting_ops": cutting_ops, **by_preset}
+
+
+def _cutting_ops(model) -> dict[str, int | None]:
+    """How the cutting step ran its norms and RoPE: the number of graphs
+    Dynamo compiled for each, or None where they ran uncompiled."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    from feather_vllm import cutting_layer
+
+    layers = model._layers
+    return {name: None if getattr(layers, f"_{name}") is fn else len(_debug_get_cache_entry_list(fn))
+            for name, fn in (("norm", cutting_layer._norm), ("rope", cutting_layer._rope))}
+
+
+# Per mode: norm (with and without a residual) and RoPE each compiled once for
+# every layer and every token count; the eager engine calls vLLM's ops as is.
+CUTTING_OPS = {"eager": {"norm": None, "rope": None}, "compiled": {"norm": 2, "rope": 1}, "multiprocess": None}
+
+
+def test_cutting_step_ops_compiled_like_the_engine(engine_results):
+    assert engine_results["cutting_ops"] == CUTTING_OPS[engine_results["mode"]]
 
 
 @pytest.fixture(scope="module")

@@ -233,7 +233,7 @@ SEAMS: tuple[Seam, ...] = (
     Seam("vllm.multimodal", "MULTIMODAL_REGISTRY"),
     Seam("vllm.multimodal.registry", "MultiModalRegistry.register_processor",
          params=("self", "processor"), kwargs=("info", "dummy_inputs"), closed=True),
-    # model._pruned_forward / _layer_with_scores mirror Llama's decoder layer and attention.
+    # model._pruned_forward and cutting_layer.CuttingLayers mirror Llama's decoder layer and attention.
     Seam(_LLAMA, "LlamaModel", attrs=("start_layer", "end_layer", "layers", "norm", "embed_input_ids")),
     Seam(_LLAMA, "LlamaDecoderLayer", attrs=("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")),
     Seam(_LLAMA, "LlamaDecoderLayer.forward",
@@ -246,10 +246,17 @@ SEAMS: tuple[Seam, ...] = (
     Seam(_LLAMA, "LlamaAttention.forward",
          source=("qkv, _ = self.qkv_proj(hidden_states)", "q, k = self.rotary_emb(positions, q, k)",
                  "attn_output = self.attn(q, k, v)", "output, _ = self.o_proj(attn_output)")),
+    Seam("vllm.model_executor.layers.layernorm", "RMSNorm", attrs=("weight",)),
+    # cutting_layer.compiles: vLLM's rule for compiling a CustomOp's native forward; its backend.
+    Seam("vllm.model_executor.custom_op", "CustomOp.maybe_compile",
+         source=("compilation_config.mode == CompilationMode.NONE", 'compilation_config.backend == "eager"',
+                 "backend = current_platform.simple_compile_backend")),
+    Seam("vllm.config.compilation", "CompilationMode", attrs=("NONE",)),
+    Seam("vllm.platforms.interface", "Platform", attrs=("simple_compile_backend",)),
     # guards.problems / check_attention_backends: the settings refused at engine start.
     Seam("vllm.config.compilation", "CUDAGraphMode", attrs=("NONE", "has_full_cudagraphs")),
     Seam("vllm.config.compilation", "CompilationConfig",
-         attrs=("cudagraph_mode", "splitting_ops", "use_inductor_graph_partition")),
+         attrs=("cudagraph_mode", "splitting_ops", "use_inductor_graph_partition", "mode", "backend")),
     Seam("vllm.config.parallel", "ParallelConfig",
          attrs=("use_ubatching", "decode_context_parallel_size", "pipeline_parallel_size")),
     Seam("vllm.config.attention", "AttentionConfig", attrs=("backend",)),

@@ -1,0 +1,128 @@
+"""The decoder layers of a cutting step, called one at a time.
+
+A cutting step (model.py) runs the text model layer by layer, so that it
+can score image tokens inside a layer and drop rows between layers. The
+layer below mirrors vLLM's `LlamaDecoderLayer.forward` / `LlamaAttention.
+forward` (the seam contract checks their source) and can hand back the
+query/key rows a scorer asks for, before and after RoPE.
+
+Every other step runs vLLM's own forward, which a compiled engine runs as
+one graph: inductor fuses each chain of elementwise work between two
+matmuls (residual add + RMSNorm, RoPE) into one kernel. Called layer by
+layer, those ops would run unfused, op by op: vLLM's native versions, as a
+compiled engine selects them (SiLU * up is already compiled on its own by
+vLLM). So in a compiled engine the norms and RoPE run here through two
+small graphs compiled once at load, dynamic in the token count and shared
+by every layer (the weights are graph inputs, not per-layer constants); in
+an eager engine each op is called as vLLM's eager forward calls it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+# Per scorer: (its last prompt token, its image tokens) as row indices, or as the query and key rows there.
+Picks = dict[int, tuple[torch.Tensor, torch.Tensor]]
+
+
+def _norm(norm: nn.Module, x: torch.Tensor, residual: torch.Tensor | None) -> Any:
+    return norm(x) if residual is None else norm(x, residual)
+
+
+def _rope(rotary: nn.Module, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> Any:
+    return rotary(positions, q, k)
+
+
+def _dynamic_rows(compiled: Callable[..., Any]) -> Callable[..., Any]:
+    """`compiled` with every tensor argument's row count marked dynamic, on
+    every call (as vLLM's `CustomOp.maybe_compile` does): one graph for all
+    token counts, never a recompilation per step."""
+
+    def call(*args: Any) -> Any:
+        for arg in args:
+            if isinstance(arg, torch.Tensor) and arg.shape[0] >= 2:
+                torch._dynamo.mark_dynamic(arg, 0)
+        return compiled(*args)
+
+    return call
+
+
+def compiles(vllm_config: Any) -> bool:
+    """Whether the engine compiles its model (then the cutting step's fused
+    ops are compiled too), by the rule vLLM's `CustomOp.maybe_compile` uses."""
+    from vllm.config.compilation import CompilationMode
+
+    compilation = vllm_config.compilation_config
+    return compilation.mode != CompilationMode.NONE and compilation.backend != "eager"
+
+
+class CuttingLayers:
+    """Runs decoder layer `idx` of `layers` on the rows a cutting step keeps."""
+
+    def __init__(self, layers: nn.ModuleList, compiled: bool) -> None:
+        self.layers = layers
+        self._norm: Callable[..., Any] = _norm
+        self._rope: Callable[..., Any] = _rope
+        if compiled:
+            from vllm.platforms import current_platform
+
+            backend = current_platform.simple_compile_backend
+            self._norm = _dynamic_rows(torch.compile(_norm, dynamic=False, backend=backend))
+            self._rope = _dynamic_rows(torch.compile(_rope, dynamic=False, backend=backend))
+        self.compiled = compiled
+
+    @torch.inference_mode()  # as the model runner's steps: Dynamo guards on it
+    def warm_up(self) -> None:
+        """Compile both graphs (a compiled engine, at load: no request waits
+        for them). Call outside the model's construction, whose default-device
+        context Dynamo would guard on. The inputs have the layouts of a real
+        step's (q and k are views into the qkv projection's output)."""
+        if not self.compiled:
+            return
+        layer = self.layers[0]
+        attn = layer.self_attn
+        weight = layer.input_layernorm.weight
+        rows = 2  # Dynamo specializes sizes 0 and 1
+        x = torch.zeros(rows, weight.shape[0], dtype=weight.dtype, device=weight.device)
+        qkv = torch.zeros(rows, attn.q_size + 2 * attn.kv_size, dtype=weight.dtype, device=weight.device)
+        q, k, _ = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
+        self._norm(layer.input_layernorm, x, None)
+        self._norm(layer.input_layernorm, x, torch.zeros_like(x))
+        self._rope(attn.rotary_emb, torch.zeros(rows, dtype=torch.long, device=weight.device), q, k)
+
+    def inputs(self, hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's inputs as the compiled ops expect them. The runner's
+        persistent buffers are normal tensors, the step's own are inference
+        tensors, and Dynamo guards on the difference: copies made here (in
+        the step's inference mode) keep every call on one graph."""
+        if self.compiled and not hidden.is_inference():
+            hidden = hidden.clone()
+        if self.compiled and not positions.is_inference():
+            positions = positions.clone()
+        return hidden, positions
+
+    def __call__(self, idx: int, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None,
+                 picks: Picks | None = None) -> tuple[torch.Tensor, torch.Tensor, Picks, Picks]:
+        """Layer `idx` on `hidden` (rows in the step's current order). `picks`
+        maps a scorer to (row of its last prompt token, rows of its image
+        tokens); for each the query and key rows are returned before RoPE
+        (raw) and after (roped), as the layer's attention sees them."""
+        layer = self.layers[idx]
+        if residual is None:
+            residual = hidden
+            x = self._norm(layer.input_layernorm, hidden, None)
+        else:
+            x, residual = self._norm(layer.input_layernorm, hidden, residual)
+        attn = layer.self_attn
+        qkv, _ = attn.qkv_proj(x)
+        q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
+        picks = picks or {}
+        raw = {i: (q[last], k[img]) for i, (last, img) in picks.items()}  # gathers copy
+        q, k = self._rope(attn.rotary_emb, positions, q, k)
+        roped = {i: (q[last], k[img]) for i, (last, img) in picks.items()}
+        out, _ = attn.o_proj(attn.attn(q, k, v))
+        hidden, residual = self._norm(layer.post_attention_layernorm, out, residual)
+        return layer.mlp(hidden), residual, raw, roped
