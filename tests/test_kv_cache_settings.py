@@ -114,19 +114,33 @@ def _system_chat(image, question):
     return [{"role": "system", "content": SYSTEM}, *chat(image, question)]
 
 
-def test_prefix_cache_reuses_the_text_before_the_image(tiny_checkpoint):
-    """A repeated system prompt before the image is reused from the cache by
-    pruned requests (the full blocks before the image: compaction moves
-    nothing there); the image is recomputed and pruned, also for the same
-    image with another question. Tokens and kept sets equal an engine
-    without prefix caching."""
+# Served one at a time, each conversation after the one before it:
+# 1. feather on one system prompt with three images/questions;
+# 2. per pruned preset, on an image of its own (one no earlier request
+#    sent: a cached block of it would be found first): the pruned request,
+#    then the same conversation unpruned twice (the second hits the first's blocks).
+REUSE = [("feather", 0, QUESTION), ("feather", 1, QUESTION), ("feather", 1, "Describe the picture.")]
+AFTER_PRUNED = [(preset, -1 - image, "Which corner is it in?") for image, preset in enumerate(PRESETS[1:])
+                for preset in (preset, "none", "none")]
+
+
+def _image(index: int):
+    """sample_images()[index]; a negative index: sample image -1 - index, mirrored."""
+    from PIL import ImageOps
+
+    return sample_images()[index] if index >= 0 else ImageOps.mirror(sample_images()[-1 - index])
+
+
+@pytest.fixture(scope="module")
+def prefix_cache_runs(tiny_checkpoint):
+    """(outputs with prefix caching, (tokens, kept stages) with it, the same without it),
+    for REUSE + AFTER_PRUNED; and the image token id."""
     from feather_vllm.kv.plan import report_of
 
-    convs = [_system_chat(sample_images()[0], QUESTION), _system_chat(sample_images()[1], QUESTION),
-             _system_chat(sample_images()[1], "Describe the picture.")]
-
     def run(llm):
-        outs = [llm.chat(c, _params("feather", 8), use_tqdm=False)[0] for c in convs]  # one at a time
+        outs = [llm.chat(_system_chat(_image(image), question), _params(preset, 8, logprobs=0),
+                         use_tqdm=False)[0]
+                for preset, image, question in REUSE + AFTER_PRUNED]
         return outs, [(list(o.outputs[0].token_ids), report_of(o).stages) for o in outs]
 
     plain = make_llm(tiny_checkpoint, block_size=BLOCK)
@@ -140,10 +154,40 @@ def test_prefix_cache_reuses_the_text_before_the_image(tiny_checkpoint):
         image_token = cached.llm_engine.model_config.hf_config.image_token_index
     finally:
         shutdown(cached)
-    assert got == expected
+    return outs, got, expected, image_token
+
+
+def test_prefix_cache_reuses_the_text_before_the_image(prefix_cache_runs):
+    """A repeated system prompt before the image is reused from the cache by
+    pruned requests (the full blocks before the image: compaction moves
+    nothing there); the image is recomputed and pruned, also for the same
+    image with another question. Tokens and kept sets equal an engine
+    without prefix caching."""
+    outs, got, expected, image_token = prefix_cache_runs
+    n = len(REUSE)
+    assert got[:n] == expected[:n]
     image_offset = outs[0].prompt_token_ids.index(image_token)
     assert image_offset > 2 * BLOCK  # the system prompt spans full blocks
-    assert [o.num_cached_tokens for o in outs] == [0] + [image_offset // BLOCK * BLOCK] * 2
+    assert [o.num_cached_tokens for o in outs[:n]] == [0] + [image_offset // BLOCK * BLOCK] * 2
+
+
+@pytest.mark.parametrize("preset", PRESETS[1:])
+def test_unpruned_requests_never_read_pruned_blocks(prefix_cache_runs, preset):
+    """After a pruned request, the same conversation unpruned computes its
+    image (no block a cut compacted in any layer is offered, FastV's cut
+    inside the first KV stage included), caches it, and a repeat reads it:
+    all with the tokens of an engine without prefix caching."""
+    outs, got, expected, image_token = prefix_cache_runs
+    i = len(REUSE) + 3 * PRESETS[1:].index(preset)
+    assert got[i:i + 3] == expected[i:i + 3]
+    # Even where a wrong block leaves the greedy tokens alone, it shows in their logprobs.
+    first = [lp[t].logprob for lp, t in zip(outs[i + 1].outputs[0].logprobs, got[i + 1][0])]
+    repeat = [lp[t].logprob for lp, t in zip(outs[i + 2].outputs[0].logprobs, got[i + 2][0])]
+    assert max(abs(a - b) for a, b in zip(first, repeat)) < 1e-5
+    image_offset = outs[i].prompt_token_ids.index(image_token)
+    prompt = len(outs[i].prompt_token_ids)
+    assert [o.num_cached_tokens for o in outs[i:i + 3]] == \
+        [image_offset // BLOCK * BLOCK] * 2 + [(prompt - 1) // BLOCK * BLOCK]
 
 
 def test_non_square_image_tokens_run_unpruned_and_say_so(tiny_checkpoint):

@@ -185,9 +185,7 @@ def install() -> None:
                 decided = _decide(spec, request, num_new_tokens, computed)
                 if decided.plan is not None:
                     for manager in _stage_managers(self):
-                        manager.track(request.request_id,
-                                      decided.plan.dropped_at(manager.kv_cache_spec.feather_first_layer),
-                                      decided.plan.first_offset)
+                        manager.track(request.request_id, decided.plan)
         blocks = original_allocate(self, request, num_new_tokens, num_new_computed_tokens, *args, **kwargs)
         if decided is not None:
             if blocks is None:  # not scheduled: decide again next time

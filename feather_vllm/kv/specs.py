@@ -18,6 +18,8 @@ from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheSpec
 from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
+from feather_vllm.kv.plan import PrunePlan
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class StagedFullAttentionSpec(FullAttentionSpec):
@@ -25,6 +27,7 @@ class StagedFullAttentionSpec(FullAttentionSpec):
 
     feather_stage: int = 0
     feather_first_layer: int = 0  # the stage's first decoder layer
+    feather_end_layer: int = 0  # one past its last
     feather_num_layers: int = 0  # decoder depth, to validate request settings
     feather_default: str | None = None  # engine-wide default preset
 
@@ -43,7 +46,8 @@ class StagedFullAttentionSpec(FullAttentionSpec):
                    for s in kv_cache_specs.values())
 
 
-_STAGE_FIELDS = ("feather_stage", "feather_first_layer", "feather_num_layers", "feather_default")
+_STAGE_FIELDS = ("feather_stage", "feather_first_layer", "feather_end_layer", "feather_num_layers",
+                 "feather_default")
 
 
 class StagedFullAttentionManager(FullAttentionManager):
@@ -54,20 +58,24 @@ class StagedFullAttentionManager(FullAttentionManager):
     Per pruned request (set by the scheduler hook from the plan, kept as
     long as the request's blocks, like vLLM's own `req_to_blocks`):
     `dropped`, the image tokens its plan lets this stage's first layer drop;
-    `image_offset`, where its first image starts."""
+    `cache_limit`, for a request whose plan compacts any layer of this stage
+    (a cut at or inside it), where its first image starts: its blocks hold
+    the full token sequence only before that, in every layer."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.dropped: dict[str, int] = {}
-        self.image_offset: dict[str, int] = {}
+        self.cache_limit: dict[str, int] = {}
 
-    def track(self, request_id: str, dropped: int, image_offset: int) -> None:
-        self.dropped[request_id] = dropped
-        self.image_offset[request_id] = image_offset
+    def track(self, request_id: str, plan: PrunePlan) -> None:
+        spec = self.kv_cache_spec
+        self.dropped[request_id] = plan.dropped_at(spec.feather_first_layer)
+        if plan.dropped_at(spec.feather_end_layer - 1):  # its last layer drops the most
+            self.cache_limit[request_id] = plan.first_offset
 
     def forget(self, request_id: str) -> None:
         self.dropped.pop(request_id, None)
-        self.image_offset.pop(request_id, None)
+        self.cache_limit.pop(request_id, None)
 
     def trim(self, request_id: str, dropped: int, num_tokens: int) -> int | None:
         """The cut dropped `dropped` image tokens from this stage (the plan
@@ -101,11 +109,13 @@ class StagedFullAttentionManager(FullAttentionManager):
                                            *args, **kwargs)
 
     def cache_blocks(self, request, num_tokens, *args, **kwargs) -> None:
-        # From the image on, compacted blocks are not the blocks of the full
-        # token sequence that the prefix-cache hashes describe: offer only
-        # the full blocks before it.
-        if self.dropped.get(request.request_id):
-            num_tokens = min(num_tokens, self.image_offset[request.request_id])
+        # From the image on, blocks compacted in any of this stage's layers
+        # are not the blocks of the full token sequence that the prefix-cache
+        # hashes describe (a cut inside the stage compacts its later layers
+        # only): offer only the full blocks before it.
+        limit = self.cache_limit.get(request.request_id)
+        if limit is not None:
+            num_tokens = min(num_tokens, limit)
         super().cache_blocks(request, num_tokens, *args, **kwargs)
 
     def pop_blocks_for_free(self, request_id: str, *args: Any, **kwargs: Any):
@@ -125,14 +135,16 @@ def stage_attention_layers(layers: list[Any], boundaries: list[int], num_layers:
                            default: str | None) -> None:
     """Give each decoder layer's attention a KV spec tagged with its stage
     (every layer, stage 0 included: one plain spec would merge them all)."""
-    def staged(original: Any, stage: int, first: int) -> Any:
+    starts = [0, *boundaries, num_layers]
+
+    def staged(original: Any, stage: int) -> Any:
         def get_kv_cache_spec(*args: Any, **kwargs: Any) -> KVCacheSpec:
             spec = original(*args, **kwargs)
             if type(spec) is not FullAttentionSpec:
                 return spec
             return StagedFullAttentionSpec(
                 **{f.name: getattr(spec, f.name) for f in dataclasses.fields(FullAttentionSpec)},
-                feather_stage=stage, feather_first_layer=first,
+                feather_stage=stage, feather_first_layer=starts[stage], feather_end_layer=starts[stage + 1],
                 feather_num_layers=num_layers, feather_default=default)
 
         return get_kv_cache_spec
@@ -140,4 +152,4 @@ def stage_attention_layers(layers: list[Any], boundaries: list[int], num_layers:
     for index, layer in enumerate(layers):
         attn = layer.self_attn.attn
         stage = bisect.bisect_right(boundaries, index)
-        attn.get_kv_cache_spec = staged(attn.get_kv_cache_spec, stage, ([0] + list(boundaries))[stage])
+        attn.get_kv_cache_spec = staged(attn.get_kv_cache_spec, stage)
