@@ -45,6 +45,53 @@ PRUNING_OVERRIDES = (
 )
 CPU_BLOCK_SIZE = PRUNING_OVERRIDES[2]
 
+# Checkpoint architectures FEATHER has a pruning variant of: vLLM's LLaVA-1.5
+# (FEATHER's model subclasses it; LlavaConfig only), or FEATHER's own name
+# (an --hf-overrides that already asks for it). Any other is served as vLLM
+# serves it.
+PRUNABLE_ARCHITECTURES = ("LlavaForConditionalGeneration", ARCHITECTURE)
+
+
+@dataclasses.dataclass(frozen=True)
+class PruningSupport:
+    """Whether a served model can prune, decided once at start: from its
+    checkpoint's architecture (`checkpoint_support`) before the engine is
+    built, then recorded from the architecture the engine loaded."""
+
+    architecture: str  # the first of the config's `architectures`, after the user's hf_overrides
+    available: bool
+
+    @property
+    def unavailable_reason(self) -> str:
+        """Why pruning settings are refused for this model (one line)."""
+        return (f"pruning is unavailable for {self.architecture}: FEATHER prunes "
+                f"{PRUNABLE_ARCHITECTURES[0]} (LLaVA-1.5) checkpoints only")
+
+
+def checkpoint_support(model: str, hf_overrides: Any = None, **config_kwargs: Any) -> PruningSupport:
+    """`PruningSupport` of the checkpoint `model`, read with vLLM's own
+    config loader (`vllm.transformers_utils.config.get_config`;
+    `config_kwargs` are its trust_remote_code, revision, config_format,
+    token...) with `hf_overrides` (a dict or a function, as vLLM takes it)
+    applied; a dict's nested values (sub-config overrides) cannot rename
+    the architecture and are left out, as vLLM applies them later."""
+    from vllm.transformers_utils.config import get_config
+
+    config_kwargs.setdefault("trust_remote_code", False)
+    flat = ({k: v for k, v in hf_overrides.items() if not isinstance(v, dict)}
+            if isinstance(hf_overrides, dict) else None)
+    config = get_config(model, hf_overrides_kw=flat, hf_overrides_fn=hf_overrides if callable(hf_overrides) else None,
+                        **config_kwargs)
+    architectures = list(getattr(config, "architectures", None) or ())
+    architecture = architectures[0] if architectures else str(getattr(config, "model_type", "unknown"))
+    return PruningSupport(architecture, architecture in PRUNABLE_ARCHITECTURES)
+
+
+def loaded_support(model_config: Any) -> PruningSupport:
+    """`PruningSupport` of a running engine (its vLLM `ModelConfig`):
+    pruning is available exactly when FEATHER's model class was loaded."""
+    return PruningSupport(model_config.architectures[0], model_config.architecture == ARCHITECTURE)
+
 
 def _on_cpu() -> bool:
     from vllm.platforms import current_platform

@@ -3,7 +3,7 @@
 A request to /v1/*, /version, /tokenize or /detokenize without a valid `Authorization: Bearer <key>` gets 401
 without the server reading (or parsing) a byte of its body. With several
 keys (one per client) and `max_requests_per_key`, each key may have at most
-that many chat completions in flight (429 beyond, also before the body).
+that many (chat) completions in flight (429 beyond, also before the body).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from server.errors import error_body
 
 PROTECTED_PREFIX = "/v1/"
 PROTECTED_PATHS = frozenset({"/version", "/tokenize", "/detokenize"})  # vLLM's, outside /v1/
+LIMITED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})  # what --max-requests-per-key counts
 
 
 def protected(path: str) -> bool:
@@ -53,7 +54,7 @@ class Auth:
                                     headers={"WWW-Authenticate": "Bearer"})
             await response(scope, receive, send)
             return
-        if self.max_per_key is None or scope["path"] != "/v1/chat/completions" or scope.get("method") != "POST":
+        if self.max_per_key is None or scope["path"] not in LIMITED_PATHS or scope.get("method") != "POST":
             await self.app(scope, receive, send)
             return
         if self.in_flight[index] >= self.max_per_key:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
@@ -27,6 +28,11 @@ class APIError(Exception):
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": _TYPES.get(status, "server_error"),
                       "param": param, "code": code}}
+
+
+def stream_error_event(err: APIError) -> str:
+    """`err` as an event of a stream whose headers are sent (in-band, as vLLM's server does)."""
+    return f"data: {json.dumps(error_body(err.status, err.message, code=err.code))}\n\n"
 
 
 def error_response(err: APIError) -> JSONResponse:

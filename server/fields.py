@@ -10,7 +10,7 @@ vLLM lacks is listed here with its status, and nothing is silently dropped:
 - `NO_EFFECT`: accepted, and changes nothing here (as in vLLM, or the field
   has no server-side meaning);
 - `REFUSED`: answered 400 naming the field when set to anything but its
-  default (the default itself is accepted: clients send `echo: false`).
+  default (the default itself is accepted: clients send `use_beam_search: false`).
 
 Fields in none of these are unknown: 400 naming the field, or, with
 `--lenient-fields`, ignored with a warning (vLLM's behaviour).
@@ -29,7 +29,8 @@ REFUSED = "refused (400)"
 # field -> (status, note). Notes are the README's.
 FIELDS: dict[str, tuple[str, str]] = {
     # OpenAI's fields, in vLLM's order
-    "messages": (HONOURED, "text and `image_url` parts; roles system/developer/user/assistant"),
+    "messages": (HONOURED, "text and `image_url` parts; roles system/developer/user/assistant/tool, an "
+                 "assistant's `tool_calls`, a tool message's `tool_call_id`; unknown keys 400 unless lenient"),
     "model": (HONOURED, "must be the served name (404 otherwise)"),
     "frequency_penalty": (HONOURED, ""),
     "logit_bias": (HONOURED, "token ids (as strings) -> bias, checked against the vocabulary"),
@@ -47,13 +48,16 @@ FIELDS: dict[str, tuple[str, str]] = {
     "stream_options": (HONOURED, "`include_usage`; only with `stream: true` (as vLLM)"),
     "temperature": (HONOURED, "0-2"),
     "top_p": (HONOURED, ""),
-    "tools": (REFUSED, "no tool parser in this gateway"),
-    "tool_choice": (REFUSED, "anything but `none` (vLLM's default)"),
+    "tools": (HONOURED, "function tools, rendered by the chat template; calls parsed by vLLM's "
+              "`--tool-call-parser` (with `--enable-auto-tool-choice`, as vLLM); 400 without them"),
+    "tool_choice": (HONOURED, "`auto`, `none`, `required`, named function; `required` and named forced by vLLM's "
+                    "structured outputs (structural tags where the parser has them)"),
     "reasoning_effort": (REFUSED, "no reasoning parser; it would change the chat template's kwargs"),
     "thinking_token_budget": (REFUSED, "needs vLLM's reasoning config"),
     "include_reasoning": (NO_EFFECT, "no reasoning parser: there is no reasoning to include or hide (as vLLM "
                           "without `--reasoning-parser`)"),
-    "parallel_tool_calls": (NO_EFFECT, "tools are refused"),
+    "parallel_tool_calls": (HONOURED, "`false`: at most one call (in the grammar where the parser has "
+                            "structural tags, and in the answer)"),
     "user": (NO_EFFECT, "ignored by vLLM too"),
     # vLLM's sampling parameters
     "use_beam_search": (REFUSED, "beam search is not served"),
@@ -75,26 +79,33 @@ FIELDS: dict[str, tuple[str, str]] = {
     "allowed_token_ids": (HONOURED, ""),
     "bad_words": (HONOURED, ""),
     # vLLM's extra parameters
-    "echo": (REFUSED, "not implemented in this slice"),
+    "echo": (HONOURED, "the last message's text when it has the answer's role (with "
+             "`continue_final_message`); no prompt logprobs (400 with `top_logprobs`)"),
     "add_generation_prompt": (HONOURED, ""),
     "continue_final_message": (HONOURED, "needs `add_generation_prompt: false`"),
     "add_special_tokens": (HONOURED, ""),
     "documents": (REFUSED, "chat template input the special-token check does not cover"),
     "chat_template": (REFUSED, "request templates are untrusted (vLLM refuses them too unless "
                       "`--trust-request-chat-template`)"),
-    "chat_template_kwargs": (REFUSED, "not implemented in this slice"),
+    "chat_template_kwargs": (HONOURED, "passed to the chat template; 400 for the template's special tokens "
+                             "(`*_token`), special-token text in values, and keys that request fields set "
+                             "(`tools`, `documents`, `add_generation_prompt`...)"),
     "media_io_kwargs": (REFUSED, "images are loaded by the gateway's own checked loader"),
     "mm_processor_kwargs": (REFUSED, "would change the image token count the pruning plan is built on"),
-    "structured_outputs": (HONOURED, "`json`, `regex`, `choice`, `grammar`, `structural_tag` (xgrammar)"),
+    "structured_outputs": (HONOURED, "`json`, `regex`, `choice`, `grammar`, `structural_tag` (xgrammar); "
+                           "`disable_any_whitespace`, `disable_additional_properties` and `whitespace_pattern` "
+                           "refused: vLLM's backends read them from `--structured-outputs-config` only"),
     "priority": (HONOURED, "takes effect with `--scheduling-policy priority` (vLLM's engine flag)"),
     "request_id": (HONOURED, "the response's id is `chatcmpl-<request_id>`; the engine runs it under a "
                    "unique id"),
     "session_id": (HONOURED, "passed to the engine (KV events)"),
     "return_tokens_as_token_ids": (HONOURED, "logprob tokens as `token_id:<id>`"),
-    "return_token_ids": (REFUSED, "not implemented in this slice"),
+    "return_token_ids": (HONOURED, "`prompt_token_ids` (image placeholders expanded, as the engine ran it) and "
+                         "each choice's `token_ids`; streamed: the first chunk and each delta"),
     "routed_experts_prompt_start": (NO_EFFECT, "MoE routing replay only; passed to the engine, which checks it"),
     "return_token_offsets": (NO_EFFECT, "vLLM honours it only on its render endpoints"),
-    "return_prompt_text": (REFUSED, "not implemented in this slice"),
+    "return_prompt_text": (HONOURED, "`prompt_text`: the engine's prompt text (each image placeholder "
+                           "repeated for the image's tokens, as in vLLM)"),
     "mm_payload": (NO_EFFECT, "vLLM honours it only on its render endpoints"),
     "return_mm_kwargs": (NO_EFFECT, "deprecated alias of `mm_payload`"),
     "cache_salt": (HONOURED, "vLLM's prefix-cache salt; with API keys combined with a per-key salt"),
@@ -120,7 +131,7 @@ GATEWAY_FIELDS: dict[str, tuple[str, str]] = {
 ALL_FIELDS = {**FIELDS, **GATEWAY_FIELDS}
 
 
-def _is_default(name: str, value: Any) -> bool:
+def is_default(name: str, value: Any) -> bool:
     """Whether a refused field carries its default (accepted) value."""
     if name == "tool_choice":
         return value in (None, "none")
@@ -131,10 +142,23 @@ def _is_default(name: str, value: Any) -> bool:
     return value is None or value == [] or value == {}
 
 
+# Options of `structured_outputs` that vLLM 0.32 accepts on a request but its
+# backends read only from the engine's --structured-outputs-config.
+ENGINE_WIDE_STRUCTURED_OUTPUTS = ("disable_any_whitespace", "disable_additional_properties", "whitespace_pattern")
+
+
+def refused_structured_option(structured_outputs: dict[str, Any] | None) -> str | None:
+    """`structured_outputs.<option>` for the first engine-wide option the request sets."""
+    for option in ENGINE_WIDE_STRUCTURED_OUTPUTS:
+        if (structured_outputs or {}).get(option) not in (None, False):
+            return f"structured_outputs.{option}"
+    return None
+
+
 def refused_field(fields_set: set[str], body: Any) -> str | None:
     """The first refused field the request sets to a non-default value."""
     for name, (status, _) in ALL_FIELDS.items():
-        if status == REFUSED and name in fields_set and not _is_default(name, getattr(body, name)):
+        if status == REFUSED and name in fields_set and not is_default(name, getattr(body, name)):
             return name
     return None
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic import (BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, StrictBool, StrictFloat, StrictInt,
+                      StrictStr, model_serializer)
 
 
 class _Strict(BaseModel):
@@ -30,12 +31,28 @@ class ImagePart(_Strict):
 ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 
 
-class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class FunctionCall(_Strict):
+    name: StrictStr
+    arguments: StrictStr  # JSON, as the model wrote it
 
-    role: Literal["system", "developer", "user", "assistant"]
+
+class ToolCall(_Strict):
+    """A call in an assistant message (an earlier turn's, sent back)."""
+
+    id: StrictStr
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class Message(BaseModel):
+    # Unknown keys are refused unless --lenient-fields (conversation.check_messages).
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: StrictStr | list[ContentPart] | None = None
     name: StrictStr | None = None
+    tool_calls: list[ToolCall] | None = None  # assistant messages
+    tool_call_id: StrictStr | None = None  # tool messages: the call this answers
 
 
 class StreamOptions(_Strict):
@@ -72,7 +89,7 @@ class ChatCompletionRequest(BaseModel):
     """Every field of vLLM 0.32's chat request, each honoured, accepted
     without effect or refused (server/fields.py says which); other fields
     are kept in `model_extra` and refused as unknown unless the gateway runs
-    with --lenient-fields (routes._check_fields)."""
+    with --lenient-fields (chat._check_fields)."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -128,27 +145,29 @@ class ChatCompletionRequest(BaseModel):
     store: StrictBool | None = None
     service_tier: StrictStr | None = None
     include_reasoning: StrictBool = True
-    parallel_tool_calls: StrictBool | None = None
     routed_experts_prompt_start: StrictInt = Field(0, ge=0)
     return_token_offsets: StrictBool | None = None
     mm_payload: Literal["tensors", "none"] = "tensors"
     return_mm_kwargs: StrictBool | None = None
-    # Refused unless at their defaults (server/fields.py: REFUSED)
+    # Tool calling (server/tools.py): checked by vLLM's own request
     tools: list[Any] | None = None
     tool_choice: Any = None
+    parallel_tool_calls: StrictBool | None = None
+    # vLLM's prompt and answer extras
+    echo: StrictBool = False
+    chat_template_kwargs: dict[StrictStr, Any] | None = None
+    return_token_ids: StrictBool | None = None
+    return_prompt_text: StrictBool | None = None
+    # Refused unless at their defaults (server/fields.py: REFUSED)
     reasoning_effort: Any = None
     thinking_token_budget: Any = None
     use_beam_search: StrictBool = False
     length_penalty: Number = 1.0
     prompt_logprobs: Any = None
-    echo: StrictBool = False
     documents: Any = None
     chat_template: Any = None
-    chat_template_kwargs: Any = None
     media_io_kwargs: Any = None
     mm_processor_kwargs: Any = None
-    return_token_ids: StrictBool | None = None
-    return_prompt_text: StrictBool | None = None
     kv_transfer_params: Any = None
     ec_transfer_params: Any = None
     vllm_xargs: Any = None
@@ -213,9 +232,23 @@ class FeatherReport(BaseModel):
     fallback: FallbackReport | None = None
 
 
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: dict[str, str]  # name, arguments (a JSON string)
+
+
 class ChatMessage(BaseModel):
-    role: Literal["assistant"] = "assistant"
+    role: str = "assistant"  # vLLM's: the last message's role when add_generation_prompt is false
     content: str | None
+    tool_calls: list[ToolCallOut] = Field(default_factory=list)
+
+    @model_serializer(mode="wrap")
+    def _serialize(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        if not data.get("tool_calls"):  # as vLLM: no key when no call
+            data.pop("tool_calls", None)
+        return data
 
 
 class Choice(BaseModel):
@@ -224,6 +257,7 @@ class Choice(BaseModel):
     logprobs: dict[str, Any] | None = None
     finish_reason: str | None
     stop_reason: int | str | None = None  # vLLM's: the stop string or token id that ended the choice
+    token_ids: list[int] | None = None  # return_token_ids
 
 
 class ChatCompletionResponse(BaseModel):
@@ -233,12 +267,15 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[Choice]
     usage: Usage
+    prompt_token_ids: list[int] | None = None  # return_token_ids
+    prompt_text: str | None = None  # return_prompt_text
     feather: FeatherReport | None = None
 
 
 class Delta(BaseModel):
-    role: Literal["assistant"] | None = None
+    role: str | None = None
     content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # vLLM's DeltaToolCall: index, id, type, function
 
 
 class ChunkChoice(BaseModel):
@@ -247,6 +284,7 @@ class ChunkChoice(BaseModel):
     logprobs: dict[str, Any] | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    token_ids: list[int] | None = None  # return_token_ids
 
 
 class ChatCompletionChunk(BaseModel):
@@ -255,25 +293,14 @@ class ChatCompletionChunk(BaseModel):
     created: int
     model: str
     choices: list[ChunkChoice]
+    prompt_token_ids: list[int] | None = None  # return_token_ids: the first chunk
+    prompt_text: str | None = None  # return_prompt_text: the first chunk
     usage: Usage | None = None
     feather: FeatherReport | None = None
 
 
-class ModelCard(BaseModel):
-    id: str
-    object: Literal["model"] = "model"
-    created: int
-    owned_by: str = "feather-vllm"
-    max_model_len: int | None = None  # as vLLM's server reports it (None while the engine starts)
-
-
-class ModelList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ModelCard]
-
-
 class _Tokenize(BaseModel):
-    # Unknown fields are refused unless --lenient-fields (routes.check_unknown_fields).
+    # Unknown fields are refused unless --lenient-fields (deps.check_unknown_fields).
     model_config = ConfigDict(extra="allow")
 
     model: StrictStr | None = None
@@ -288,18 +315,47 @@ class TokenizeCompletionRequest(_Tokenize):
 
 
 class TokenizeChatRequest(_Tokenize):
-    """vLLM's /tokenize body for chat messages (text only in this gateway)."""
+    """vLLM's /tokenize body for chat messages (images included), and the
+    gateway's `feather` settings (what each cut would keep)."""
 
     messages: list[Message] = Field(min_length=1)
     add_generation_prompt: StrictBool = True
     continue_final_message: StrictBool = False
     add_special_tokens: StrictBool = False
+    chat_template_kwargs: dict[StrictStr, Any] | None = None
+    tools: list[Any] | None = None  # checked as vLLM's ChatCompletionToolsParam
+    feather: FeatherSettings | None = None
     # vLLM's, refused as in chat completions (server/fields.py)
     chat_template: Any = None
-    chat_template_kwargs: Any = None
     media_io_kwargs: Any = None
     mm_processor_kwargs: Any = None
-    tools: list[Any] | None = None
+
+
+class ImageSpan(BaseModel):
+    """An image's placeholder tokens in the prompt: the first one's index, and how many."""
+
+    offset: int
+    length: int
+
+
+class StageBound(BaseModel):
+    """Image tokens one cut keeps: exact for top-k stages (min == max), a
+    range for stages with a uniform grid (top-k union grid)."""
+
+    layer: int
+    kept_min: int
+    kept_max: int
+
+
+class TokenizePruning(BaseModel):
+    """What the request's pruning settings keep of its images, from the
+    settings alone (feather_vllm.pruning.cost.kept_per_stage_bounds, each
+    image its own share), before the engine's decision to fall back."""
+
+    preset: str
+    image_tokens: int
+    stages: list[StageBound]  # all images together
+    images: list[list[StageBound]]  # per image, in prompt order
 
 
 class TokenizeResponse(BaseModel):
@@ -307,6 +363,10 @@ class TokenizeResponse(BaseModel):
     max_model_len: int
     tokens: list[int]
     token_strs: list[str] | None = None
+    # The gateway's additions for chat messages with images (absent otherwise):
+    image_tokens: int | None = None
+    images: list[ImageSpan] | None = None
+    feather: TokenizePruning | None = None
 
 
 class DetokenizeRequest(BaseModel):
@@ -318,3 +378,25 @@ class DetokenizeRequest(BaseModel):
 
 class DetokenizeResponse(BaseModel):
     prompt: str
+
+
+class CompletionChoice(BaseModel):
+    """One choice of /v1/completions (vLLM's CompletionResponseChoice)."""
+
+    index: int
+    text: str
+    logprobs: dict[str, Any] | None = None  # text_offset, token_logprobs, tokens, top_logprobs
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    token_ids: list[int] | None = None  # return_token_ids
+    prompt_logprobs: list[dict[str, dict[str, Any]] | None] | None = None
+    prompt_token_ids: list[int] | None = None  # return_token_ids
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None

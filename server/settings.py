@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from feather_vllm.engine import PRUNABLE_ARCHITECTURES
 from server.engine import DEFAULT_SHUTDOWN_TIMEOUT_S, OVERRIDE_NOTES, OVERRIDES, build_engine_args
 
 if TYPE_CHECKING:
@@ -29,13 +30,19 @@ PROG = "python -m server"
 GATEWAY_GROUP = "Gateway"
 # Settings fields that come from vLLM's flags (--model, --served-model-name, --log-level), not flags of their own.
 ENGINE_FIELDS = ("model", "served_model_name", "log_level")
+# vLLM's frontend (`vllm serve`) flags for tool calling, with vLLM's names, types, defaults and help
+# (its BaseFrontendArgs); also environment variables FEATHER_<NAME>. server/tools.py uses them.
+TOOL_FIELDS = ("enable_auto_tool_choice", "tool_call_parser", "tool_parser_plugin",
+               "exclude_tools_when_tool_choice_none", "tool_strict_level")
+TOOL_GROUP = "Tool calling (vLLM's flags)"
 VLLM_ENGINE_ARGS_DOCS = "https://docs.vllm.ai/en/v0.32.0/configuration/engine_args/"
 
 
 class Settings(BaseSettings):
     """The gateway's own settings: each is a flag `--<name>` and an
     environment variable `FEATHER_<NAME>`, except `ENGINE_FIELDS`, which
-    `parse_args` takes from vLLM's flags (when given)."""
+    `parse_args` takes from vLLM's flags (when given), and `TOOL_FIELDS`,
+    vLLM's own flags (and variables `FEATHER_<NAME>`)."""
 
     model_config = SettingsConfigDict(env_prefix="FEATHER_", extra="ignore")
 
@@ -80,6 +87,12 @@ class Settings(BaseSettings):
     lenient_fields: bool = Field(False, description="ignore unknown request fields (with a warning log), as "
                                  "vLLM does, instead of refusing them with 400")
     log_level: str = Field("info", description="the gateway's log level: vLLM's --log-level when given")
+    # TOOL_FIELDS: vLLM's flags (their help is vLLM's)
+    enable_auto_tool_choice: bool = False
+    tool_call_parser: str | None = None
+    tool_parser_plugin: str = ""
+    exclude_tools_when_tool_choice_none: bool = False
+    tool_strict_level: str = "auto"
 
     @property
     def model_name(self) -> str:
@@ -114,7 +127,22 @@ def _flag_type(annotation: Any):
 
 def gateway_fields() -> list[str]:
     """Settings fields that are gateway flags."""
-    return [name for name in Settings.model_fields if name not in ENGINE_FIELDS]
+    return [name for name in Settings.model_fields if name not in ENGINE_FIELDS + TOOL_FIELDS]
+
+
+def _add_tool_flags(parser: FlexibleArgumentParser) -> None:
+    """vLLM's tool-calling flags, defined by vLLM (`BaseFrontendArgs`); not
+    given, they stay out of the namespace (the environment variable or the default applies)."""
+    from vllm.engine.arg_utils import get_kwargs
+    from vllm.entrypoints.launchers.cli_args import BaseFrontendArgs
+
+    kwargs = BaseFrontendArgs._customize_cli_kwargs(get_kwargs(BaseFrontendArgs))
+    group = parser.add_argument_group(TOOL_GROUP, description="vLLM's own flags: tools, tool_choice and "
+                                      "parallel_tool_calls need --enable-auto-tool-choice and --tool-call-parser.")
+    for name in TOOL_FIELDS:
+        spec = {k: v for k, v in kwargs[name].items() if k != "flags"}
+        spec["default"] = argparse.SUPPRESS
+        group.add_argument(f"--{name.replace('_', '-')}", dest=name, **spec)
 
 
 def _default_text(name: str) -> str:
@@ -137,7 +165,10 @@ def _epilog() -> str:
                   "--help=<word> the flags matching it. --model defaults to $FEATHER_MODEL; "
                   "--served-model-name to the model directory's name (the gateway serves the first name)."),
              "",
-             "Engine arguments the gateway sets differently from vLLM's defaults (the rest is vLLM's default):"]
+             "Engine arguments the gateway sets differently from vLLM's defaults (the rest is vLLM's default):",
+             wrap("(hf_overrides, compilation_config and block_size only for a checkpoint FEATHER can prune, "
+                  f"architecture {' or '.join(PRUNABLE_ARCHITECTURES)}; any other runs as vLLM serves it, "
+                  "unpruned, and requests with pruning settings get 400)", "  ")]
     for o in OVERRIDES:
         value = json.dumps(o.value) if isinstance(o.value, dict) else repr(o.value)
         note = f" ({OVERRIDE_NOTES[o.name]})" if o.name in OVERRIDE_NOTES else ""
@@ -197,6 +228,7 @@ def build_parser() -> FlexibleArgumentParser:
         else:
             group.add_argument(flag, dest=name, type=_flag_type(field.annotation), default=argparse.SUPPRESS,
                                help=help_text)
+    _add_tool_flags(parser)
     AsyncEngineArgs.add_cli_args(parser)
     # None: not given, the gateway's drain default applies (server.engine.DEFAULT_SHUTDOWN_TIMEOUT_S).
     parser.set_defaults(model=os.environ.get("FEATHER_MODEL") or None, shutdown_timeout=None)
@@ -212,7 +244,7 @@ def parse_args(argv: list[str] | None = None) -> GatewayArgs:
     namespace = parser.parse_args(argv)
     if not namespace.model:
         parser.error("--model is required (or the environment variable FEATHER_MODEL)")
-    given = {name: getattr(namespace, name) for name in gateway_fields() if hasattr(namespace, name)}
+    given = {name: getattr(namespace, name) for name in (*gateway_fields(), *TOOL_FIELDS) if hasattr(namespace, name)}
     if isinstance(given.get("api_key"), list):  # --api-key K1 K2 (and each may still be comma-separated)
         given["api_key"] = ",".join(given["api_key"])
     served = namespace.served_model_name
@@ -224,6 +256,11 @@ def parse_args(argv: list[str] | None = None) -> GatewayArgs:
         settings = Settings(model=namespace.model, served_model_name=served, **given)
     except ValidationError as e:
         parser.error(" ".join(str(e).split()))
+    from server.tools import check_flags
+
+    tool_error = check_flags(settings.enable_auto_tool_choice, settings.tool_call_parser, settings.tool_parser_plugin)
+    if tool_error:
+        parser.error(tool_error)
     try:  # vLLM checks some arguments here (e.g. a --model it cannot find)
         engine_args = AsyncEngineArgs.from_cli_args(namespace)
         if settings.allowed_image_hosts is None and engine_args.allowed_media_domains:

@@ -35,10 +35,11 @@ class GatewayState:
         self.special_text: re.Pattern[str] | None = None  # special-token strings refused in message text
         self.exit_code: int | None = None  # set when the gateway must stop (its engine died)
         self.default_sampling_params: dict[str, Any] = {}  # the model's generation config, as vLLM's server
+        self.tool_parser: Any = None  # vLLM's parser class for --tool-call-parser (server/tools.py)
         # Graceful shutdown (server/app.py `Drain`): vLLM's --shutdown-timeout, the gateway's default when unset.
         self.shutdown_timeout: float = 0.0
         self.draining = False  # SIGTERM seen: new requests get 503, admitted ones finish
-        self.calls: set[Any] = set()  # chat completions admitted and not yet settled (routes._Call)
+        self.calls: set[Any] = set()  # chat completions admitted and not yet settled (inflight.Call)
         # Per-process secret of the per-key prefix-cache salts: never sent, never logged.
         self._salt_secret = secrets.token_bytes(32)
 
@@ -58,11 +59,19 @@ class GatewayState:
         return "engine is dead"
 
     def attach(self, engine: Any, layout: EngineLayout) -> None:
+        """Serve `engine`; `layout` is read from it once, at start."""
         self.layout = layout
+        if not layout.pruning.available:
+            logger.warning("%s; the model is served as vLLM serves it, and requests with pruning settings "
+                           "get 400", layout.pruning.unavailable_reason)
         self.tokenizer = engine.renderer.tokenizer
         model_config = getattr(getattr(engine, "vllm_config", None), "model_config", None)
         if model_config is not None:
             self.default_sampling_params = model_config.get_diff_sampling_param()
+            if self.settings.enable_auto_tool_choice:
+                from server.tools import parser_class
+
+                self.tool_parser = parser_class(self.settings, model_config, self.tokenizer)
         image_token_id = getattr(layout, "image_token_id", None)
         if image_token_id is None:
             hf_config = getattr(getattr(getattr(engine, "vllm_config", None), "model_config", None), "hf_config", None)
@@ -148,7 +157,8 @@ class GatewayState:
 
     async def render(self, conversation: list[dict[str, Any]], tok_params: Any = None, *,
                      add_generation_prompt: bool = True, continue_final_message: bool = False,
-                     cache_salt: str | None = None) -> tuple[Any, list[int]]:
+                     cache_salt: str | None = None, template_kwargs: dict[str, Any] | None = None,
+                     skip_mm_cache: bool = False) -> tuple[Any, list[int]]:
         """Chat template + multimodal processing by vLLM's own renderer;
         `tok_params` vLLM's (default: its chat defaults, no special tokens
         added: the template emits BOS itself, as in vLLM's OpenAI server)."""
@@ -156,7 +166,9 @@ class GatewayState:
         from vllm.renderers.params import ChatParams
 
         renderer = self.engine.renderer
-        chat_params = ChatParams(chat_template_kwargs={"add_generation_prompt": add_generation_prompt,
+        # `template_kwargs` (the request's chat_template_kwargs, the tools) under the two the gateway sets.
+        chat_params = ChatParams(chat_template_kwargs={**(template_kwargs or {}),
+                                                       "add_generation_prompt": add_generation_prompt,
                                                        "continue_final_message": continue_final_message})
         if tok_params is None:
             tok_params = renderer.default_chat_tok_params.with_kwargs(add_special_tokens=False)
@@ -166,7 +178,8 @@ class GatewayState:
         # renderer refuses after processing would leave an entry the engine
         # never got: the next request with that image would fail. Such
         # requests bypass the cache (vLLM's /tokenize does the same).
-        skip = getattr(tok_params, "truncate_prompt_tokens", None) is not None
+        # `skip_mm_cache`: a render the engine never gets (e.g. /tokenize).
+        skip = skip_mm_cache or getattr(tok_params, "truncate_prompt_tokens", None) is not None
         try:
             _, (engine_input,) = await renderer.render_chat_async([conversation], chat_params, tok_params,
                                                                   prompt_extras=extras, skip_mm_cache=skip)

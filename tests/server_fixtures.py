@@ -30,7 +30,9 @@ def server(tiny_checkpoint, tmp_path_factory, request):
     proc = ServerProcess(tiny_checkpoint, "--served-model-name", "tiny", "--api-key", KEY, OTHER_KEY,
                          "--max-num-seqs", "4", "--max-waiting-requests", "4",
                          "--max-image-bytes", "200000", "--max-image-pixels", "1000000",
-                         "--allow-file-urls", "--allowed-local-dir", str(local), "--stream-send-timeout-s", "3")
+                         "--allow-file-urls", "--allowed-local-dir", str(local), "--stream-send-timeout-s", "3",
+                         # vLLM's tool flags (tests/test_server_api.py); requests without tools are unaffected
+                         "--enable-auto-tool-choice", "--tool-call-parser", "hermes")
     proc.local_dir = local
     request.config.stash[SHARED_SERVER] = proc
     yield proc

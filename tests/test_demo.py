@@ -3,6 +3,10 @@ through the real engine, and is reproducible from its training command."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+
+import httpx
 import pytest
 
 from feather_vllm.pruning import PRESETS, uniform_grid
@@ -172,3 +176,61 @@ def test_fine_tuning_with_serving_selection_is_reproducible(tmp_path):
     assert any(not (a[k] == start[k]).all() for k in a)
     for name in ("tokenizer.json", "tokenizer_config.json", "processor_config.json", "chat_template.jinja"):
         assert (tmp_path / "a" / name).read_bytes() == (WEIGHTS_DIR / name).read_bytes(), name
+
+
+# -- structured outputs on pruned requests, through the gateway ----------------
+
+CELL_SCHEMA = {"type": "object", "properties": {"cell": {"type": "string", "enum": list(CELLS)}},
+               "required": ["cell"], "additionalProperties": False}
+# vLLM 0.32 applies `disable_any_whitespace` engine-wide only (its xgrammar backend reads the engine's
+# config; the request's `structured_outputs.disable_any_whitespace` is ignored). Without it this
+# small model pads the JSON with newlines until max_tokens: 0/50 valid.
+COMPACT_JSON = {"backend": "xgrammar", "disable_any_whitespace": True}
+
+
+@pytest.fixture(scope="module")
+def demo_gateway():
+    """The shipped demo model behind `python -m server`, JSON kept compact."""
+    from tests.helpers import ServerProcess
+
+    proc = ServerProcess(WEIGHTS_DIR, "--served-model-name", "demo",
+                         "--structured-outputs-config", json.dumps(COMPACT_JSON))
+    yield proc
+    proc.stop()
+
+
+async def _pruned_json_answers(url: str, constraint: dict, scenes) -> list[httpx.Response]:
+    """One FEATHER-pruned chat per scene, all at once, with `constraint`."""
+    from tests.helpers import png_data_url
+
+    def body(scene) -> dict:
+        content = [{"type": "image_url", "image_url": {"url": png_data_url(scene.image)}},
+                   {"type": "text", "text": scene.question}]
+        return {"model": "demo", "max_tokens": 32, "temperature": 0, "feather": {"preset": "feather"}, **constraint,
+                "messages": [{"role": "user", "content": content}]}
+
+    async with httpx.AsyncClient(base_url=url, timeout=300) as client:
+        return await asyncio.gather(*(client.post("/v1/chat/completions", json=body(s)) for s in scenes))
+
+
+@pytest.mark.parametrize("constraint", [
+    {"response_format": {"type": "json_schema", "json_schema": {"name": "cell", "schema": CELL_SCHEMA}}},
+    {"structured_outputs": {"json": CELL_SCHEMA}},
+], ids=["response_format", "structured_outputs"])
+def test_pruned_answers_follow_the_json_schema(demo_gateway, constraint):
+    """50 scenes (images and questions vary) at once, each pruned by FEATHER
+    and constrained to the schema: every answer is compact JSON valid
+    against it, ended by the model (not by max_tokens)."""
+    import jsonschema
+
+    scenes = held_out(50)
+    responses = asyncio.run(_pruned_json_answers(demo_gateway.url, constraint, scenes))
+    for r in responses:
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert [s["layer"] for s in body["feather"]["stages"]] == [8, 16] and body["feather"]["fallback"] is None
+        choice = body["choices"][0]
+        assert choice["finish_reason"] == "stop", choice
+        answer = json.loads(choice["message"]["content"])
+        jsonschema.validate(answer, CELL_SCHEMA)
+        assert choice["message"]["content"] == json.dumps(answer, separators=(",", ":"))  # no whitespace

@@ -27,9 +27,12 @@ OVERRIDDEN = {"hf_overrides", "compilation_config", "disable_log_stats", "served
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    # Parsing only needs a directory that exists (vLLM resolves --model offline).
+    # Parsing needs a directory that exists (vLLM resolves --model offline) with a config whose
+    # architecture FEATHER prunes (the pruning overrides apply to no other).
     path = tmp_path_factory.mktemp("models") / "my-llava"
     path.mkdir()
+    (path / "config.json").write_text(json.dumps({"architectures": ["LlavaForConditionalGeneration"],
+                                                  "model_type": "llava"}))
     return path
 
 

@@ -181,21 +181,15 @@ def test_no_effect_and_default_fields_are_accepted(client, greedy):
 
 
 REFUSED = [
-    ("tools", [{"type": "function", "function": {"name": "f"}}]),
-    ("tool_choice", "auto"),
     ("reasoning_effort", "low"),
     ("thinking_token_budget", 10),
     ("use_beam_search", True),
     ("length_penalty", 0.5),
     ("prompt_logprobs", 1),
-    ("echo", True),
     ("documents", [{"title": "t", "text": "x"}]),
     ("chat_template", "{{ messages }}"),
-    ("chat_template_kwargs", {"x": 1}),
     ("media_io_kwargs", {"image": {}}),
     ("mm_processor_kwargs", {"num_crops": 4}),
-    ("return_token_ids", True),
-    ("return_prompt_text", True),
     ("kv_transfer_params", {"do_remote_prefill": True}),
     ("ec_transfer_params", {"x": 1}),
     ("vllm_xargs", {"feather": "none"}),
@@ -227,6 +221,10 @@ BAD = [
     ("continue and generation prompt", {"continue_final_message": True}, "continue_final_message"),
     ("cache salt with a slash", {"cache_salt": "a/b"}, "cache_salt"),
     ("top_k below -1", {"top_k": -5}, "top_k"),
+    *((f"engine-wide structured_outputs.{option}", {"structured_outputs": {"json": {"type": "object"}, option: value}},
+       f"structured_outputs.{option}")
+      for option, value in (("disable_any_whitespace", True), ("disable_additional_properties", True),
+                            ("whitespace_pattern", "[ ]?"))),
 ]
 
 
@@ -241,7 +239,7 @@ def test_bad_values_get_400_naming_the_field(client, kind, extra, param):
 def test_unknown_fields_refused_unless_lenient(lenient, caplog):
     """The --lenient-fields switch (the gateway's parsing is tested in test_gateway_cli.py)."""
     from server.errors import APIError
-    from server.routes import check_unknown_fields
+    from server.deps import check_unknown_fields
 
     state = types.SimpleNamespace(settings=types.SimpleNamespace(lenient_fields=lenient))
     with caplog.at_level(logging.WARNING, logger="server"):
@@ -285,8 +283,9 @@ def test_tokenize_and_detokenize(server, client, greedy):
 
 
 @pytest.mark.parametrize("path, body, status, param", [
-    ("/tokenize", {"messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]}, 400, "messages[0].content[0]"),
+    ("/tokenize", {"messages": [{"role": "user", "content": [  # images are tokenized (test_server_api.py): checked
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]}, 400,
+     "messages[0].content[0].image_url.url"),
     ("/tokenize", {"prompt": 5}, 400, "prompt"),
     ("/tokenize", {"prompt": "x", "model": "gpt-9"}, 404, "model"),
     ("/tokenize", {"prompt": "x", "frobnicate": 1}, 400, "frobnicate"),
@@ -294,7 +293,7 @@ def test_tokenize_and_detokenize(server, client, greedy):
      "chat_template"),
     ("/detokenize", {"tokens": [10**7]}, 400, "tokens[0]"),
     ("/detokenize", {"tokens": [-1]}, 400, "tokens[0]"),
-], ids=["image", "prompt-not-text", "unknown-model", "unknown-field", "chat-template", "id-outside-vocab",
+], ids=["bad-image", "prompt-not-text", "unknown-model", "unknown-field", "chat-template", "id-outside-vocab",
         "negative-id"])
 def test_tokenize_errors(client, path, body, status, param):
     r = client.post(path, json=body)

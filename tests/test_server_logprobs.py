@@ -16,7 +16,7 @@ from vllm.logprobs import Logprob
 
 from server.app import create_app
 from server.engine import EngineLayout
-from server.routes import LOGPROB_FLOOR, chat_logprobs, clamp_logprob
+from server.logprobs import LOGPROB_FLOOR, chat_logprobs, clamp_logprob
 from server.settings import Settings
 
 INF, NAN = float("inf"), float("nan")

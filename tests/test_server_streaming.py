@@ -112,3 +112,17 @@ def test_stalled_stream_client_releases_its_slot(server, client):
         assert _metric(client, "feather_requests_running") == [0] and not any(engine), engine
     finally:
         sock.close()
+
+
+def test_tokens_without_text_stream_their_logprobs(client, scene_url):
+    """Every sampled token's logprobs reach a stream, the ones whose text is
+    empty (here forced: BOS, a special token) included, as vLLM streams them."""
+    body = image_chat(scene_url, stream=True, logprobs=True, max_tokens=4, ignore_eos=True,
+                      logit_bias={"1": 100}, stream_options={"include_usage": True})
+    with client.stream("POST", "/v1/chat/completions", json=body) as r:
+        assert r.status_code == 200
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    entries = [e for c in chunks if c["choices"] and c["choices"][0].get("logprobs")
+               for e in c["choices"][0]["logprobs"]["content"]]
+    assert chunks[-1]["usage"]["completion_tokens"] == 4
+    assert [e["token"] for e in entries] == ["<s>"] * 4

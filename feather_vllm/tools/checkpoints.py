@@ -23,8 +23,13 @@ SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN]
 
 # LLaVA-1.5's conversation format. Handles both string content (vLLM puts the
 # "<image>" placeholder into the text itself) and OpenAI-style content parts.
+# Tool calling in Hermes' format (vLLM's `hermes` tool parser): the tools in a
+# <tools> block, an assistant's calls as <tool_call> JSON, tool results as
+# <tool_response>; a prompt without tools renders as plain LLaVA-1.5.
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
+    "{% if tools %}<tools>{{ '\\n' }}{% for tool in tools %}{{ tool | tojson }}{{ '\\n' }}{% endfor %}"
+    "</tools>{{ '\\n' }}{% endif %}"
     "{% for message in messages %}"
     "{% if message['role'] == 'system' %}"
     "{{ message['content'] if message['content'] is string else message['content'][0]['text'] }}{{ '\\n' }}"
@@ -36,8 +41,13 @@ CHAT_TEMPLATE = (
     "{% endfor %}{% endif %}{{ '\\n' }}"
     "{% elif message['role'] == 'assistant' %}ASSISTANT: "
     "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}{% if part['type'] == 'text' %}"
-    "{{ part['text'] }}{% endif %}{% endfor %}{% endif %}{{ eos_token }}{{ '\\n' }}"
+    "{% elif message['content'] %}{% for part in message['content'] %}{% if part['type'] == 'text' %}"
+    "{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{% for call in message['tool_calls'] or [] %}<tool_call>{{ '\\n' }}"
+    "{{ {'name': call['function']['name'], 'arguments': call['function']['arguments']} | tojson }}"
+    "{{ '\\n' }}</tool_call>{% endfor %}{{ eos_token }}{{ '\\n' }}"
+    "{% elif message['role'] == 'tool' %}TOOL: <tool_response>{{ '\\n' }}{{ message['content'] }}"
+    "{{ '\\n' }}</tool_response>{{ '\\n' }}"
     "{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
