@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 
-from server import errors, lifecycle, metrics, routes
+from server import errors, kv_demand, lifecycle, metrics, routes
 from server.auth import Auth
 from server.engine import DEFAULT_SHUTDOWN_TIMEOUT_S, build_engine_args, engine_layout, start_engine
 from server.settings import Settings
@@ -97,6 +97,7 @@ def create_app(settings: Settings, stop_server: Callable[[int], None] | None = N
     state.shutdown_timeout = float(engine_args.shutdown_timeout if engine_args is not None
                                    and engine_args.shutdown_timeout is not None else DEFAULT_SHUTDOWN_TIMEOUT_S)
     drain = Drain(state, stop_server)
+    kv_demand.COLLECTOR.state = state  # the KV demand gauges read this app's requests (the latest app's)
 
     def fatal(reason: str) -> None:
         state.exit_code = lifecycle.ENGINE_DIED_EXIT_CODE

@@ -1,5 +1,7 @@
 """Prometheus metrics of the gateway (namespace `feather_`). vLLM's own
-engine metrics (`vllm:*`) live in the same registry and are served with them."""
+engine metrics (`vllm:*`) live in the same registry and are served with them.
+The KV demand gauges (the autoscaling signal) are computed at each scrape:
+server/kv_demand.py."""
 
 from __future__ import annotations
 
@@ -22,7 +24,8 @@ REQUESTS = Counter("feather_requests", "Chat completion responses by HTTP status
                    "errors included)", ["status", "preset"])
 HANDLERS = {"/v1/chat/completions": "chat_completions", "/v1/models": "models", "/health": "health",
             "/metrics": "metrics", "/ping": "ping", "/version": "version", "/tokenize": "tokenize",
-            "/detokenize": "detokenize", "/live": "live"}
+            "/detokenize": "detokenize", "/live": "live",
+            "/v1/completions": "completions", "/v1/responses": "responses"}
 HTTP_RESPONSES = Counter("feather_http_responses", "HTTP responses of every endpoint by handler and status",
                          ["handler", "status"])
 TTFT = Histogram("feather_time_to_first_token_seconds", "Time to first token", ["preset"], buckets=_LATENCY)

@@ -3,7 +3,10 @@
 them finish, token for token, while /health answers 503, /live 200 and new
 requests 503 with Retry-After; the process then exits 0. With a short
 --shutdown-timeout the streams left are aborted cleanly (finish_reason
-"abort" and an error event), and the process still exits 0.
+"abort" and an error event) and a plain request gets a 503 error body, and
+the process still exits 0; a second SIGTERM does the same at once, to
+requests queued in the engine too. While requests queue, the KV demand
+gauges count the blocks they will need at their pruning settings.
 
 One gateway per test: each ends with its process gone. The first runs one
 sequence at a time and without prefix caching: the tiny random model's
@@ -40,9 +43,9 @@ class Stream(threading.Thread):
     """One streamed chat completion, read in a thread: its token ids, finish
     reasons, error events, whether [DONE] came, and the time of each chunk."""
 
-    def __init__(self, url: str, prompt: str, max_tokens: int) -> None:
+    def __init__(self, url: str, prompt: str, max_tokens: int, body: dict | None = None) -> None:
         super().__init__(daemon=True)
-        self.url, self.body = url, _body(prompt, max_tokens)
+        self.url, self.body = url, body or _body(prompt, max_tokens)
         self.admitted = threading.Event()
         self.started = threading.Event()  # its first event came (the engine runs it)
         self.tokens: list[str] = []
@@ -109,6 +112,44 @@ def _start_streams(server: ServerProcess, max_tokens: int, also: int = 0,
         assert not any(s.failure for s in streams), [s.failure for s in streams]
         time.sleep(0.05)
     return streams
+
+
+class Plain(threading.Thread):
+    """One chat completion not streamed, posted in a thread."""
+
+    def __init__(self, url: str, body: dict) -> None:
+        super().__init__(daemon=True)
+        self.url, self.body = url, body
+        self.response: httpx.Response | None = None
+
+    def run(self) -> None:
+        self.response = httpx.post(self.url + "/v1/chat/completions", json=self.body, timeout=120)
+
+
+def _assert_shutdown_error(response: httpx.Response) -> None:
+    """The clean answer of a plain request aborted at shutdown: 503, OpenAI error JSON, Retry-After."""
+    assert response.status_code == 503, response.text
+    assert response.headers["retry-after"] == "5"
+    assert response.json() == {"error": {
+        "message": "the server shut down before the answer was complete; retry on another instance",
+        "type": "service_unavailable", "param": None, "code": "server_shutdown"}}
+
+
+def _assert_aborted_stream(s: Stream) -> None:
+    """A stream aborted at shutdown says so: finish_reason "abort", one error event, [DONE], no usage."""
+    assert s.failure is None, s.failure
+    assert s.finish_reasons == ["abort"]
+    assert [e["code"] for e in s.errors] == ["server_shutdown"]
+    assert s.done and s.usage is None
+
+
+def _metric_values(server: ServerProcess) -> dict[str, float]:
+    """The gateway's unlabelled samples (and vLLM's KV usage, engine 0)."""
+    text = httpx.get(server.url + "/metrics", timeout=10).text
+    values = {name: float(v) for name, v in re.findall(r"^(feather_\w+) (\S+)$", text, re.MULTILINE)}
+    usage = re.search(r'^vllm:kv_cache_usage_perc\{[^}]*engine="0"[^}]*\} (\S+)$', text, re.MULTILINE)
+    values["vllm:kv_cache_usage_perc"] = float(usage.group(1))
+    return values
 
 
 @pytest.fixture
@@ -188,7 +229,10 @@ def test_sigterm_drains_running_streams_then_exits_0(tiny_checkpoint, gateways):
 def test_drain_timeout_aborts_streams_cleanly_then_exits_0(tiny_checkpoint, gateways):
     server = ServerProcess(tiny_checkpoint, "--served-model-name", "tiny", "--shutdown-timeout", "1")
     gateways.append(server)
-    streams = _start_streams(server, 900)  # far longer than the 1 s drain
+    before = _taken(server)
+    plain = Plain(server.url, _body(PROMPTS[1], 900, stream=False))  # in flight when the drain ends, too
+    plain.start()
+    streams = _start_streams(server, 900, also=1, before=before)  # far longer than the 1 s drain
     for s in streams:
         assert s.started.wait(60)
     server.proc.send_signal(signal.SIGTERM)
@@ -196,13 +240,71 @@ def test_drain_timeout_aborts_streams_cleanly_then_exits_0(tiny_checkpoint, gate
     for s in streams:
         s.join(60)
         assert not s.is_alive()
+    plain.join(60)
     code = server.proc.wait(30)
     assert code == 0, server.logs()[-3000:]
     assert time.monotonic() - sent_at < 30
     for s in streams:
-        assert s.failure is None, s.failure
-        assert 0 < len(s.tokens) and s.usage is None  # no usage chunk: it was cut, and says so
-        assert s.finish_reasons == ["abort"]
-        assert [e["code"] for e in s.errors] == ["server_shutdown"]
-        assert s.done
-    assert server.logs().count("aborted unfinished at shutdown (timeout)") == len(streams)
+        _assert_aborted_stream(s)
+        assert 0 < len(s.tokens)  # cut after some tokens, and says so
+    _assert_shutdown_error(plain.response)
+    assert server.logs().count("aborted unfinished at shutdown (timeout)") == len(streams) + 1
+
+
+def test_second_sigterm_aborts_running_and_queued_requests_then_exits_0(tiny_checkpoint, gateways):
+    """The default (long) drain, cut short by a second SIGTERM: the running
+    stream, a stream and a plain request still queued in the engine (one
+    sequence at a time) all end cleanly at once. While they queue, the KV
+    demand gauges count their prompts' blocks at their presets."""
+    from feather_vllm.pruning import config as pcfg
+    from loadtest.generator import LoadConfig, chat_body, synthetic_image_url
+    from server.kv_demand import KVPool, request_blocks
+
+    server = ServerProcess(tiny_checkpoint, "--served-model-name", "tiny", "--max-num-seqs", "1")
+    gateways.append(server)
+    running = Stream(server.url, PROMPTS[0], 900)
+    running.start()
+    assert running.started.wait(60)
+    image = LoadConfig(url=server.url, model="tiny", max_tokens=8)  # 591-token image chats (576 image tokens)
+    before = _taken(server)
+    queued = Stream(server.url, "", 0, body=chat_body(image, synthetic_image_url(336, 0), "feather"))
+    queued.start()
+    plain = Plain(server.url, {**chat_body(image, synthetic_image_url(336, 1), "none"), "stream": False,
+                               "stream_options": None})
+    plain.start()
+    deadline = time.monotonic() + 60
+    while _taken(server) < before + 2:
+        assert time.monotonic() < deadline, "the queued requests were not admitted"
+        time.sleep(0.05)
+
+    values = _metric_values(server)
+    assert not running.finish_reasons  # the two still wait behind it
+    assert values["feather_requests_waiting"] == 2
+    total = int(values["feather_kv_total_blocks"])
+    pool = KVPool.build(32, pcfg.kv_boundaries(None, 32), 32, total + 1, 576)  # the gateway's CPU block size
+    # Their prompts at the stages' upper bounds: 8 groups x 19 blocks unpruned; feather 2 x 19 + 2 x 10 + 4 x 1.
+    expected = [request_blocks(pool, pcfg.PRESETS[p], [576], 591) for p in ("none", "feather")]
+    assert expected == [152, 62]
+    assert values["feather_kv_demand_blocks"] == sum(expected)
+    used = round(values["vllm:kv_cache_usage_perc"] * total)
+    assert used > 0 and values["feather_kv_free_blocks"] == total - used  # the running stream's blocks
+    assert values["feather_kv_demand_ratio"] == pytest.approx((used + sum(expected)) / total)
+
+    server.proc.send_signal(signal.SIGTERM)
+    assert httpx.get(server.url + "/health", timeout=10).status_code == 503
+    time.sleep(0.5)
+    assert running.is_alive() and not running.finish_reasons  # draining: it runs on
+    server.proc.send_signal(signal.SIGTERM)
+    sent_at = time.monotonic()
+    for thread in (running, queued, plain):
+        thread.join(30)
+        assert not thread.is_alive()
+    code = server.proc.wait(30)
+    assert code == 0, server.logs()[-3000:]
+    assert time.monotonic() - sent_at < 15  # not the 600 s drain
+    _assert_aborted_stream(running)
+    assert 0 < len(running.tokens) < 900
+    _assert_aborted_stream(queued)
+    assert queued.tokens == [] and queued.text == ""  # never ran: no token, yet a clean end
+    _assert_shutdown_error(plain.response)
+    assert server.logs().count("aborted unfinished at shutdown (signal)") == 3

@@ -306,7 +306,7 @@ def test_deploys_require_an_api_key():
     compose = yaml.safe_load((ROOT / "deploy/docker-compose.yml").read_text())
     key = compose["services"]["gateway"]["environment"]["FEATHER_API_KEY"]
     assert key.startswith("${FEATHER_API_KEY:?"), key  # compose refuses to start without it
-    deployment = yaml.safe_load((ROOT / "deploy/k8s/deployment.yaml").read_text())
+    deployment = yaml.safe_load((ROOT / "deploy/k8s/base/deployment.yaml").read_text())
     env = {e["name"]: e for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
     ref = env["FEATHER_API_KEY"]["valueFrom"]["secretKeyRef"]
     assert ref["name"] == "feather-vllm" and ref["key"] == "api-key" and ref.get("optional") is False
@@ -316,7 +316,7 @@ def test_deploys_require_an_api_key():
 # -- a client that leaves while its images load; renderer failures ---------------------------
 
 class _LeavingRequest:
-    """What routes._unless_disconnected reads of a request: a client that disconnects."""
+    """What inflight.unless_disconnected reads of a request: a client that disconnects."""
 
     def __init__(self, after_s: float) -> None:
         self.after_s = after_s
@@ -328,7 +328,7 @@ class _LeavingRequest:
 
 def test_work_abandoned_when_the_client_leaves():
     from server.errors import APIError
-    from server.routes import _unless_disconnected
+    from server.inflight import unless_disconnected as _unless_disconnected
 
     cancelled = False
 
