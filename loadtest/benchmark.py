@@ -10,8 +10,10 @@ Both run vLLM's defaults: compiled (`--enforce-eager` turns that off for
 both) and vLLM's default dtype (bf16 on CPUs; `--dtype` sets another).
 Then it measures, with presets interleaved round by round so that machine
 noise hits all alike:
-  1. prefill time: TTFT at concurrency 1, for a short question after the
-     image and for a long text before it (`--context-words`);
+  1. prefill time: TTFT at concurrency 1, and the engine's own prefill time
+     of the same requests (vLLM's `vllm:request_prefill_time_seconds`: no
+     HTTP, image decoding or image processor), for a short question after
+     the image and for a long text before it;
   2. KV held by one image request, from each engine's own gauge
      (`vllm:kv_cache_usage_perc`), against vLLM's own server;
   3. decode: inter-token latency at concurrency 1 and 8 (a fresh image per request);
@@ -131,6 +133,35 @@ async def _gauge(client: httpx.AsyncClient, name: str) -> float:
     return sum(s.value for f in text_string_to_metric_families(text) if f.name == name for s in f.samples)
 
 
+PREFILL_METRIC = "vllm:request_prefill_time_seconds"  # the engine's: scheduled to first token
+
+
+async def _histogram(client: httpx.AsyncClient, name: str) -> tuple[float, float]:
+    """(sum, count) of the engine's histogram `name`."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = (await client.get("/metrics")).text
+    samples = [s for f in text_string_to_metric_families(text) if f.name == name for s in f.samples]
+    return (sum(s.value for s in samples if s.name.endswith("_sum")),
+            sum(s.value for s in samples if s.name.endswith("_count")))
+
+
+async def _ttft_and_prefill(url: str, cfg: LoadConfig) -> tuple[float, float]:
+    """One request's TTFT (client side) and its prefill time in the engine
+    (vLLM's own histogram, read once the engine has recorded it): the part
+    of TTFT that pruning can shorten, without HTTP, image decoding and the
+    image processor."""
+    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+        total, count = await _histogram(client, PREFILL_METRIC)
+        (r,) = await run_load(cfg, progress=False)
+        for _ in range(100):
+            after, after_count = await _histogram(client, PREFILL_METRIC)
+            if after_count > count:
+                return r.ttft, after - total
+            await asyncio.sleep(0.02)
+    raise RuntimeError(f"the engine recorded no prefill time for the request ({PREFILL_METRIC})")
+
+
 async def kv_held_while_decoding(url: str, body: dict[str, Any]) -> float:
     """Share of the engine's KV cache (vllm:kv_cache_usage_perc) the
     streamed chat `body` holds while it decodes alone, read after its 8th
@@ -213,6 +244,7 @@ def predictions(model: str) -> dict[str, dict[str, float]]:
 async def measure(gateway: Server, stock: Server, rounds: int, sat_requests: int, sat_concurrency: int,
                   max_tokens: int) -> dict[str, Any]:
     ttft = {case: {p: [] for p in PRESETS} for case in TTFT_CASES}
+    prefill = {case: {p: [] for p in PRESETS} for case in TTFT_CASES}
     overhead = {"gateway": [], "vllm": []}
     # Warm both servers (first requests pay one-off costs).
     for url in (gateway.url, stock.url):
@@ -220,9 +252,10 @@ async def measure(gateway: Server, stock: Server, rounds: int, sat_requests: int
     for _ in range(rounds):
         for case, words in TTFT_CASES.items():
             for preset in PRESETS:  # interleaved: noise hits every preset alike
-                (r,) = await run_load(_load(gateway.url, preset, requests=1, concurrency=1, max_tokens=4,
-                                            context_words=words), progress=False)
-                ttft[case][preset].append(r.ttft)
+                t, engine = await _ttft_and_prefill(gateway.url, _load(gateway.url, preset, requests=1, concurrency=1,
+                                                                       max_tokens=4, context_words=words))
+                ttft[case][preset].append(t)
+                prefill[case][preset].append(engine)
         for name, url, preset in (("gateway", gateway.url, "none"), ("vllm", stock.url, None)):
             (r,) = await run_load(_load(url, preset, requests=1, concurrency=1, max_tokens=4), progress=False)
             overhead[name].append(r.ttft)
@@ -242,7 +275,7 @@ async def measure(gateway: Server, stock: Server, rounds: int, sat_requests: int
             results, peak = await _saturate(gateway.url, preset, sat_requests // 2, sat_concurrency, max_tokens)
             saturated[preset] += results
             peaks[preset] = max(peaks[preset], peak)
-    return {"ttft_c1": ttft, "overhead_ttft_c1": overhead,
+    return {"ttft_c1": ttft, "prefill_c1": prefill, "overhead_ttft_c1": overhead,
             "kv_held_perc": {p: statistics.median(v) for p, v in kv_held.items()},
             "decode_itl_s": {p: {c: summarize(r)["itl_s"] for c, r in by_c.items()} for p, by_c in decode.items()},
             "saturated": {p: summarize(saturated[p]) for p in PRESETS},
@@ -274,10 +307,12 @@ def report(m: dict[str, Any], pred: dict[str, dict[str, float]]) -> str:
     lines.append(f"{'vLLM (stock)':<12} {'':>11} {'':>7} {'':>6}   {kv['vllm'] * 100:>9.3f} {1:>7.2f} {'':>6}"
                  f"   {itl['vllm'][1] * 1000:>10.1f} {itl['vllm'][8] * 1000:>10.1f}")
     for case in TTFT_CASES:
-        by = {p: statistics.median(v) for p, v in m["ttft_c1"][case].items()}
-        lines.append(f"TTFT c=1, {case}: " + ", ".join(
-            f"{p} {by[p] * 1000:.0f} ms ({by[p] / by['none']:.2f}x none, model {pred[p]['prefill_' + case]:.2f}x, "
-            f"{by[p] / by['none'] / pred[p]['prefill_' + case]:.2f}x the model)" for p in PRESETS[1:]))
+        for what, key in (("TTFT", "ttft_c1"), ("engine prefill", "prefill_c1")):
+            by = {p: statistics.median(v) for p, v in m[key][case].items()}
+            lines.append(f"{what} c=1, {case}: none {by['none'] * 1000:.0f} ms; " + ", ".join(
+                f"{p} {by[p] * 1000:.0f} ms ({by[p] / by['none']:.2f}x none, model "
+                f"{pred[p]['prefill_' + case]:.2f}x: {by[p] / by['none'] / pred[p]['prefill_' + case]:.2f}x the model)"
+                for p in PRESETS[1:]))
     gw = statistics.median(m["overhead_ttft_c1"]["gateway"])
     vl = statistics.median(m["overhead_ttft_c1"]["vllm"])
     lines.append(f"gateway overhead: p50 TTFT at c=1 (preset none) {gw * 1000:.0f} ms vs vLLM's own server "

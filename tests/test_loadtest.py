@@ -155,3 +155,177 @@ def test_kv_capacity_measures_blocks_from_the_engine(tiny_checkpoint):
     assert all(presets[p]["blocks"] < presets["none"]["blocks"] for p in ("fastv", "feather", "pyramiddrop"))
     assert all(r["max_concurrent"] >= 1 for r in presets.values())
     assert "feather" in report(results)
+
+
+# -- autoscaling: the KV demand model against the engine, the queue model ------------------------
+
+@pytest.mark.parametrize("preset", ["none", "fastv", "feather", "pyramiddrop"])
+def test_kv_demand_block_model_matches_the_engine(server, preset):
+    """server.kv_demand's block count of a request (what the autoscaling
+    gauge adds up) equals the blocks the engine reports it held: at the
+    cuts' real kept counts exactly, at the stages' upper bounds (the
+    scheduler's reservation) no fewer."""
+    from feather_vllm.pruning import config as pcfg
+    from loadtest.generator import chat_body, synthetic_image_url
+    from server.kv_demand import KVPool, request_blocks
+
+    body = {**chat_body(LoadConfig(url=server.url, model="tiny", max_tokens=4), synthetic_image_url(336, 3), preset),
+            "stream": False, "stream_options": None}
+    answer = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=120).json()
+    report, usage = answer["feather"], answer["usage"]
+    total = float(httpx.get(server.url + "/metrics").text.split("\nfeather_kv_total_blocks ")[1].split()[0])
+    pool = KVPool.build(32, pcfg.kv_boundaries(None, 32), 32, int(total) + 1, 576)  # the gateway's CPU block size
+    config = pcfg.PRESETS[preset]
+    held = usage["prompt_tokens"] + usage["completion_tokens"] - 1  # the last token's KV is never written
+    kept = [stage["kept"] for stage in report["stages"]]
+    assert usage["prompt_tokens"] == 591 and report["image_tokens"] == 576
+    assert request_blocks(pool, config, [576], held, kept=kept) == report["kv_blocks"]["used"]
+    assert request_blocks(pool, config, [576], held) >= report["kv_blocks"]["used"]
+    assert request_blocks(pool, pcfg.PRESETS["none"], [576], held) == report["kv_blocks"]["unpruned"] == 8 * 19
+
+
+def test_autoscalers_name_metrics_the_gateway_exports(server):
+    """Every metric the HPAs (through prometheus-adapter) and KEDA scale on
+    is on a live gateway's /metrics, unlabelled where the gateway owns it."""
+    import re
+    from pathlib import Path
+
+    import yaml
+    from prometheus_client.parser import text_string_to_metric_families
+
+    k8s = Path(__file__).resolve().parents[1] / "deploy/k8s"
+    families = {f.name: f for f in text_string_to_metric_families(httpx.get(server.url + "/metrics").text)}
+    adapter = yaml.safe_load((k8s / "prometheus-adapter/values.yaml").read_text())["rules"]["custom"]
+    served = {rule["name"]["as"]: re.match(r"[\w:]+", rule["seriesQuery"]).group() for rule in adapter}
+    assert served == {"vllm_num_requests_waiting": "vllm:num_requests_waiting",
+                      "feather_kv_demand_ratio": "feather_kv_demand_ratio"}
+    for path in sorted(k8s.glob("components/hpa-*/hpa.yaml")):
+        (metric,) = [m["pods"]["metric"]["name"] for m in yaml.safe_load(path.read_text())["spec"]["metrics"]]
+        assert served[metric] in families, path
+    for path in sorted(k8s.glob("components/keda-*/scaledobject.yaml")):
+        (trigger,) = yaml.safe_load(path.read_text())["spec"]["triggers"]
+        (name,) = re.findall(r"sum\(([\w:]+)\{", trigger["metadata"]["query"])
+        assert name in families, path
+    for name in ("feather_kv_demand_blocks", "feather_kv_free_blocks", "feather_kv_total_blocks",
+                 "feather_kv_demand_ratio"):
+        assert families[name].type == "gauge" and [s.labels for s in families[name].samples] == [{}]
+
+
+def _sim_costs(pool_blocks: int):
+    import dataclasses
+
+    from loadtest.autoscale_sim import MEASURED
+
+    return dataclasses.replace(MEASURED, pool_blocks=pool_blocks)
+
+
+@pytest.mark.parametrize("pool", [852, 200], ids=["both-fit", "one-fits"])
+def test_autoscale_sim_step_model_is_exact(pool):
+    """Two unpruned chats at t=0 on one idle replica: the first's prefill
+    step starts at once (its measured TTFT), the second waits for the next
+    step; with room for both it prefills there beside the first's first
+    decode step, with room for one it waits for the first's blocks (its
+    prefill and 47 decode steps alone)."""
+    from loadtest.autoscale_sim import Request, simulate
+
+    costs = _sim_costs(pool)
+    none = costs.presets["none"]
+    decode_alone = costs.step_base_s + none.step_marginal_s
+    result = simulate([Request(0.0, "none"), Request(0.0, "none")], costs, None, replicas=1)
+    assert result["finished"] == 2 and result["peak_blocks_used"] == min(2, pool // 160) * 160
+    wait = none.prefill_s if pool >= 320 else none.prefill_s + 47 * decode_alone
+    second_ttft = wait + none.prefill_s + (decode_alone if pool >= 320 else 0.0)
+    assert result["queue_delay_s"]["p50"] == 0.0 and result["queue_delay_s"]["max"] == pytest.approx(wait)
+    assert result["ttft_s"]["p50"] == pytest.approx(none.prefill_s)
+    assert result["ttft_s"]["max"] == pytest.approx(second_ttft)
+
+
+def test_autoscale_sim_compares_signals_on_a_tiny_trace(tmp_path):
+    """`python -m loadtest.autoscale_sim` on a 4-minute trace: every run
+    serves every request without overfilling a pool; each signal's sweep,
+    the manifests' targets and the fixed reference are reported; the
+    manifests' HPAs are the model's (targets and behaviour)."""
+    from pathlib import Path
+
+    import yaml
+
+    from loadtest import autoscale_sim as sim
+
+    out = tmp_path / "sim.json"
+    sim.main(["--duration", "240", "--traces", "2", "--startup-s", "30", "--json", str(out),
+              "--plot", str(tmp_path / "sim.png")])
+    result = json.loads(out.read_text())
+    assert set(result) == {"traces", "requests", "slo_p95_queue_delay_s", "pruned_share", "signals",
+                           "fixed_within_slo"}
+    assert result["traces"] == 2 and result["requests"] > 50 and 0 < result["pruned_share"] < 1
+    assert list(result["signals"]) == ["waiting", "kv_demand"]
+    for signal, data in result["signals"].items():
+        targets = [run["target"] for run in data["runs"]]
+        assert targets == sorted({*sim.SWEEP[signal], sim.MANIFEST_TARGETS[signal]})
+        assert data["manifest_target"] == sim.MANIFEST_TARGETS[signal]
+        for run in data["runs"]:
+            assert run["finished"] == result["requests"]
+            assert 1 <= run["mean_replicas"] <= run["peak_replicas"] <= sim.Scaler.max_replicas
+            assert 0 <= run["queue_delay_p50_s"] <= run["queue_delay_p95_s"] <= run["ttft_p95_s"]
+            assert bool(run["timeline"]) == (run["target"] == sim.MANIFEST_TARGETS[signal])
+    assert (tmp_path / "sim.png").stat().st_size > 10_000
+    k8s = Path(__file__).resolve().parents[1] / "deploy/k8s/components"
+    scaler = sim.Scaler("kv_demand", 0)
+    for signal, name in (("waiting", "waiting"), ("kv_demand", "kv-demand")):
+        hpa = yaml.safe_load((k8s / f"hpa-{name}/hpa.yaml").read_text())["spec"]
+        keda = yaml.safe_load((k8s / f"keda-{name}/scaledobject.yaml").read_text())["spec"]
+        (metric,) = hpa["metrics"]
+        assert float(metric["pods"]["target"]["averageValue"].removesuffix("m")) / 1000 == sim.MANIFEST_TARGETS[signal]
+        assert float(keda["triggers"][0]["metadata"]["threshold"]) == sim.MANIFEST_TARGETS[signal]
+        behavior = keda["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
+        assert behavior == hpa["behavior"]
+        assert (hpa["minReplicas"], hpa["maxReplicas"]) == (keda["minReplicaCount"], keda["maxReplicaCount"]) \
+            == (scaler.min_replicas, scaler.max_replicas)
+        assert behavior["scaleDown"]["stabilizationWindowSeconds"] == scaler.scale_down_window_s
+        assert behavior["scaleDown"]["policies"] == [{"type": "Pods", "value": 1,
+                                                      "periodSeconds": scaler.scale_down_period_s}]
+        assert keda["pollingInterval"] == scaler.interval_s
+
+
+@pytest.mark.parametrize("signal", ["waiting", "kv_demand"])
+def test_autoscale_sim_pruned_traffic_costs_no_more(signal):
+    """The same arrivals, all `feather` vs all unpruned: pruned requests
+    cost less everywhere (blocks, prefill, decode), so they never need more
+    replicas or wait longer at p95, under either signal or fixed replicas."""
+    import dataclasses
+
+    from loadtest.autoscale_sim import MEASURED, Phase, Scaler, make_trace, simulate
+
+    arrivals = make_trace([Phase(300, 0.3, 0.0, rate_end=2.0)], seed=1)
+    runs = {}
+    for preset in ("feather", "none"):
+        trace = [dataclasses.replace(r, preset=preset) for r in arrivals]
+        runs[preset] = (simulate(trace, MEASURED, Scaler(signal, 1.0, startup_s=30)),
+                        simulate(trace, MEASURED, None, replicas=2))
+    for pruned, unpruned in zip(runs["feather"], runs["none"]):
+        assert pruned["finished"] == unpruned["finished"] == len(arrivals)
+        assert pruned["mean_replicas"] <= unpruned["mean_replicas"]
+        assert pruned["queue_delay_s"]["p95"] <= unpruned["queue_delay_s"]["p95"]
+    assert runs["none"][1]["queue_delay_s"]["p95"] > 10 * runs["feather"][1]["queue_delay_s"]["p95"] + 1
+
+
+@pytest.mark.parametrize(("got", "want", "top", "expected"), [
+    (["a", "b", "c"], ["a", "b", "c"], [{"a": -0.1}, {"b": -0.1}, {"c": -0.1}], None),
+    (["a", "x", "y"], ["a", "b", "c"], [{"a": -0.1}, {"b": -0.6930, "x": -0.6935}, {"c": -0.1}], (1, 5e-4, True)),
+    (["a", "x", "y"], ["a", "b", "c"], [{"a": -0.1}, {"b": -0.5, "x": -0.9}, {"c": -0.1}], (1, 0.4, False)),
+    (["x", "b", "c"], ["a", "b", "c"], [{"a": -0.1, "z": -0.1002}, {"b": -0.1}, {"c": -0.1}], (0, None, False)),
+    (["a", "b"], ["a", "b", "c"], [{"a": -0.1}, {"b": -0.1}, {"c": -0.1}], (2, None, False)),
+], ids=["equal", "near-tie", "beyond-tie", "not-a-candidate", "shorter"])
+def test_preemption_first_divergence(got, want, top, expected):
+    """loadtest.preemption counts an answer as differing unless, where it
+    first leaves the reference, the reference's logprobs of the two tokens
+    are within 1e-3."""
+    from loadtest.preemption import first_divergence
+
+    found = first_divergence(got, want, top)
+    if expected is None:
+        assert found is None
+    else:
+        index, gap, near_tie = expected
+        assert found.index == index and found.near_tie is near_tie
+        assert found.gap == (None if gap is None else pytest.approx(gap, abs=1e-9))
