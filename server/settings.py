@@ -78,6 +78,9 @@ class Settings(BaseSettings):
     api_key: str | None = Field(None, description="require 'Authorization: Bearer <key>' on /v1/*, /version, "
                                 "/tokenize and /detokenize; several keys (e.g. one per client) as vLLM takes "
                                 "them (--api-key K1 K2) or comma-separated (also in the variable)")
+    share_prefix_cache_across_keys: bool = Field(False, description="with several API keys, let every key's "
+                                                 "requests reuse the others' cached prefixes (one tenant); "
+                                                 "by default each key's cached prefixes are its own")
     max_requests_per_key: int | None = Field(None, description="chat completions in flight per API key "
                                              "(429 beyond)")
     max_waiting_requests: int = Field(64, description="requests beyond the engine's --max-num-seqs that may wait "

@@ -146,9 +146,10 @@ class GatewayState:
         requests share cached prefixes only among themselves: the salt is a
         keyed hash (HMAC-SHA256 with a per-process secret) of the key and
         the client's own salt, if any; never the key itself. Without keys,
-        the client's salt as given (vLLM's behaviour)."""
+        or with --share-prefix-cache-across-keys, the client's salt as given
+        (vLLM's behaviour)."""
         keys = self.settings.api_keys
-        if not keys or key_index is None:
+        if not keys or key_index is None or self.settings.share_prefix_cache_across_keys:
             return client_salt
         message = keys[key_index].encode("utf-8", "surrogateescape") + b"\0"
         if client_salt is not None:

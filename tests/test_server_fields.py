@@ -338,3 +338,21 @@ def test_prefix_cache_is_isolated_per_api_key(server, client, scene_url):
     assert hits_of(AUTH, cache_salt="tenant-a") == 0
     assert hits_of(AUTH, cache_salt="tenant-a") > 500
     assert KEY != OTHER_KEY
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["per-key", "shared-across-keys"])
+def test_prefix_cache_salt_per_key_unless_shared(shared):
+    """Each key's requests get their own salt (a keyed hash, never the key),
+    combined with the client's; --share-prefix-cache-across-keys gives every
+    key the client's salt as given, as vLLM does."""
+    from server.settings import Settings
+    from server.state import GatewayState
+
+    state = GatewayState(Settings(model="m", api_key=f"{KEY},{OTHER_KEY}", share_prefix_cache_across_keys=shared))
+    salts = {(key, client): state.cache_salt(key, client) for key in (0, 1) for client in (None, "tenant-a")}
+    if shared:
+        assert salts == {(0, None): None, (1, None): None, (0, "tenant-a"): "tenant-a", (1, "tenant-a"): "tenant-a"}
+    else:
+        assert len(set(salts.values())) == 4 and None not in salts.values()
+        assert not any(KEY in salt or OTHER_KEY in salt or "tenant-a" in salt for salt in salts.values())
+        assert state.cache_salt(0, "tenant-a") == salts[(0, "tenant-a")]  # stable: the same key reuses its cache
