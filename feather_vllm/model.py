@@ -215,8 +215,8 @@ class FeatherLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         hidden, residual, raw, roped = self._layers(idx, positions, hidden, residual, picks)
 
         scores = {}
-        head_dim = self.language_model.model.layers[idx].self_attn.head_dim
-        scaling = self.language_model.model.layers[idx].self_attn.scaling
+        attn = self.language_model.model.layers[idx].self_attn
+        head_dim, scaling = attn.head_dim, attn.scaling
         for i, state in scorers:
             stage = next(s for s in state.stages if s.layer == cut)
             q_last, k_img = (roped if stage.criterion == "rope" else raw)[i]
