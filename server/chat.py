@@ -17,8 +17,7 @@ from fastapi.responses import Response
 
 from feather_vllm.pruning import config as pcfg
 from server import fields, metrics, tools
-from server.conversation import (check_messages, check_template_kwargs, conversation, refuse_special_in_messages,
-                                 refuse_special_text)
+from server.conversation import check_template_input, conversation
 from server.deps import (check_model, check_unknown_fields, not_ready_error, require_engine, require_key, state_of,
                          unencodable)
 from server.errors import APIError, stream_error_event, validation_param
@@ -113,12 +112,7 @@ def _check_input(body: ChatCompletionRequest, state: GatewayState) -> None:
         raise APIError(400, "echo with top_logprobs asks for prompt logprobs, which this server does not return "
                             f"({fields.ALL_FIELDS['prompt_logprobs'][1]})", param="top_logprobs",
                        code="unsupported_parameter")
-    check_messages(body.messages, state)
-    check_template_kwargs(body.chat_template_kwargs, state)
-    # Text the template renders besides message contents: no special tokens there either.
-    state.refuse_special_tokens(body.messages)
-    refuse_special_in_messages(state, body.messages)
-    refuse_special_text(state, body.tools, "tools")
+    check_template_input(state, body.messages, body.chat_template_kwargs, body.tools)
 
 
 def resolve_pruning(feather: Any, state: GatewayState) -> pcfg.PruningConfig:

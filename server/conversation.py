@@ -124,3 +124,16 @@ def check_template_kwargs(kwargs: dict[str, Any] | None, state: GatewayState) ->
             raise APIError(400, f"chat_template_kwargs.{key} is not accepted: {reason}",
                            param=f"chat_template_kwargs.{key}", code="unsupported_parameter")
     refuse_special_text(state, kwargs, "chat_template_kwargs")
+
+
+def check_template_input(state: GatewayState, messages: list[Any], template_kwargs: dict[str, Any] | None,
+                         tools: Any) -> None:
+    """Everything a request brings to the chat template, checked before it
+    renders (chat completions and /tokenize alike): the messages, the
+    template kwargs, and no special-token text in message contents, in what
+    messages add besides them, or in the tools."""
+    check_messages(messages, state)
+    check_template_kwargs(template_kwargs, state)
+    state.refuse_special_tokens(messages)
+    refuse_special_in_messages(state, messages)
+    refuse_special_text(state, tools, "tools")

@@ -11,8 +11,7 @@ from feather_vllm.pruning import config as pcfg
 from feather_vllm.pruning.cost import kept_per_stage_bounds
 from server import fields
 from server.chat import resolve_pruning
-from server.conversation import (check_messages, check_template_kwargs, conversation, refuse_special_in_messages,
-                                 refuse_special_text)
+from server.conversation import check_template_input, conversation
 from server.deps import check_model, check_unknown_fields, require_engine, require_key, state_of, validated
 from server.errors import APIError, validation_param
 from server.offloop import OffLoopRoute
@@ -56,11 +55,7 @@ async def tokenize(body: dict[str, Any] = Body(...), state: GatewayState = Depen
     if req.continue_final_message and req.add_generation_prompt:
         raise APIError(400, "continue_final_message needs add_generation_prompt: false",
                        param="continue_final_message")
-    check_messages(req.messages, state)
-    check_template_kwargs(req.chat_template_kwargs, state)
-    state.refuse_special_tokens(req.messages)
-    refuse_special_in_messages(state, req.messages)
-    refuse_special_text(state, req.tools, "tools")
+    check_template_input(state, req.messages, req.chat_template_kwargs, req.tools)
     config = resolve_pruning(req.feather, state) if req.feather is not None else None
     template_kwargs = dict(req.chat_template_kwargs or {})
     if req.tools is not None:  # vLLM's /tokenize passes them to the template whatever the tool flags
