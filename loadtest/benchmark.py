@@ -126,11 +126,16 @@ def _load(url: str, preset: str | None, *, requests: int, concurrency: int, max_
                       max_tokens=max_tokens, context_words=context_words)
 
 
-async def _gauge(client: httpx.AsyncClient, name: str) -> float:
+async def _samples(client: httpx.AsyncClient, name: str) -> list[Any]:
+    """The samples of the engine's metric family `name`, from /metrics."""
     from prometheus_client.parser import text_string_to_metric_families
 
     text = (await client.get("/metrics")).text
-    return sum(s.value for f in text_string_to_metric_families(text) if f.name == name for s in f.samples)
+    return [s for f in text_string_to_metric_families(text) if f.name == name for s in f.samples]
+
+
+async def _gauge(client: httpx.AsyncClient, name: str) -> float:
+    return sum(s.value for s in await _samples(client, name))
 
 
 PREFILL_METRIC = "vllm:request_prefill_time_seconds"  # the engine's: scheduled to first token
@@ -138,10 +143,7 @@ PREFILL_METRIC = "vllm:request_prefill_time_seconds"  # the engine's: scheduled 
 
 async def _histogram(client: httpx.AsyncClient, name: str) -> tuple[float, float]:
     """(sum, count) of the engine's histogram `name`."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = (await client.get("/metrics")).text
-    samples = [s for f in text_string_to_metric_families(text) if f.name == name for s in f.samples]
+    samples = await _samples(client, name)
     return (sum(s.value for s in samples if s.name.endswith("_sum")),
             sum(s.value for s in samples if s.name.endswith("_count")))
 
