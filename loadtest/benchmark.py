@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import platform
@@ -91,17 +92,27 @@ class Server:
         self.log.close()
 
 
+def gateway_server(model: str, log: Path, kv_gib: float, block_size: int, max_num_seqs: int,
+                   enforce_eager: bool, dtype: str, prefix_caching: bool = False) -> Server:
+    """The gateway on `model` served as `bench` (started, not yet waited
+    for): the benchmark's engine settings; prefix caching off unless
+    `prefix_caching` (the benchmark's rounds repeat one prompt)."""
+    port = free_port()
+    return Server([sys.executable, "-m", "server", "--model", model, "--served-model-name", "bench",
+                   "--port", str(port), "--dtype", dtype,
+                   "--kv-cache-memory-bytes", str(int(kv_gib * 2**30)),
+                   "--block-size", str(block_size), "--max-model-len", str(MAX_MODEL_LEN),
+                   "--max-num-seqs", str(max_num_seqs), "--max-waiting-requests", "256",
+                   *([] if prefix_caching else ["--no-enable-prefix-caching"]),
+                   *(["--enforce-eager"] if enforce_eager else [])],
+                  log, port)
+
+
 def start_servers(model: str, out: Path, kv_gib: float, block_size: int, max_num_seqs: int,
                   enforce_eager: bool, dtype: str) -> tuple[Server, Server]:
-    gw_port, vllm_port = free_port(), free_port()
+    vllm_port = free_port()
     eager = ["--enforce-eager"] if enforce_eager else []
-    gateway = Server([sys.executable, "-m", "server", "--model", model, "--served-model-name", "bench",
-                      "--port", str(gw_port), "--dtype", dtype,
-                      "--kv-cache-memory-bytes", str(int(kv_gib * 2**30)),
-                      "--block-size", str(block_size), "--max-model-len", str(MAX_MODEL_LEN),
-                      "--max-num-seqs", str(max_num_seqs), "--max-waiting-requests", "256",
-                      "--no-enable-prefix-caching", *eager],  # the rounds repeat one prompt
-                     out / "gateway.log", gw_port)
+    gateway = gateway_server(model, out / "gateway.log", kv_gib, block_size, max_num_seqs, enforce_eager, dtype)
     # The plugin off (only its CPU-machine import shim, a no-op where
     # torchvision loads): vLLM's own server as a user without feather-vllm runs it.
     stock = Server([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
@@ -126,12 +137,21 @@ def _load(url: str, preset: str | None, *, requests: int, concurrency: int, max_
                       max_tokens=max_tokens, context_words=context_words)
 
 
-async def _samples(client: httpx.AsyncClient, name: str) -> list[Any]:
-    """The samples of the engine's metric family `name`, from /metrics."""
+async def _families(client: httpx.AsyncClient, *names: str) -> dict[str, list[Any]]:
+    """The samples of the engine's metric families `names`, from one read of /metrics."""
     from prometheus_client.parser import text_string_to_metric_families
 
     text = (await client.get("/metrics")).text
-    return [s for f in text_string_to_metric_families(text) if f.name == name for s in f.samples]
+    out: dict[str, list[Any]] = {name: [] for name in names}
+    for family in text_string_to_metric_families(text):
+        if family.name in out:
+            out[family.name] += family.samples
+    return out
+
+
+async def _samples(client: httpx.AsyncClient, name: str) -> list[Any]:
+    """The samples of the engine's metric family `name`, from /metrics."""
+    return (await _families(client, name))[name]
 
 
 async def _gauge(client: httpx.AsyncClient, name: str) -> float:
@@ -164,21 +184,65 @@ async def _ttft_and_prefill(url: str, cfg: LoadConfig) -> tuple[float, float]:
     raise RuntimeError(f"the engine recorded no prefill time for the request ({PREFILL_METRIC})")
 
 
+@dataclasses.dataclass
+class Streamed:
+    """One streamed chat, as `stream_chat` read it."""
+
+    ttft: float | None  # seconds from sending to the first chunk with content
+    text: str  # the reply (choice 0)
+    id: str | None  # the completion's id
+    usage: dict[str, Any] | None
+    feather: dict[str, Any] | None  # the gateway's pruning report
+    kv_usage: float | None  # vllm:kv_cache_usage_perc while it decoded (`stream_chat`'s gauge_after)
+
+
+async def kv_usage_while_running(client: httpx.AsyncClient) -> float | None:
+    """vllm:kv_cache_usage_perc, or None where the engine says it runs no
+    request (the one measured has ended: its KV is no longer held)."""
+    read = await _families(client, "vllm:kv_cache_usage_perc", "vllm:num_requests_running")
+    if not sum(s.value for s in read["vllm:num_requests_running"]):
+        return None
+    return sum(s.value for s in read["vllm:kv_cache_usage_perc"])
+
+
+async def stream_chat(client: httpx.AsyncClient, body: dict[str, Any], gauge_after: int | None = None) -> Streamed:
+    """Send the streamed chat `body`; with `gauge_after`, read the engine's
+    KV gauge once that many output chunks have come (the role chunk
+    included; a chunk that carries token ids counts one per token), unless
+    the chat has ended by then."""
+    out = Streamed(ttft=None, text="", id=None, usage=None, feather=None, kv_usage=None)
+    chunks = 0
+    begin = time.perf_counter()
+    async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            choices = [c for c in chunk.get("choices") or [] if c.get("index", 0) == 0]
+            content = "".join((c.get("delta") or {}).get("content") or "" for c in choices)
+            if content and out.ttft is None:
+                out.ttft = time.perf_counter() - begin
+            out.text += content
+            before = chunks
+            chunks += sum(len(c.get("token_ids") or [None]) for c in choices)
+            if gauge_after is not None and before < gauge_after <= chunks \
+                    and not any(c.get("finish_reason") for c in choices):
+                out.kv_usage = await kv_usage_while_running(client)
+            out.id = out.id or chunk.get("id")
+            out.usage = chunk.get("usage") or out.usage
+            out.feather = chunk.get("feather") or out.feather
+    return out
+
+
 async def kv_held_while_decoding(url: str, body: dict[str, Any]) -> float:
     """Share of the engine's KV cache (vllm:kv_cache_usage_perc) the
     streamed chat `body` holds while it decodes alone, read after its 8th
-    token."""
-    chunks, held = 0, None
+    output chunk."""
     async with httpx.AsyncClient(base_url=url, timeout=600) as client:
-        async with client.stream("POST", "/v1/chat/completions", json=body) as response:
-            response.raise_for_status()
-            async for line in response.aiter_lines():
-                if line.startswith("data: {") and '"content"' in line:
-                    chunks += 1
-                    if chunks == 8:
-                        held = await _gauge(client, "vllm:kv_cache_usage_perc")
+        held = (await stream_chat(client, body, gauge_after=8)).kv_usage
     if held is None:
-        raise RuntimeError("the chat ended before its 8th token")
+        raise RuntimeError("the chat ended before its 8th output chunk was read")
     return held
 
 

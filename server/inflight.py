@@ -155,6 +155,9 @@ class Call:
             metrics.KV_BLOCKS_UNPRUNED.labels(self.preset).inc(report.kv_blocks.unpruned)
             if report.fallback:
                 metrics.FALLBACKS.labels(report.fallback.reason).inc()
+            if report.reused:
+                metrics.REUSED.labels(self.preset).inc()
+                metrics.REUSED_TOKENS.labels(self.preset).inc(report.reused.tokens)
 
     def engine_report(self, final: Any) -> FeatherReport | None:
         """The engine's report of a finished request (None before it finished)."""

@@ -41,6 +41,10 @@ KV_BLOCKS_USED = Counter("feather_kv_blocks_used", "KV blocks reserved by reques
 KV_BLOCKS_UNPRUNED = Counter("feather_kv_blocks_unpruned", "KV blocks the same requests would hold unpruned",
                              ["preset"])
 FALLBACKS = Counter("feather_pruning_fallbacks", "Requests that asked for pruning and ran unpruned", ["reason"])
+REUSED = Counter("feather_pruned_kv_reuses", "Follow-up turns that reused an earlier turn's pruned image KV",
+                 ["preset"])
+REUSED_TOKENS = Counter("feather_pruned_kv_reused_tokens", "Prompt tokens those turns took from the prefix cache",
+                        ["preset"])
 RUNNING = Gauge("feather_requests_running", "Requests generating tokens")
 DRAINING = Gauge("feather_draining", "1 while the gateway drains for shutdown (new requests refused, admitted "
                  "ones finishing), else 0")

@@ -8,7 +8,15 @@ from __future__ import annotations
 
 from feather_vllm.kv.plan import PruningReport
 from feather_vllm.pruning.stats import mean_row, quadrant_coverage
-from server.schemas import FallbackReport, FeatherReport, ImageReport, KVBlocksReport, StageReport, StageTotal
+from server.schemas import (
+    FallbackReport,
+    FeatherReport,
+    ImageReport,
+    KVBlocksReport,
+    ReusedReport,
+    StageReport,
+    StageTotal,
+)
 
 
 def build_report(report: PruningReport, return_kept: bool = False) -> FeatherReport:
@@ -33,4 +41,6 @@ def build_report(report: PruningReport, return_kept: bool = False) -> FeatherRep
                          kv_blocks=KVBlocksReport(used=report.kv_blocks_used,
                                                   unpruned=report.kv_blocks_unpruned_total,
                                                   held_per_group=list(report.kv_blocks_held)),
-                         fallback=fallback)
+                         fallback=fallback,
+                         reused=ReusedReport(tokens=report.reused.tokens, kept_from=report.reused.kept_from)
+                         if report.reused else None)

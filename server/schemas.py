@@ -74,6 +74,10 @@ class FeatherSettings(_Strict):
     # Also report each stage's kept image-token indices (raster order), e.g.
     # to draw kept-token maps; off by default, the lists are long.
     return_kept: StrictBool = False
+    # A follow-up turn about an image an earlier turn of the conversation
+    # pruned reuses that turn's pruned KV and kept set (false, the default),
+    # or prunes again for this turn's question at full cost (true).
+    reselect: StrictBool = False
 
 
 MAX_STOP_SEQUENCES = 16
@@ -216,6 +220,13 @@ class FallbackReport(BaseModel):
     message: str
 
 
+class ReusedReport(BaseModel):
+    """A follow-up turn that reused an earlier turn's pruned KV."""
+
+    tokens: int  # prompt tokens served from the prefix cache, the pruned image included
+    kept_from: str  # the engine request id of the turn whose cut decided the kept set
+
+
 class ImageReport(BaseModel):
     """What pruning did to one image (each image keeps its own share)."""
 
@@ -230,6 +241,7 @@ class FeatherReport(BaseModel):
     images: list[ImageReport]  # in prompt order
     kv_blocks: KVBlocksReport
     fallback: FallbackReport | None = None
+    reused: ReusedReport | None = None  # kept set and KV from an earlier turn (no cut in this request)
 
 
 class ToolCallOut(BaseModel):

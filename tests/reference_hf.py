@@ -164,8 +164,12 @@ def _image_spans(model, input_ids: torch.Tensor, num_images: int, config: Prunin
 
 @torch.no_grad()
 def reference_generate(model, input_ids: torch.Tensor, pixel_values: torch.Tensor, config: PruningConfig,
-                       max_new_tokens: int, decode: Literal["cache", "recompute"] = "cache") -> dict:
+                       max_new_tokens: int, decode: Literal["cache", "recompute"] = "cache",
+                       kept: list[list[list[int]]] | None = None) -> dict:
     """Greedy pruned generation of one prompt (batch of 1).
+
+    `kept` (per stage, per image, as returned) forces the kept sets instead
+    of deciding them: a later turn that reuses an earlier turn's selection.
 
     `pixel_values` holds one image per image-token run of the prompt.
     Returns token_ids, logprobs (float32 log_softmax of each chosen token),
@@ -178,7 +182,9 @@ def reference_generate(model, input_ids: torch.Tensor, pixel_values: torch.Tenso
     prompt_len = input_ids.shape[1]
     embeds = _embed(model, input_ids, pixel_values)
     cache = _PerLayerKV() if decode == "cache" else None
-    logits, kept, layer_tokens = _forward(model, embeds, images, prompt_len, config, None, cache)
+    forced = None if kept is None else {stage.layer: [torch.tensor(k, dtype=torch.long) for k in per_image]
+                                        for stage, per_image in zip(config.stages, kept)}
+    logits, kept, layer_tokens = _forward(model, embeds, images, prompt_len, config, forced, cache)
     tokens: list[int] = []
     logprobs: list[float] = []
     for step in range(max_new_tokens):

@@ -191,7 +191,7 @@ def test_mixed_run_with_aborts_frees_every_block(llm):
     _run_to_end(engine)
     # No pruning state outlives its request, scheduler side or worker side.
     runner = engine.model_executor.driver_worker.worker.model_runner
-    assert [(m.dropped, m.cache_limit) for m in kv.coordinator.single_type_managers] == [({}, {})] * 8
+    assert [m.tracked for m in kv.coordinator.single_type_managers] == [{}] * 8
     assert kv._feather_new_plans == {} and runner._feather_pending == {}
     assert [r for r in runner.requests if not r.startswith("mix-flush")] == []
 

@@ -109,6 +109,99 @@ def test_evaluate_builtin_scenes_through_gateway(server, tmp_path):
     assert (tmp_path / "eval.png").stat().st_size > 1000
 
 
+def test_evaluate_multi_turn_through_gateway(server, tmp_path, capsys):
+    """--multi-turn on 4 two-object scenes: each setting's turn 1 once, then
+    turn 2 about the other object under reuse and (where the gateway takes
+    the field) reselect; scores, paired differences and reuse counts agree
+    with the answers; the unpruned baseline is stated."""
+    from feather_vllm.tools.demo.scenes import held_out_pairs
+    from feather_vllm.tools.evaluate import main
+
+    for pair in held_out_pairs(4):  # two objects told apart by colour, by shape and by cell
+        a, b = pair.objects
+        assert a.cell != b.cell and a.colour != b.colour and a.shape != b.shape and a.image is pair.image
+    out = tmp_path / "multi.json"
+    main(["--url", server.url, "--model", "tiny", "--multi-turn", "--scenes", "4", "--presets", "none,feather",
+          "--json", str(out)])
+    data = json.loads(out.read_text())
+    names = ["none", "feather", "feather+reselect"] if data["reselect"] else ["none", "feather"]
+    assert data["mode"] == "multi-turn" and data["items"] == 4 and list(data["report"]) == names
+    assert data["settings"]["feather"] == {"preset": "feather"}
+    assert data["questions"] == [[o.question for o in p.objects] for p in held_out_pairs(4, data["seed"])]
+    answers, report = data["answers"], data["report"]
+    for name in names:
+        assert len(answers[name]) == 4 and all(len(c) == 2 for c in answers[name])
+        for t, entry in enumerate(report[name]["turns"]):
+            turns = [c[t] for c in answers[name]]
+            assert entry["n"] == 4 and entry["accuracy"] == sum(r["correct"] for r in turns) / 4
+            assert entry["other_object"] == sum(r["other"] for r in turns) / 4
+            assert not any(r["correct"] and r["other"] for r in turns)
+            assert entry["reused"] == sum(bool(r["reused"]) for r in turns)
+            if t == 1:
+                assert entry["kept_from_turn1"] == sum(
+                    bool(c[1]["reused"]) and c[1]["reused"]["kept_from"] == c[0]["id"] for c in answers[name])
+            if name != "none":
+                none = [c[t]["correct"] for c in answers["none"]]
+                assert entry["vs_none"]["difference"] == pytest.approx(entry["accuracy"] - sum(none) / 4)
+        assert all(c[0]["reused"] is None for c in answers[name])  # a first turn has nothing to reuse
+    if data["reselect"]:
+        # One turn 1 per setting: the reuse and reselect follow-ups continue the same one.
+        assert [c[0] for c in answers["feather"]] == [c[0] for c in answers["feather+reselect"]]
+        t2 = [report[n]["turns"][1]["accuracy"] for n in ("feather", "feather+reselect")]
+        assert report["feather"]["reuse_vs_reselect"]["difference"] == pytest.approx(t2[0] - t2[1])
+        assert report["feather+reselect"]["turns"][1]["reused"] == 0  # pruned again, nothing reused
+    assert isinstance(data["unpruned"]["weak"], bool)
+    printed = capsys.readouterr().out
+    assert "unpruned on two-object scenes: turn 1" in printed and data["unpruned"]["text"] in printed
+
+
+def test_multi_turn_benchmark_against_running_gateway(server, tmp_path, capsys):
+    """`python -m loadtest.multi_turn --url` (one round): 3 turns per
+    preset, each turn's prompt the whole history, TTFT and KV held per turn
+    from the stream, the report and the engine's gauge; the unpruned
+    follow-ups find the first turn's prompt in the prefix cache."""
+    from loadtest.multi_turn import main
+
+    main(["--url", server.url, "--served-model-name", "tiny", "--rounds", "1", "--max-tokens", "32",
+          "--out", str(tmp_path), "--seed", "100000"])  # images no other test sends
+    data = json.loads((tmp_path / "multi_turn.json").read_text())
+    conversations = data["conversations"]
+    assert [c["preset"] for c in conversations] == ["none", "fastv", "feather", "pyramiddrop"]
+    assert data["settings"]["prefix_caching"] is True and len({c["image_seed"] for c in conversations}) == 4
+    for c in conversations:
+        turns = c["turns"]
+        assert len(turns) == 3 and turns[0]["prompt_tokens"] == 591
+        assert turns[0]["prompt_tokens"] < turns[1]["prompt_tokens"] < turns[2]["prompt_tokens"]
+        for t in turns:
+            # The gauge is read while the turn decodes, never after (None where it ended first).
+            assert t["ttft_s"] > 0 and t["fallback"] is None
+            assert t["kv_usage_perc"] is None or 0 < t["kv_usage_perc"] < 1
+            assert 0 < t["kv_blocks"]["used"] <= t["kv_blocks"]["unpruned"]
+            if c["preset"] == "none":
+                assert t["kv_blocks"]["used"] == t["kv_blocks"]["unpruned"]
+            else:
+                assert t["kv_blocks"]["used"] < t["kv_blocks"]["unpruned"]
+        assert turns[0]["prefix_cache_hit_tokens"] == 0 and turns[0]["reused"] is None  # a fresh image
+        # Follow-ups reuse turn 1's pruned image and kept set (FastV's cut inside
+        # the first KV stage of the default layout: never).
+        reused = [bool(t["reused"]) and t["reused"]["kept_from"] == turns[0]["id"] for t in turns[1:]]
+        assert reused == [c["preset"] in ("feather", "pyramiddrop")] * 2
+    assert any(t["kv_usage_perc"] for c in conversations for t in c["turns"])
+    none = conversations[0]["turns"]
+    assert none[1]["prefix_cache_hit_tokens"] >= 576 and none[2]["prefix_cache_hit_tokens"] >= 576
+    summary = data["summary"]
+    assert list(summary) == ["none", "fastv", "feather", "pyramiddrop"]
+    for preset, turns in summary.items():
+        assert len(turns) == 3 and all(t["n"] == 1 for t in turns)
+        (measured,) = [c["turns"] for c in conversations if c["preset"] == preset]
+        for k, (t, m) in enumerate(zip(turns, measured)):
+            assert t["ttft_s"] == m["ttft_s"] and t["kv_blocks_used"] == m["kv_blocks"]["used"]
+            assert t["reused"] == t["kept_from_turn1"] == bool(m["reused"])
+            assert t["ttft_s_x_none"] == pytest.approx(m["ttft_s"] / summary["none"][k]["ttft_s"])
+    printed = capsys.readouterr().out
+    assert printed.count("\n") >= 13 and "pyramiddrop" in printed and "TTFT ms" in printed
+
+
 def test_evaluate_refcoco_jsonl(server, tmp_path):
     from PIL import Image
 

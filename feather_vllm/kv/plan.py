@@ -6,7 +6,8 @@
 - `KeptTokens`: what the worker's cutting prefill kept, per stage and
   image. It returns to the scheduler in the step's runner output.
 - `PruningReport`: what the finished request got (plan or fallback, kept
-  tokens, KV blocks each group really held), attached to its output.
+  tokens, KV blocks each group really held, the earlier turn it reused),
+  attached to its output.
 
 No vLLM import here: the gateway and tools read reports without vLLM.
 """
@@ -56,6 +57,9 @@ class PrunePlan:
     images: tuple[ImageSpan, ...]  # in prompt order
     kept_max: tuple[int, ...]  # per stage: the most image tokens (all images) it can keep
     life: int = 0  # the request's preemptions when decided: what its cut keeps answers this plan only
+    # An earlier turn's kept set, whose pruned KV this request found in the
+    # prefix cache: no cut, every token it computes lies after its images.
+    reuse: "KeptTokens | None" = None
 
     @property
     def first_offset(self) -> int:
@@ -97,6 +101,25 @@ class KeptTokens:
         i = in_effect([stage.layer for stage in self.stages], layer)
         return 0 if i is None else image_tokens - self.stages[i].total
 
+    def dropped_positions(self, layer: int, images: Sequence[ImageSpan]) -> tuple[int, ...]:
+        """Prompt positions of the image tokens absent from `layer`, ascending."""
+        i = in_effect([stage.layer for stage in self.stages], layer)
+        if i is None:
+            return ()
+        out: list[int] = []
+        for image, kept in zip(images, self.stages[i].per_image):
+            kept_set = set(kept)
+            out.extend(image.offset + t for t in range(image.length) if t not in kept_set)
+        return tuple(out)
+
+
+@dataclasses.dataclass(frozen=True)
+class Reused:
+    """A request that found an earlier turn's pruned KV in the prefix cache."""
+
+    tokens: int  # prompt tokens it took from the cache, its images included
+    kept_from: str  # the request whose cut decided the kept set
+
 
 @dataclasses.dataclass(frozen=True)
 class PruningReport:
@@ -108,6 +131,7 @@ class PruningReport:
     fallback: FallbackReason | None = None
     kv_blocks_held: tuple[int, ...] = ()  # per KV-cache group, at finish
     kv_blocks_unpruned: tuple[int, ...] = ()  # per group, the same tokens unpruned
+    reused: Reused | None = None
 
     @property
     def image_tokens_total(self) -> int:
@@ -127,7 +151,8 @@ class PruningReport:
                 "stages": [{"layer": s.layer, "kept": [list(k) for k in s.per_image]} for s in self.stages],
                 "fallback": self.fallback.value if self.fallback else None,
                 "kv_blocks_held": list(self.kv_blocks_held),
-                "kv_blocks_unpruned": list(self.kv_blocks_unpruned)}
+                "kv_blocks_unpruned": list(self.kv_blocks_unpruned),
+                "reused": dataclasses.asdict(self.reused) if self.reused else None}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "PruningReport":
@@ -136,7 +161,8 @@ class PruningReport:
                                 for s in data["stages"]),
                    fallback=FallbackReason(data["fallback"]) if data["fallback"] else None,
                    kv_blocks_held=tuple(data["kv_blocks_held"]),
-                   kv_blocks_unpruned=tuple(data["kv_blocks_unpruned"]))
+                   kv_blocks_unpruned=tuple(data["kv_blocks_unpruned"]),
+                   reused=Reused(**data["reused"]) if data.get("reused") else None)
 
 
 def report_of(output: Any) -> PruningReport | None:

@@ -10,7 +10,8 @@ the loaded model is the FEATHER architecture.
   scheduler freed after a cut leave the request's block table first; a new
   or resumed request starts without pruning state; the plans that came with
   the step (`SchedulerOutput.feather_plans`) go onto their requests' cached
-  states, and those requests cut in this step. The worker never decides.
+  states, and those requests cut in this step (a plan that reuses an
+  earlier turn's kept set comes with it: no cut). The worker never decides.
 - `_build_attention_metadata`: in a step where some request cuts, publish
   the batch (`kv.step.StepBatch`) for the model's cutting forward; in any
   other step, shift the pruned layers' metadata (`kv.decode_metadata`):
@@ -212,8 +213,10 @@ def install() -> None:
                 setattr(state, ATTR, None)
         plans = getattr(scheduler_output, "feather_plans", None) or {}
         for req_id, plan in plans.items():
-            setattr(self.requests[req_id], ATTR, WorkerPruning(plan))
-        self._feather_cutting = frozenset(plans)
+            # A plan that reuses an earlier turn's kept set needs no cut: its
+            # request reads and writes compact KV from its first token on.
+            setattr(self.requests[req_id], ATTR, WorkerPruning(plan, kept=plan.reuse))
+        self._feather_cutting = frozenset(req_id for req_id, plan in plans.items() if plan.reuse is None)
         return result
 
     GPUModelRunner._update_states = _update_states

@@ -4,15 +4,22 @@ to prune or fall back, the plan's journey to the worker, and the report.
 - `Scheduler._try_schedule_encoder_inputs` shapes chunked prefill for a
   request that asks for pruning: a chunk that would end between its first
   image and its last prompt token ends before the image (`chunk_end`).
+- `KVCacheManager.get_computed_blocks`: a request that asks for pruning
+  takes from the prefix cache either an earlier turn's pruned KV (its
+  images and more, `kv.reuse`: the default for a follow-up turn), or only
+  the text before its first image (the cut must compute every image token).
 - `KVCacheManager.allocate_slots` sees the Request on the first step that
   reaches its first image: the decision is taken there, once per started prefill
-  (a preempted request is freed and decides again on resume). A plan sets
-  the reservation of every stage manager; the request carries its
-  `RequestPruning` (vLLM's `Request` object, so it lives exactly as long).
+  (a preempted request is freed and decides again on resume): cut, fall
+  back, or reuse the hit found above. A plan sets the reservation of every
+  stage manager; the request carries its `RequestPruning` (vLLM's
+  `Request` object, so it lives exactly as long).
 - `Scheduler.schedule` puts the plans decided in this step on the
   `SchedulerOutput` (`feather_plans`), which reaches every worker.
 - `Scheduler.update_from_output` takes the kept tokens the worker returned
-  in the runner output (`feather_kept`) onto their requests.
+  in the runner output (`feather_kept`) onto their requests, trims their
+  reservations, and (prefix caching on) records the decision so that later
+  turns find its compacted blocks.
 - `Scheduler._free_request` turns the request's pruning into a
   `PruningReport`, with the blocks each KV group really held, and hands it
   to the request's output in `kv_transfer_params["feather"]` (merged with
@@ -27,7 +34,16 @@ from typing import Any
 
 from vllm.v1.core.kv_cache_manager import KVCacheManager
 
-from feather_vllm.kv.plan import REPORT_KEY, ImageSpan, KeptTokens, PrunePlan, PruningReport, requested_config
+from feather_vllm.kv.plan import (
+    REPORT_KEY,
+    ImageSpan,
+    KeptTokens,
+    PrunePlan,
+    PruningReport,
+    Reused,
+    requested_config,
+)
+from feather_vllm.kv.reuse import CompactChain, Decision, DecisionIndex, Hit, find_hit, splits_stage
 from feather_vllm.kv.specs import StagedFullAttentionManager, StagedFullAttentionSpec
 from feather_vllm.pruning.config import PRESETS, PruningConfig
 from feather_vllm.pruning.cost import kept_per_stage_max
@@ -35,6 +51,7 @@ from feather_vllm.pruning.schedule import FallbackReason, chunk_end, decide
 
 ATTR = "feather_pruning"  # the RequestPruning on vLLM's Request
 SETTINGS_ATTR = "feather_settings"  # its resolved settings (PruningConfig | FallbackReason)
+HIT_ATTR = "feather_hit"  # the reuse Hit its last prefix-cache lookup found, until allocated
 
 
 @dataclasses.dataclass
@@ -45,7 +62,8 @@ class RequestPruning:
     image_tokens: tuple[int, ...]  # per image
     plan: PrunePlan | None = None
     fallback: FallbackReason | None = None
-    kept: KeptTokens | None = None  # from the worker, after the cutting step
+    kept: KeptTokens | None = None  # from the worker after the cutting step, or the reused turn's
+    reused: Reused | None = None
 
 
 def image_ranges(request: Any) -> list[tuple[int, int]]:
@@ -91,6 +109,48 @@ def _decide(spec: StagedFullAttentionSpec, request: Any, num_new_tokens: int,
     return pruning
 
 
+def _reuse(spec: StagedFullAttentionSpec, request: Any, hit: Hit) -> RequestPruning:
+    """A request that found an earlier turn's pruned KV: pruned like that
+    turn, with its kept set, and no cut."""
+    settings = _settings(spec, request)
+    decision = hit.decision
+    plan = PrunePlan(settings, decision.images, tuple(stage.total for stage in decision.kept.stages),
+                     life=request.num_preemptions, reuse=decision.kept)
+    return RequestPruning(settings, tuple(image.length for image in decision.images), plan=plan,
+                          kept=decision.kept, reused=Reused(hit.tokens, decision.request_id))
+
+
+def _find_reuse(manager: KVCacheManager, spec: StagedFullAttentionSpec, request: Any) -> Hit | None:
+    """An earlier turn's pruned KV that `request` may take (the default for
+    a request that asks for pruning; `reselect` asks for a new cut)."""
+    settings = _settings(spec, request)
+    if settings.reselect or not manager.enable_caching or not manager.prefix_cache_lookup_enabled(request):
+        return None
+    managers = manager.coordinator.single_type_managers
+    for decision in manager._feather_decisions.candidates(settings, request):
+        hit = find_hit(managers, request, decision)
+        if hit is not None:
+            return hit
+    return None
+
+
+def _remember(manager: KVCacheManager, request: Any, pruning: RequestPruning) -> None:
+    """A cut's kept set is known: record the decision, and hash its
+    compacted blocks by it, so that the conversation's next turn finds them
+    (not when a cut falls inside a KV stage: no chain describes its blocks)."""
+    if not manager.enable_caching:
+        return
+    stages = _stage_managers(manager)
+    if any(splits_stage(pruning.kept, m.kv_cache_spec.feather_first_layer, m.kv_cache_spec.feather_end_layer)
+           for m in stages):
+        return
+    decision = Decision.of(request, pruning.config, pruning.plan.images, pruning.kept)
+    manager._feather_decisions.add(decision)
+    for stage in stages:
+        stage.follow(request.request_id,
+                     CompactChain.of(decision, stage.kv_cache_spec.feather_first_layer, stage.block_size))
+
+
 def _reaches_image(request: Any, num_new_tokens: int, num_computed: int) -> bool:
     ranges = image_ranges(request)
     return bool(ranges) and num_computed < request.num_prompt_tokens and \
@@ -116,6 +176,7 @@ def _staged_spec(manager: KVCacheManager) -> StagedFullAttentionSpec | None:
         manager._feather_spec = spec
         manager._feather_new_plans = {}
         manager._feather_trims = {}  # request id -> {KV group: blocks it keeps}, for the worker
+        manager._feather_decisions = DecisionIndex()
     return spec
 
 
@@ -128,6 +189,8 @@ def _forget(manager: KVCacheManager, request: Any) -> None:
     decision; a resumed request re-prefills and decides again."""
     if getattr(request, ATTR, None) is not None:
         setattr(request, ATTR, None)
+    if getattr(request, HIT_ATTR, None) is not None:
+        setattr(request, HIT_ATTR, None)
     if _staged_spec(manager) is not None:
         manager._feather_new_plans.pop(request.request_id, None)
         manager._feather_trims.pop(request.request_id, None)
@@ -161,7 +224,7 @@ def _report(scheduler: Any, request: Any) -> PruningReport:
     return PruningReport(
         preset=pruning.config.name, image_tokens=pruning.image_tokens,
         stages=pruning.kept.stages if pruning.kept else (),
-        fallback=pruning.fallback, kv_blocks_held=held, kv_blocks_unpruned=unpruned)
+        fallback=pruning.fallback, kv_blocks_held=held, kv_blocks_unpruned=unpruned, reused=pruning.reused)
 
 
 def install() -> None:
@@ -181,11 +244,15 @@ def install() -> None:
         if spec is not None and getattr(request, ATTR, None) is None:
             computed = request.num_computed_tokens + num_new_computed_tokens + \
                 kwargs.get("num_external_computed_tokens", 0)
-            if _reaches_image(request, num_new_tokens, computed):
+            hit: Hit | None = getattr(request, HIT_ATTR, None)
+            if hit is not None and computed == hit.tokens:
+                decided = _reuse(spec, request, hit)
+            elif _reaches_image(request, num_new_tokens, computed):
                 decided = _decide(spec, request, num_new_tokens, computed)
-                if decided.plan is not None:
-                    for manager in _stage_managers(self):
-                        manager.track(request.request_id, decided.plan)
+            if decided is not None and decided.plan is not None:
+                for manager in _stage_managers(self):
+                    manager.track(request.request_id, decided.plan,
+                                  hit.chains[manager.kv_cache_group_id] if decided.reused else None)
         blocks = original_allocate(self, request, num_new_tokens, num_new_computed_tokens, *args, **kwargs)
         if decided is not None:
             if blocks is None:  # not scheduled: decide again next time
@@ -193,6 +260,7 @@ def install() -> None:
                     manager.forget(request.request_id)
             else:
                 setattr(request, ATTR, decided)
+                setattr(request, HIT_ATTR, None)
                 if decided.plan is not None:
                     self._feather_new_plans[request.request_id] = decided.plan
         return blocks
@@ -203,11 +271,15 @@ def install() -> None:
 
     @functools.wraps(original_computed)
     def get_computed_blocks(self, request, *args, **kwargs):
-        # The cut must compute every image token: a request that asks for
-        # pruning takes from the prefix cache only the text before its first image.
         spec = _staged_spec(self)
         if spec is None or not _asks_pruning(spec, request):
             return original_computed(self, request, *args, **kwargs)
+        hit = _find_reuse(self, spec, request)
+        setattr(request, HIT_ATTR, hit)
+        if hit is not None:
+            return self.create_kv_cache_blocks(hit.blocks), hit.tokens, 0
+        # The cut must compute every image token: without a reusable turn, a
+        # request that asks for pruning takes only the text before its first image.
         cap = image_ranges(request)[0][0]
         coordinator = self.coordinator
         find = coordinator.find_longest_cache_hit
@@ -268,6 +340,7 @@ def install() -> None:
             if pruning is not None and pruning.plan is not None and kept.life == pruning.plan.life:
                 pruning.kept = kept
                 _trim(self.kv_cache_manager, request, pruning)
+                _remember(self.kv_cache_manager, request, pruning)
         return original_update(self, scheduler_output, model_runner_output, *args, **kwargs)
 
     Scheduler.update_from_output = update_from_output

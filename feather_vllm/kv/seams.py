@@ -165,7 +165,36 @@ SEAMS: tuple[Seam, ...] = (
     Seam(_KV_MANAGER, "KVCacheManager.pop_blocks_for_free", params=("self", "request")),
     # scheduler_hook._report: the blocks each KV group held.
     Seam(_KV_MANAGER, "KVCacheManager.get_block_ids", params=("self", "request_id"), closed=True),
-    Seam(_KV_MANAGER, "KVCacheManager", attrs=("coordinator", "kv_cache_config", "block_pool")),
+    Seam(_KV_MANAGER, "KVCacheManager", attrs=("coordinator", "kv_cache_config", "block_pool", "enable_caching",
+                                                "prefix_cache_lookup_enabled", "create_kv_cache_blocks")),
+    # scheduler_hook: a follow-up turn's hit (kv/reuse.py) is returned as vLLM's own triple.
+    Seam(_KV_MANAGER, "KVCacheManager.get_computed_blocks", returns=3),
+    Seam(_KV_MANAGER, "KVCacheManager.prefix_cache_lookup_enabled", params=("self", "request"), closed=True),
+    Seam(_KV_MANAGER, "KVCacheManager.create_kv_cache_blocks", params=("self", "blocks"), closed=True),
+    # A hit ending inside a block: vLLM's partial-hit copy-on-write (the manager
+    # records it where add_local_computed_blocks sees a count off a block boundary;
+    # the scheduler sends the copies, the runner makes them before the forward).
+    Seam(_SINGLE, "SingleTypeKVCacheManager._has_partial_local_hit",
+         params=("self", "new_computed_blocks", "num_local_computed_tokens"), closed=True),
+    Seam(_SINGLE, "SingleTypeKVCacheManager.add_local_computed_blocks",
+         params=("self", "request_id", "new_computed_blocks", "num_local_computed_tokens",
+                 "num_external_computed_tokens"),
+         source=("self._has_partial_local_hit(new_computed_blocks, num_local_computed_tokens)",)),
+    Seam(_SCHED, "Scheduler.schedule", calls=(("self.kv_cache_manager.take_kv_cache_block_copies", ()),)),
+    Seam(_RUNNER, "GPUModelRunner._update_states", calls=(("copy_kv_cache_blocks_inplace", ()),)),
+    # reuse.py: the pool's lookup and insertion by hash, vLLM's chained hash, the hash function.
+    Seam("vllm.v1.core.block_pool", "BlockPool.get_cached_block", params=("self", "block_hash", "kv_cache_group_ids"),
+         closed=True),
+    Seam("vllm.v1.core.block_pool", "BlockPool.cache_full_blocks",
+         kwargs=("request", "blocks", "num_cached_blocks", "num_full_blocks", "block_size", "kv_cache_group_id")),
+    Seam("vllm.v1.core.block_pool", "BlockPool._insert_block_hash",
+         params=("self", "block_hash_with_group_id", "block", "num_tokens"), closed=True),
+    Seam("vllm.v1.core.block_pool", "BlockPool", attrs=("hash_block_size",)),
+    Seam("vllm.v1.core.kv_cache_utils", "hash_block_tokens",
+         params=("hash_function", "parent_block_hash", "curr_block_token_ids", "extra_keys"), closed=True),
+    Seam("vllm.v1.core.kv_cache_utils", "make_block_hash_with_group_id", params=("block_hash", "group_id"),
+         closed=True),
+    Seam("vllm.utils.hashing", "sha256", params=("input",), closed=True),
     # scheduler_hook._stage_managers and the prefix-cache cap.
     Seam(_COORD, "KVCacheCoordinator", attrs=("single_type_managers", "find_longest_cache_hit")),
     Seam(_COORD, "KVCacheCoordinator.find_longest_cache_hit",
@@ -180,8 +209,8 @@ SEAMS: tuple[Seam, ...] = (
     # scheduler_hook: the Request fields read (images, settings, progress).
     Seam("vllm.v1.request", "Request", attrs=("request_id", "mm_features", "sampling_params", "num_prompt_tokens",
                                               "num_computed_tokens", "block_hashes", "num_tokens",
-                                              "num_preemptions")),
-    Seam("vllm.multimodal.inputs", "MultiModalFeatureSpec", attrs=("modality", "mm_position")),
+                                              "num_preemptions", "all_token_ids", "cache_salt", "lora_request")),
+    Seam("vllm.multimodal.inputs", "MultiModalFeatureSpec", attrs=("modality", "mm_position", "identifier")),
     Seam("vllm.multimodal.inputs", "PlaceholderRange", attrs=("offset", "length")),
     Seam("vllm.sampling_params", "SamplingParams", attrs=("extra_args",)),
     # runner_v1._update_states: a new or resumed request (CachedRequestData.resumed_req_ids)
@@ -199,7 +228,8 @@ SEAMS: tuple[Seam, ...] = (
     Seam(_SINGLE, "FullAttentionManager.cache_blocks", params=("self", "request", "num_tokens")),
     Seam(_SINGLE, "FullAttentionManager.pop_blocks_for_free", params=("self", "request_id")),
     Seam(_SINGLE, "FullAttentionManager",
-         attrs=("req_to_blocks", "block_pool", "kv_cache_spec", "block_size", "kv_cache_group_id")),
+         attrs=("req_to_blocks", "block_pool", "kv_cache_spec", "block_size", "kv_cache_group_id",
+                "num_cached_block")),
     # specs.StagedFullAttentionManager.trim returns a cut's surplus blocks to the pool.
     Seam("vllm.v1.core.block_pool", "BlockPool.free_blocks", params=("self", "ordered_blocks"), closed=True),
     # specs.register_spec: the registry maps our spec to our manager.

@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import functools
 from typing import Any, Self
 
+from vllm.v1.core.kv_cache_utils import make_block_hash_with_group_id
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheSpec
 from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
 from feather_vllm.kv.plan import PrunePlan
+from feather_vllm.kv.reuse import CompactChain
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -50,32 +53,57 @@ _STAGE_FIELDS = ("feather_stage", "feather_first_layer", "feather_end_layer", "f
                  "feather_default")
 
 
+@dataclasses.dataclass
+class _Tracked:
+    """One pruned request as one stage manager sees it."""
+
+    dropped: int  # image tokens the stage's first layer need not hold
+    image_end: int  # token counts from here on are shorter by `dropped` in this stage's blocks
+    first_offset: int  # where its first image starts
+    compacted: bool  # some layer of the stage holds compact KV (a cut at or inside it)
+    chain: CompactChain | None = None  # how its blocks are hashed, once its kept set is known
+    prompt_end: tuple[int, bytes, int] | None = None  # (block, entry, held tokens): its prompt's end
+
+    def held(self, num_tokens: int) -> int:
+        """Tokens the stage's blocks hold for the first `num_tokens`."""
+        return num_tokens - self.dropped if num_tokens >= self.image_end else num_tokens
+
+
 class StagedFullAttentionManager(FullAttentionManager):
     """Reserves only the tokens its stage keeps for pruned requests, and
-    offers for prefix reuse only their blocks before the image (compaction
-    moves nothing before it).
+    caches their blocks under hashes of what they hold.
 
     Per pruned request (set by the scheduler hook from the plan, kept as
-    long as the request's blocks, like vLLM's own `req_to_blocks`):
-    `dropped`, the image tokens its plan lets this stage's first layer drop;
-    `cache_limit`, for a request whose plan compacts any layer of this stage
-    (a cut at or inside it), where its first image starts: its blocks hold
-    the full token sequence only before that, in every layer."""
+    long as the request's blocks, like vLLM's own `req_to_blocks`): the
+    image tokens its plan lets this stage's first layer drop, and how its
+    blocks are hashed. A stage whose layers hold compact KV offers nothing
+    from the first image on until the cut's kept set is known (or ever, when
+    a cut falls inside the stage: its layers then hold different tokens in
+    one block); then every stage hashes by the decision's `CompactChain`
+    (kv/reuse.py), with the block its prompt ends in reachable at that end,
+    so that the conversation's next turn finds them."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.dropped: dict[str, int] = {}
-        self.cache_limit: dict[str, int] = {}
+        self.tracked: dict[str, _Tracked] = {}
 
-    def track(self, request_id: str, plan: PrunePlan) -> None:
+    def track(self, request_id: str, plan: PrunePlan, chain: CompactChain | None = None) -> None:
         spec = self.kv_cache_spec
-        self.dropped[request_id] = plan.dropped_at(spec.feather_first_layer)
-        if plan.dropped_at(spec.feather_end_layer - 1):  # its last layer drops the most
-            self.cache_limit[request_id] = plan.first_offset
+        image_end = max(image.offset + image.length for image in plan.images)
+        self.tracked[request_id] = _Tracked(
+            dropped=plan.dropped_at(spec.feather_first_layer), image_end=image_end,
+            first_offset=plan.first_offset,
+            compacted=bool(plan.dropped_at(spec.feather_end_layer - 1)),  # its last layer drops the most
+            chain=chain)
+
+    def follow(self, request_id: str, chain: CompactChain) -> None:
+        """The request's kept set is known: its blocks are hashed by `chain`."""
+        tracked = self.tracked.get(request_id)
+        if tracked is not None:
+            tracked.chain = chain
 
     def forget(self, request_id: str) -> None:
-        self.dropped.pop(request_id, None)
-        self.cache_limit.pop(request_id, None)
+        self.tracked.pop(request_id, None)
 
     def trim(self, request_id: str, dropped: int, num_tokens: int) -> int | None:
         """The cut dropped `dropped` image tokens from this stage (the plan
@@ -83,11 +111,12 @@ class StagedFullAttentionManager(FullAttentionManager):
         scheduled so far) need now. Returns the request's new block count,
         or None when nothing was freed. Freed blocks are at the tail and were
         never written (compact slots stop before them)."""
-        if request_id not in self.dropped:
+        tracked = self.tracked.get(request_id)
+        if tracked is None:
             return None
-        self.dropped[request_id] = dropped
+        tracked.dropped = dropped
         blocks = self.req_to_blocks.get(request_id)
-        keep = -(-(num_tokens - dropped) // self.block_size)
+        keep = -(-tracked.held(num_tokens) // self.block_size)
         if not blocks or len(blocks) <= keep:
             return None
         surplus = blocks[keep:]
@@ -95,32 +124,92 @@ class StagedFullAttentionManager(FullAttentionManager):
         self.block_pool.free_blocks(reversed(surplus))
         return keep
 
+    def _held(self, request_id: str, num_tokens: int) -> int:
+        tracked = self.tracked.get(request_id)
+        return tracked.held(num_tokens) if tracked is not None else num_tokens
+
     def get_num_blocks_to_allocate(self, request_id, num_tokens, new_computed_blocks,
                                    total_computed_tokens, num_local_computed_tokens,
                                    num_tokens_main_model, *args, **kwargs) -> int:
-        dropped = self.dropped.get(request_id, 0)
+        held = functools.partial(self._held, request_id)
         return super().get_num_blocks_to_allocate(
-            request_id, num_tokens - dropped, new_computed_blocks, total_computed_tokens,
-            num_local_computed_tokens, num_tokens_main_model - dropped, *args, **kwargs)
+            request_id, held(num_tokens), new_computed_blocks, held(total_computed_tokens),
+            held(num_local_computed_tokens), held(num_tokens_main_model), *args, **kwargs)
+
+    def add_local_computed_blocks(self, request_id, new_computed_blocks, num_local_computed_tokens,
+                                  num_external_computed_tokens, *args, **kwargs) -> None:
+        # A follow-up turn's hit: vLLM's partial-hit copy-on-write applies to
+        # where the hit ends in this stage's own blocks.
+        super().add_local_computed_blocks(request_id, new_computed_blocks,
+                                          self._held(request_id, num_local_computed_tokens),
+                                          num_external_computed_tokens, *args, **kwargs)
 
     def allocate_new_blocks(self, request_id, num_tokens, num_tokens_main_model, *args, **kwargs):
-        dropped = self.dropped.get(request_id, 0)
-        return super().allocate_new_blocks(request_id, num_tokens - dropped, num_tokens_main_model - dropped,
+        held = functools.partial(self._held, request_id)
+        return super().allocate_new_blocks(request_id, held(num_tokens), held(num_tokens_main_model),
                                            *args, **kwargs)
 
     def cache_blocks(self, request, num_tokens, *args, **kwargs) -> None:
-        # From the image on, blocks compacted in any of this stage's layers
-        # are not the blocks of the full token sequence that the prefix-cache
-        # hashes describe (a cut inside the stage compacts its later layers
-        # only): offer only the full blocks before it.
-        limit = self.cache_limit.get(request.request_id)
-        if limit is not None:
-            num_tokens = min(num_tokens, limit)
-        super().cache_blocks(request, num_tokens, *args, **kwargs)
+        tracked = self.tracked.get(request.request_id)
+        if tracked is None:
+            return super().cache_blocks(request, num_tokens, *args, **kwargs)
+        if tracked.chain is None:
+            # From the image on, compacted blocks are not the blocks of the
+            # full token sequence that vLLM's hashes describe: only the full
+            # blocks before it are offered.
+            limit = tracked.first_offset if tracked.compacted else num_tokens
+            return super().cache_blocks(request, min(num_tokens, limit), *args, **kwargs)
+        if tracked.compacted:
+            self._cache_compact(request, tracked.chain, tracked.held(num_tokens))
+        else:
+            super().cache_blocks(request, num_tokens, *args, **kwargs)
+        self.cache_prompt_end(request)
+        return None
+
+    def _cache_compact(self, request: Any, chain: CompactChain, held: int) -> None:
+        rid = request.request_id
+        cached = self.num_cached_block.get(rid, 0)
+        if cached >= held // self.block_size:
+            return
+        hashes = chain.block_hashes(request, held // self.block_size)
+        self.block_pool.cache_full_blocks(
+            request=_Hashed(request, hashes), blocks=self.req_to_blocks[rid], num_cached_blocks=cached,
+            num_full_blocks=len(hashes), block_size=self.block_size, kv_cache_group_id=self.kv_cache_group_id)
+        self.num_cached_block[rid] = len(hashes)
+
+    def cache_prompt_end(self, request: Any) -> None:
+        """Once its prompt is computed, make the block it ends inside
+        reachable at that end (a later turn of the conversation begins with
+        this prompt). Again after the block fills: vLLM's full hash then
+        replaces every entry of the block."""
+        tracked = self.tracked.get(request.request_id)
+        if tracked is None or tracked.chain is None:
+            return
+        blocks = self.req_to_blocks.get(request.request_id, [])
+        if tracked.prompt_end is None:
+            held = tracked.held(request.num_prompt_tokens)
+            if request.num_computed_tokens < request.num_prompt_tokens or not held % self.block_size or \
+                    held // self.block_size >= len(blocks):
+                return
+            entry = make_block_hash_with_group_id(tracked.chain.partial_hash(request, held), self.kv_cache_group_id)
+            tracked.prompt_end = (held // self.block_size, entry, held)
+        index, entry, held = tracked.prompt_end
+        self.block_pool._insert_block_hash(entry, blocks[index], num_tokens=held)  # a no-op when present
 
     def pop_blocks_for_free(self, request_id: str, *args: Any, **kwargs: Any):
         self.forget(request_id)
         return super().pop_blocks_for_free(request_id, *args, **kwargs)
+
+
+class _Hashed:
+    """A request seen with another list of block hashes (vLLM's block pool
+    reads `block_hashes` from the request it caches blocks for)."""
+
+    def __init__(self, request: Any, block_hashes: list[bytes]) -> None:
+        self._request, self.block_hashes = request, block_hashes
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._request, name)
 
 
 def register_spec() -> None:

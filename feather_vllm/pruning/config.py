@@ -48,6 +48,10 @@ class PruningConfig:
 
     stages: tuple[Stage, ...] = ()
     name: str = "custom"
+    # A follow-up turn about an image an earlier turn pruned: False reuses
+    # that turn's pruned KV (and its kept set); True prunes again for this
+    # prompt, at full cost. A policy, not part of what is kept.
+    reselect: bool = False
 
     @property
     def enabled(self) -> bool:
@@ -88,10 +92,12 @@ class PruningConfig:
             stride = stage.grid_stride
             if stride is not None and (isinstance(stride, bool) or not isinstance(stride, int) or stride < 1):
                 raise PruningConfigError(f"{where}.grid_stride", f"must be a positive integer, got {stride!r}")
+        if not isinstance(self.reselect, bool):
+            raise PruningConfigError("reselect", f"must be true or false, got {self.reselect!r}")
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        return {"preset": self.name, "stages": [s.to_dict() for s in self.stages]}
+        return {"preset": self.name, "stages": [s.to_dict() for s in self.stages], "reselect": self.reselect}
 
     @classmethod
     def from_stages(cls, stages: Sequence[Mapping[str, Any] | Stage], name: str = "custom") -> "PruningConfig":
@@ -127,8 +133,9 @@ PRESETS: dict[str, PruningConfig] = {
 
 def resolve(spec: "str | Mapping[str, Any] | PruningConfig | None",
             default: "PruningConfig | None" = None) -> PruningConfig:
-    """Turn a preset name, a {"preset", "stages"} mapping or a config into a
-    validated PruningConfig. None means `default` (or no pruning).
+    """Turn a preset name, a {"preset", "stages", "reselect"} mapping or a
+    config into a validated PruningConfig. None means `default` (or no
+    pruning).
 
     Explicit `stages` win over `preset`; the preset then only names the run.
     """
@@ -142,9 +149,17 @@ def resolve(spec: "str | Mapping[str, Any] | PruningConfig | None",
         return PRESETS[spec]
     if not isinstance(spec, Mapping):
         raise PruningConfigError("feather", "must be a preset name or an object with 'preset' and/or 'stages'")
-    unknown = set(spec) - {"preset", "stages"}
+    unknown = set(spec) - {"preset", "stages", "reselect"}
     if unknown:
         raise PruningConfigError("feather", f"unknown keys {sorted(unknown)}")
+    reselect = spec.get("reselect", False)
+    if not isinstance(reselect, bool):
+        raise PruningConfigError("reselect", f"must be true or false, got {reselect!r}")
+    config = _resolve_stages(spec, default)
+    return dataclasses.replace(config, reselect=True) if reselect and config.enabled else config
+
+
+def _resolve_stages(spec: Mapping[str, Any], default: "PruningConfig | None") -> PruningConfig:
     preset = spec.get("preset")
     stages = spec.get("stages")
     if stages is not None:

@@ -4,6 +4,8 @@ any OpenAI-compatible endpoint.
 python -m feather_vllm.tools.evaluate --url http://127.0.0.1:8000 --model demo \\
     [--presets none,fastv,feather,pyramiddrop] [--stages '[{"layer": 8, "keep": 0.2}]'] \\
     [--scenes 200 --seed 12345 | --jsonl refs.jsonl] [--json out.json] [--png out.png]
+python -m feather_vllm.tools.evaluate --url ... --model demo --multi-turn \\
+    [--presets ...] [--scenes 200 --pair-seed 54321] [--no-reselect] [--json out.json]
 
 Built-in task: held-out synthetic scenes ("Where is the {colour} {shape}?",
 answer: the 3x3-grid cell). The reply is correct when the first cell name
@@ -22,6 +24,24 @@ is (top / middle / bottom third) and, when the endpoint is feather-vllm's
 gateway, the kept tokens' mean row and quadrant coverage per stage. The PNG
 also draws kept-token maps of the first `--maps` scenes (the gateway's
 `"return_kept": true`): each token shaded by how many stages it survived.
+
+--multi-turn: what reusing a pruned image's KV across turns costs. Held-out
+two-object scenes (`held_out_pairs`: different colours, different shapes,
+different cells); turn 1 asks "Where is the {colour} {shape}?" about one
+object, turn 2 (turn 1 with the image, the reply turn 1 got, then the new
+question as text) about the other. Each setting's turn 1 is asked once and
+turn 2 follows it: under `none`, under each pruned setting as the endpoint
+serves a follow-up by default (feather-vllm's gateway may reuse turn 1's
+pruned KV and so turn 1's kept set, chosen for the other object), and under
+the same setting with `"reselect": true` (pruned again for the new
+question), skipped if the endpoint refuses the field. Per setting and turn:
+accuracy with its standard error and how often the reply names the other
+object's cell; for turn 2 the paired difference to `none` and, per pruned
+setting, reuse vs reselect, and how many turns the report says were served
+from a pruned cache (its `reused`; absent counts as not reused). The output
+also says how the model does unpruned on two-object scenes: the demo model
+is trained on one-object scenes, and where it cannot tell the two objects
+apart the differences between settings mean little.
 """
 
 from __future__ import annotations
@@ -39,7 +59,7 @@ from typing import Any
 import httpx
 from PIL import Image
 
-from feather_vllm.tools.demo.scenes import CELLS, ROWS, held_out
+from feather_vllm.tools.demo.scenes import CELLS, ROWS, held_out, held_out_pairs
 
 REFCOCO_PROMPT = "Please provide the bounding box coordinate of the region this sentence describes: {}"
 
@@ -108,25 +128,38 @@ def jsonl_items(path: Path) -> list[dict[str, Any]]:
     return items
 
 
-async def _ask(client: httpx.AsyncClient, model: str, item: dict[str, Any], setting: dict[str, Any] | None,
-               max_tokens: int) -> dict[str, Any]:
-    body: dict[str, Any] = {"model": model, "temperature": 0, "max_tokens": max_tokens,
-                            "messages": [{"role": "user", "content": [
-                                {"type": "image_url", "image_url": {"url": item["image_url"]}},
-                                {"type": "text", "text": item["question"]}]}]}
+def _image_question(image_url: str, question: str) -> dict[str, Any]:
+    """A user message: the image, then the question."""
+    return {"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url}},
+                                        {"type": "text", "text": question}]}
+
+
+async def _chat(client: httpx.AsyncClient, model: str, messages: list[dict[str, Any]],
+                setting: dict[str, Any] | None, max_tokens: int) -> dict[str, Any]:
+    """One greedy chat completion: its reply, id and `feather` report."""
+    body: dict[str, Any] = {"model": model, "temperature": 0, "max_tokens": max_tokens, "messages": messages}
     if setting is not None:
-        # Items drawn as kept-token maps ask the gateway for the kept indices.
-        body["feather"] = {**setting, "return_kept": True} if "image" in item else setting
+        body["feather"] = setting
     response = await client.post("/v1/chat/completions", json=body)
     response.raise_for_status()
     data = response.json()
-    reply = data["choices"][0]["message"]["content"] or ""
+    return {"reply": data["choices"][0]["message"]["content"] or "", "id": data.get("id"),
+            "feather": data.get("feather")}
+
+
+async def _ask(client: httpx.AsyncClient, model: str, item: dict[str, Any], setting: dict[str, Any] | None,
+               max_tokens: int) -> dict[str, Any]:
+    if setting is not None and "image" in item:
+        # Items drawn as kept-token maps ask the gateway for the kept indices.
+        setting = {**setting, "return_kept": True}
+    data = await _chat(client, model, [_image_question(item["image_url"], item["question"])], setting, max_tokens)
+    reply = data["reply"]
     if "cell" in item:
         correct = parse_cell(reply) == item["cell"]
     else:
         box = parse_box(reply, *item["size"])
         correct = box is not None and iou(box, item["box"]) >= 0.5
-    return {"reply": reply, "correct": correct, "feather": data.get("feather")}
+    return {"reply": reply, "correct": correct, "feather": data["feather"]}
 
 
 async def evaluate(url: str, model: str, items: list[dict[str, Any]], settings: dict[str, dict | None],
@@ -297,6 +330,186 @@ def plot(report: dict[str, Any], path: Path, title: str, maps: list[dict[str, An
     plt.close(fig)
 
 
+# -- multi-turn: a follow-up question about the same image --------------------
+
+RESELECT = "+reselect"  # a pruned setting's name + this: the same with "reselect": true on turn 2
+# Unpruned accuracy on two-object scenes below which the multi-turn figures
+# are called weak: a model that finds an object, but not the one asked
+# for, scores about 50%.
+WEAK_BELOW = 0.8
+
+
+def pair_items(n: int, seed: int) -> list[dict[str, Any]]:
+    """Held-out two-object scenes: turn 1 asks about the first object, turn 2 about the second."""
+    return [{"image_url": _data_url(p.image), "size": p.image.size,
+             "turns": [{"question": o.question, "cell": o.cell, "row": o.row} for o in p.objects]}
+            for p in held_out_pairs(n, seed)]
+
+
+def _pruned(setting: dict[str, Any] | None) -> bool:
+    return setting is not None and (bool(setting.get("stages")) or setting.get("preset") not in (None, "none"))
+
+
+def multi_turn_settings(settings: dict[str, dict | None], reselect: bool) -> dict[str, dict | None]:
+    """Turn-2 settings: each of `settings` and, after each pruned one (with
+    `reselect`), the same with "reselect": true."""
+    out: dict[str, dict | None] = {}
+    for name, setting in settings.items():
+        out[name] = setting
+        if reselect and _pruned(setting):
+            out[name + RESELECT] = {**setting, "reselect": True}  # type: ignore[dict-item]
+    return out
+
+
+async def _accepts_reselect(client: httpx.AsyncClient, model: str) -> bool:
+    """Whether the endpoint takes `"reselect": true` (one text-only token;
+    a 400 or 422 that names the field refuses it)."""
+    response = await client.post("/v1/chat/completions", json={
+        "model": model, "max_tokens": 1, "temperature": 0, "messages": [{"role": "user", "content": "Hello"}],
+        "feather": {"preset": "feather", "reselect": True}})
+    if response.status_code in (400, 422) and "reselect" in response.text:
+        return False
+    response.raise_for_status()
+    return True
+
+
+def _turn(answer: dict[str, Any], turn: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
+    """One turn's answer scored: right cell, or the other object's cell;
+    and the report's `reused` (absent: None)."""
+    cell = parse_cell(answer["reply"])
+    return {"reply": answer["reply"], "id": answer["id"], "correct": cell == turn["cell"],
+            "other": cell == other["cell"], "reused": (answer["feather"] or {}).get("reused")}
+
+
+async def _conversation(client: httpx.AsyncClient, model: str, item: dict[str, Any], first: dict | None,
+                        follow_ups: dict[str, dict | None], max_tokens: int) -> dict[str, list[dict[str, Any]]]:
+    """Turn 1 under `first`; then, in order, turn 2 under each of
+    `follow_ups` after turn 1 and its reply. Per follow-up name: both turns."""
+    one, two = item["turns"]
+    opening = [_image_question(item["image_url"], one["question"])]
+    turn1 = await _chat(client, model, opening, first, max_tokens)
+    history = [*opening, {"role": "assistant", "content": turn1["reply"]},
+               {"role": "user", "content": [{"type": "text", "text": two["question"]}]}]
+    out = {}
+    for name, setting in follow_ups.items():
+        turn2 = await _chat(client, model, history, setting, max_tokens)
+        out[name] = [_turn(turn1, one, two), _turn(turn2, two, one)]
+    return out
+
+
+async def evaluate_multi_turn(url: str, model: str, items: list[dict[str, Any]], settings: dict[str, dict | None],
+                              concurrency: int = 4, max_tokens: int = 8, api_key: str | None = None,
+                              reselect: bool = True) -> tuple[dict[str, list], bool]:
+    """Both turns per turn-2 setting (`multi_turn_settings`), item order
+    preserved; and whether the "+reselect" settings ran (not where
+    `reselect` is False or the endpoint refuses the field). Conversations
+    run `concurrency` at a time, each turn after the one before; a
+    setting's reuse follow-up is asked right after its turn 1, its
+    reselect follow-up after that."""
+    from tqdm import tqdm
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    semaphore = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=300) as client:
+        if reselect and any(_pruned(s) for s in settings.values()):
+            reselect = await _accepts_reselect(client, model)
+        follow_ups = multi_turn_settings(settings, reselect)
+        bar = tqdm(total=len(items) * (len(settings) + len(follow_ups)), desc="evaluating", unit="req")
+
+        async def one(item, first, policies):
+            async with semaphore:
+                result = await _conversation(client, model, item, first, policies, max_tokens)
+            bar.update(1 + len(policies))
+            return result
+
+        out: dict[str, list] = {}
+        for name, setting in settings.items():
+            policies = {n: s for n, s in follow_ups.items() if n in (name, name + RESELECT)}
+            results = await asyncio.gather(*(one(item, setting, policies) for item in items))
+            for n in policies:
+                out[n] = [r[n] for r in results]
+    bar.close()
+    return out, reselect
+
+
+def summarize_multi_turn(answers: dict[str, list[list[dict[str, Any]]]]) -> dict[str, Any]:
+    """Per setting and turn: accuracy ± s.e., share naming the other
+    object's cell, paired difference to `none`, turns served from a pruned
+    cache; per reuse setting, turn 2's paired difference to its reselect."""
+    report: dict[str, Any] = {}
+    for name, conversations in answers.items():
+        turns = []
+        for t in range(2):
+            results = [c[t] for c in conversations]
+            correct = [float(r["correct"]) for r in results]
+            acc, se = _mean_se(correct)
+            reused = [r["reused"] for r in results if r["reused"]]
+            entry: dict[str, Any] = {
+                "accuracy": acc, "se": se, "n": len(correct),
+                "other_object": sum(r["other"] for r in results) / len(results),
+                "reused": len(reused),
+                "reused_tokens_mean": (sum(r.get("tokens", 0) for r in reused) / len(reused)) if reused else None}
+            if t == 1:  # follow-ups whose kept set the report says turn 1 decided
+                entry["kept_from_turn1"] = sum(bool(c[1]["reused"]) and c[1]["reused"].get("kept_from") == c[0]["id"]
+                                               for c in conversations)
+            base = answers.get("none")
+            if base is not None and name != "none":
+                diff, diff_se = _mean_se([c - float(b[t]["correct"]) for c, b in zip(correct, base)])
+                entry["vs_none"] = {"difference": diff, "se": diff_se}
+            turns.append(entry)
+        report[name] = {"turns": turns}
+        reselected = answers.get(name + RESELECT)
+        if reselected is not None:
+            diff, diff_se = _mean_se([float(a[1]["correct"]) - float(b[1]["correct"])
+                                      for a, b in zip(conversations, reselected)])
+            report[name]["reuse_vs_reselect"] = {"difference": diff, "se": diff_se}
+    return report
+
+
+def unpruned_note(report: dict[str, Any]) -> dict[str, Any]:
+    """How the model does on two-object scenes unpruned, and whether that
+    makes the comparison weak."""
+    none = report.get("none")
+    if none is None:
+        return {"weak": None, "text": "no `none` setting: how the model does on two-object scenes unpruned "
+                                      "is not measured, so the figures below cannot be judged"}
+    t1, t2 = none["turns"]
+    weak = min(t1["accuracy"], t2["accuracy"]) < WEAK_BELOW
+    text = (f"unpruned on two-object scenes: turn 1 {100 * t1['accuracy']:.1f} ± {100 * t1['se']:.1f}%, "
+            f"turn 2 {100 * t2['accuracy']:.1f} ± {100 * t2['se']:.1f}% (chance 11%; the other object's cell: "
+            f"{100 * t1['other_object']:.0f}% / {100 * t2['other_object']:.0f}%). ")
+    if weak:
+        text += (f"WEAK MEASUREMENT: below {100 * WEAK_BELOW:.0f}%, the model does not reliably find the object "
+                 "asked about when two are shown, even unpruned (the demo model is trained on one-object "
+                 "scenes only), so differences between settings, reuse vs reselect included, say little "
+                 "about what reuse costs.")
+    else:
+        text += "The model tells the two objects apart unpruned: the differences below measure the settings."
+    return {"weak": weak, "text": text}
+
+
+def print_multi_turn(report: dict[str, Any], reselect: bool) -> None:
+    print(f"{'setting':<22} {'turn 1':>13} {'turn 2':>13} {'t2 vs none':>14} {'t2 reuse-reselect':>18} "
+          f"{'other obj t1/t2':>16} {'reused t1/t2':>15}")
+    for name, e in report.items():
+        t1, t2 = e["turns"]
+        vs, rr = t2.get("vs_none"), e.get("reuse_vs_reselect")
+        print(f"{name:<22} {100 * t1['accuracy']:>6.1f} ± {100 * t1['se']:>4.1f}"
+              f" {100 * t2['accuracy']:>6.1f} ± {100 * t2['se']:>4.1f}"
+              f" {'' if vs is None else '{:+6.1f} ± {:4.1f}'.format(100 * vs['difference'], 100 * vs['se']):>14}"
+              f" {'' if rr is None else '{:+6.1f} ± {:4.1f}'.format(100 * rr['difference'], 100 * rr['se']):>18}"
+              f" {'{:.0f}% / {:.0f}%'.format(100 * t1['other_object'], 100 * t2['other_object']):>16}"
+              f" {'{}/{} {}/{}'.format(t1['reused'], t1['n'], t2['reused'], t2['n']):>15}")
+    print(unpruned_note(report)["text"])
+    reuse = [name for name in report if name + RESELECT in report]
+    if not reselect:
+        print("no +reselect settings: the endpoint refuses \"reselect\" (or --no-reselect), so reuse is not "
+              "compared with re-pruning")
+    if reuse and not any(report[name]["turns"][1]["reused"] for name in reuse):
+        print("no turn 2 was served from a pruned cache (no `reused` in the reports): the endpoint does not reuse, "
+              "so the reuse settings measure re-pruning for the new question")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m feather_vllm.tools.evaluate", description=__doc__.splitlines()[0])
     parser.add_argument("--url", required=True, help="base URL of an OpenAI-compatible server")
@@ -315,14 +528,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--maps", type=int, default=3, help="scenes drawn as kept-token maps in the PNG")
     parser.add_argument("--no-pruning-field", action="store_true",
                         help="send no `feather` field (servers that do not know it); evaluates one setting")
+    parser.add_argument("--multi-turn", action="store_true",
+                        help="two-turn chats about two-object scenes: reuse of turn 1's pruned KV vs reselect")
+    parser.add_argument("--pair-seed", type=int, default=54321, help="--multi-turn: held-out two-object scenes")
+    parser.add_argument("--no-reselect", action="store_true", help="--multi-turn: no +reselect settings")
     args = parser.parse_args(argv)
-    items = jsonl_items(args.jsonl) if args.jsonl else builtin_items(args.scenes, args.seed, args.maps)
     if args.no_pruning_field:
         settings: dict[str, dict | None] = {"none": None}
     else:
         settings = {p: {"preset": p} for p in args.presets.split(",") if p}
         for i, stages in enumerate(args.stages):
             settings[f"stages{i + 1}"] = {"stages": json.loads(stages)}
+    if args.multi_turn:
+        if args.jsonl or args.png:
+            parser.error("--multi-turn takes neither --jsonl nor --png")
+        _multi_turn(args, settings)
+        return
+    items = jsonl_items(args.jsonl) if args.jsonl else builtin_items(args.scenes, args.seed, args.maps)
     answers = asyncio.run(evaluate(args.url, args.model, items, settings, args.concurrency,
                                    args.max_tokens if not args.jsonl else max(args.max_tokens, 32), args.api_key))
     report = summarize(items, answers)
@@ -337,6 +559,22 @@ def main(argv: list[str] | None = None) -> None:
     if args.png:
         plot(report, args.png, f"{args.model}: {len(items)} {'references' if args.jsonl else 'held-out scenes'}",
              maps)
+
+
+def _multi_turn(args: argparse.Namespace, settings: dict[str, dict | None]) -> None:
+    items = pair_items(args.scenes, args.pair_seed)
+    answers, reselect = asyncio.run(evaluate_multi_turn(args.url, args.model, items, settings, args.concurrency,
+                                                        args.max_tokens, args.api_key, not args.no_reselect))
+    report = summarize_multi_turn(answers)
+    print_multi_turn(report, reselect)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({
+            "mode": "multi-turn", "items": len(items), "seed": args.pair_seed,
+            "settings": multi_turn_settings(settings, reselect), "reselect": reselect, "report": report,
+            "unpruned": unpruned_note(report),
+            "questions": [[t["question"] for t in item["turns"]] for item in items],
+            "answers": answers}, indent=2))
 
 
 if __name__ == "__main__":

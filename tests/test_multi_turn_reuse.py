@@ -1,0 +1,202 @@
+"""Conversations about one image: a follow-up turn reuses the pruned KV
+(and the kept set) of the turn that cut, from vLLM's prefix cache
+(kv/reuse.py, docs/multi_turn_reuse.md).
+
+One engine (prefix caching on, fp32, a step budget of 640 tokens, KV
+stages starting at every preset's cut layer) serves 3-turn conversations
+per preset, turn 3 long enough to be prefilled in two chunks; every turn's
+tokens equal the independent transformers reference run on the same prompt
+with turn 1's kept sets forced. Then what must not reuse: a cut inside a
+KV stage, other settings, another image, another cache salt (API key),
+another first question, `reselect`."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from feather_vllm.kv.plan import report_of
+from feather_vllm.pruning.config import PRESETS
+from tests.helpers import engine_parts, make_llm, sample_images, shutdown
+from tests.reference_hf import reference_generate
+
+BLOCK = 32
+BUDGET = 640  # the cut's step (image + question) fits; turn 3's new text does not
+MAX_TOKENS = 8
+REUSING = ["fastv", "feather", "pyramiddrop"]
+# KV stages start at every preset's cut (FastV's 3 too: the default 4-layer
+# stages put it inside stage 0-3, where nothing is reused).
+KV_BOUNDARIES = [3, 8, 12, 16, 20, 24, 28]
+SPLIT = {"stages": [{"layer": 5, "keep": 0.5}]}  # a cut inside the KV stage 3-7
+LONG = "Then tell me again, with every detail of the picture you can name. " * 20  # > BUDGET tokens
+
+
+TURNS = ["Where is the red square?", "And the blue circle?", LONG]
+
+
+def _prompt(text: str, image, salt: str | None = None) -> dict:
+    prompt = {"prompt": text, "multi_modal_data": {"image": image}}
+    if salt is not None:
+        prompt["cache_salt"] = salt
+    return prompt
+
+
+def _params(feather, max_tokens: int = MAX_TOKENS):
+    from vllm import SamplingParams
+
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, extra_args={"feather": feather})
+
+
+def _image(i: int):
+    from PIL import ImageOps
+
+    return sample_images()[i] if i < 3 else ImageOps.flip(sample_images()[i - 3])
+
+
+def _converse(llm, feather, image, questions, salt=None, preempt_turn: int | None = None):
+    """Outputs of one conversation, turn by turn: each turn repeats the
+    earlier turns (questions and answers) and asks the next question."""
+    text, outs = "<s>", []
+    for turn, question in enumerate(questions):
+        text += f"USER: {'<image>' if turn == 0 else ''}\n{question}\nASSISTANT:"
+        if turn == preempt_turn:
+            out = _run_preempted(llm, _prompt(text, image, salt), _params(feather), f"preempted-{time.time_ns()}")
+        else:
+            out = llm.generate(_prompt(text, image, salt), _params(feather), use_tqdm=False)[0]
+        outs.append(out)
+        text += out.outputs[0].text + "</s>"
+    return outs
+
+
+def _run_preempted(llm, prompt, params, request_id):
+    """One request, preempted (its blocks freed) after its first decode
+    step and resumed, as vLLM's scheduler does when KV runs out."""
+    scheduler, _, _ = engine_parts(llm)
+    engine = llm.llm_engine
+    engine.add_request(request_id, prompt, params)
+    preempted = False
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                assert preempted
+                return out
+        # The engine's own id: the given one with a suffix.
+        request = next(r for key, r in scheduler.requests.items() if key.startswith(request_id))
+        if not preempted and request.num_output_tokens == 2:
+            scheduler.running.remove(request)
+            scheduler._preempt_request(request, time.monotonic())
+            scheduler.prev_step_scheduled_req_ids.discard(request.request_id)
+            preempted = True
+    raise AssertionError("the request did not finish")
+
+
+@pytest.fixture(scope="module")
+def hf(tiny_checkpoint):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    processor = AutoProcessor.from_pretrained(tiny_checkpoint)
+    model = LlavaForConditionalGeneration.from_pretrained(tiny_checkpoint, dtype=torch.float32).eval()
+    return processor, model
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_checkpoint):
+    llm = make_llm(tiny_checkpoint, block_size=BLOCK, enable_prefix_caching=True, enable_chunked_prefill=True,
+                   max_num_batched_tokens=BUDGET, max_model_len=2048,
+                   hf_overrides={"architectures": ["FeatherLlavaForConditionalGeneration"],
+                                 "feather_kv_boundaries": KV_BOUNDARIES})
+    yield llm
+    shutdown(llm)
+
+
+@pytest.fixture(scope="module")
+def conversations(engine):
+    """Per preset, a 3-turn conversation on an image of its own; one more
+    with feather whose turn 2 is preempted while decoding and resumed; two
+    turns with a cut inside a KV stage."""
+    out = {preset: _converse(engine, preset, _image(i), TURNS) for i, preset in enumerate(REUSING)}
+    out["preempted"] = _converse(engine, "feather", _image(3), TURNS, preempt_turn=1)
+    out["split"] = _converse(engine, SPLIT, _image(4), TURNS[:2])
+    return out
+
+
+CASES = [(preset, turn) for preset in REUSING + ["preempted"] for turn in range(3)]
+
+
+@pytest.mark.parametrize("name,turn", CASES, ids=[f"{p}-turn{t + 1}" for p, t in CASES])
+def test_turns_equal_the_reference_with_turn_1_kept_sets(hf, conversations, name, turn):
+    """Greedy tokens of each turn equal the transformers reference on the
+    same prompt with turn 1's kept sets forced (turn 1: decided there)."""
+    processor, model = hf
+    outs = conversations[name]
+    preset = "feather" if name == "preempted" else name
+    image = _image(3 if name == "preempted" else REUSING.index(name))
+    kept = [[list(k) for k in stage.per_image] for stage in report_of(outs[0]).stages]
+    pixels = processor.image_processor(images=image, return_tensors="pt")["pixel_values"]
+    ids = torch.tensor([outs[turn].prompt_token_ids])
+    want = reference_generate(model, ids, pixels, PRESETS[preset], MAX_TOKENS, kept=None if turn == 0 else kept)
+    assert list(outs[turn].outputs[0].token_ids) == want["token_ids"]
+    assert want["kept"] == kept
+
+
+@pytest.mark.parametrize("name", REUSING + ["preempted"])
+def test_follow_up_turns_take_the_pruned_image_from_the_cache(conversations, name):
+    """Turns 2 and 3 cut nothing: each reports turn 1's kept sets, reused
+    from turn 1's request, and took at least the previous turn's whole
+    prompt (the image included) from the prefix cache."""
+    outs = conversations[name]
+    first = report_of(outs[0])
+    assert first.reused is None and first.stages
+    for previous, out in zip(outs, outs[1:]):
+        report = report_of(out)
+        assert report.reused is not None and report.reused.kept_from == outs[0].request_id
+        assert report.stages == first.stages
+        assert min(out.num_cached_tokens, report.reused.tokens) >= len(previous.prompt_token_ids)
+        if name != "preempted":  # a resumed turn reports its last life's hit, on its own blocks too
+            assert out.num_cached_tokens == report.reused.tokens < len(out.prompt_token_ids)
+
+
+def test_turn_2_holds_under_half_the_kv(conversations):
+    """Feather's turn 2 holds the conversation so far (image, two questions,
+    an answer) in <= 0.5x the blocks of the same tokens unpruned."""
+    report = report_of(conversations["feather"][1])
+    assert report.kv_blocks_used <= 0.5 * report.kv_blocks_unpruned_total, report
+
+
+def test_a_cut_inside_a_kv_stage_is_not_reused(engine, conversations):
+    """A cut at layer 5 falls inside KV stage 3-7, whose layers then hold
+    different tokens in one block: no chain of hashes describes them, so
+    turn 2 prefills its image again and cuts for its own question."""
+    reports = [report_of(out) for out in conversations["split"]]
+    assert [r.reused for r in reports] == [None] * 2
+    assert all(r.stages for r in reports)
+    turn_2 = conversations["split"][1]
+    image_token = engine.llm_engine.model_config.hf_config.image_token_index
+    assert turn_2.num_cached_tokens <= turn_2.prompt_token_ids.index(image_token)
+
+
+ISOLATION = {
+    "other-settings": dict(feather="pyramiddrop"),
+    "other-image": dict(image=5),
+    "other-api-key": dict(salt="another key"),
+    "other-first-question": dict(first_question="Where is the green circle?"),
+    "reselect": dict(feather={"preset": "feather", "reselect": True}),
+}
+
+
+@pytest.mark.parametrize("case", ISOLATION)
+def test_reuse_never_crosses(engine, conversations, case):
+    """Feather's turn 2 again, changed in one respect: it takes nothing
+    from the image on out of the cache, and cuts for itself."""
+    change = ISOLATION[case]
+    turn_2 = conversations["feather"][1]
+    question = TURNS[0]
+    text = turn_2.prompt.replace(question, change.get("first_question", question))
+    prompt = _prompt(text, _image(change.get("image", REUSING.index("feather"))), change.get("salt"))
+    out = engine.generate(prompt, _params(change.get("feather", "feather")), use_tqdm=False)[0]
+    report = report_of(out)
+    assert report.reused is None and report.stages
+    image_token = engine.llm_engine.model_config.hf_config.image_token_index
+    assert out.num_cached_tokens <= out.prompt_token_ids.index(image_token)
