@@ -36,6 +36,18 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     return build_checkpoint("tiny", tmp_path_factory.mktemp("ckpt") / "tiny", seed=0)
 
 
+@pytest.fixture(scope="session")
+def hf(tiny_checkpoint):
+    """(processor, model) of the tiny checkpoint in transformers, fp32: the
+    independent reference's model (tests/reference_hf.py)."""
+    import torch
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    processor = AutoProcessor.from_pretrained(tiny_checkpoint)
+    model = LlavaForConditionalGeneration.from_pretrained(tiny_checkpoint, dtype=torch.float32).eval()
+    return processor, model
+
+
 @pytest.hookimpl(trylast=True)  # after deselection (-k, -m) and any reordering
 def pytest_collection_modifyitems(config, items):
     """Notes the last test that uses a `server` fixture (the shared gateway,

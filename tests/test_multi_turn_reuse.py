@@ -55,16 +55,18 @@ def _image(i: int):
     return sample_images()[i] if i < 3 else ImageOps.flip(sample_images()[i - 3])
 
 
-def _converse(llm, feather, image, questions, salt=None, preempt_turn: int | None = None):
+def _converse(llm, feather, image, questions, salt=None, preempt_turn: int | None = None,
+              max_tokens: list[int] | None = None):
     """Outputs of one conversation, turn by turn: each turn repeats the
     earlier turns (questions and answers) and asks the next question."""
     text, outs = "<s>", []
     for turn, question in enumerate(questions):
         text += f"USER: {'<image>' if turn == 0 else ''}\n{question}\nASSISTANT:"
+        params = _params(feather, max_tokens[turn] if max_tokens else MAX_TOKENS)
         if turn == preempt_turn:
-            out = _run_preempted(llm, _prompt(text, image, salt), _params(feather), f"preempted-{time.time_ns()}")
+            out = _run_preempted(llm, _prompt(text, image, salt), params, f"preempted-{time.time_ns()}")
         else:
-            out = llm.generate(_prompt(text, image, salt), _params(feather), use_tqdm=False)[0]
+            out = llm.generate(_prompt(text, image, salt), params, use_tqdm=False)[0]
         outs.append(out)
         text += out.outputs[0].text + "</s>"
     return outs
@@ -90,15 +92,6 @@ def _run_preempted(llm, prompt, params, request_id):
             scheduler.prev_step_scheduled_req_ids.discard(request.request_id)
             preempted = True
     raise AssertionError("the request did not finish")
-
-
-@pytest.fixture(scope="module")
-def hf(tiny_checkpoint):
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-    processor = AutoProcessor.from_pretrained(tiny_checkpoint)
-    model = LlavaForConditionalGeneration.from_pretrained(tiny_checkpoint, dtype=torch.float32).eval()
-    return processor, model
 
 
 @pytest.fixture(scope="module")
@@ -175,6 +168,15 @@ def test_a_cut_inside_a_kv_stage_is_not_reused(engine, conversations):
     turn_2 = conversations["split"][1]
     image_token = engine.llm_engine.model_config.hf_config.image_token_index
     assert turn_2.num_cached_tokens <= turn_2.prompt_token_ids.index(image_token)
+
+
+def test_a_one_token_turn_1_is_reused(engine):
+    """A turn 1 that ends with its first token (no later step) still leaves
+    its prompt's end reachable: turn 2 reuses it."""
+    outs = _converse(engine, "feather", _image(5), ["Where is the yellow circle?", "And the red one?"],
+                     max_tokens=[1, MAX_TOKENS])
+    report = report_of(outs[1])
+    assert report.reused is not None and report.reused.tokens == len(outs[0].prompt_token_ids)
 
 
 ISOLATION = {

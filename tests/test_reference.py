@@ -28,15 +28,6 @@ NUM_IMAGE = 576
 
 
 @pytest.fixture(scope="module")
-def hf(tiny_checkpoint):
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-    processor = AutoProcessor.from_pretrained(tiny_checkpoint)
-    model = LlavaForConditionalGeneration.from_pretrained(tiny_checkpoint, dtype=torch.float32).eval()
-    return processor, model
-
-
-@pytest.fixture(scope="module")
 def inputs(hf):
     processor, _ = hf
     conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Where is the red square?"}]}]

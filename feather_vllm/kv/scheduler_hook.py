@@ -138,9 +138,9 @@ def _remember(manager: KVCacheManager, request: Any, pruning: RequestPruning) ->
     """A cut's kept set is known: record the decision, and hash its
     compacted blocks by it, so that the conversation's next turn finds them
     (not when a cut falls inside a KV stage: no chain describes its blocks)."""
-    if not manager.enable_caching:
-        return
     stages = _stage_managers(manager)
+    if not manager.enable_caching or any(m.block_pool.hash_block_size != m.block_size for m in stages):
+        return  # (the chains hash whole blocks with vLLM's per-block hashes before the image)
     if any(splits_stage(pruning.kept, m.kv_cache_spec.feather_first_layer, m.kv_cache_spec.feather_end_layer)
            for m in stages):
         return
@@ -294,6 +294,9 @@ def install() -> None:
     def forgetting(original_free):
         @functools.wraps(original_free)
         def free(self, request, *args, **kwargs):
+            if _staged_spec(self) is not None and self.enable_caching:
+                for stage in _stage_managers(self):
+                    stage.cache_computed(request)
             _forget(self, request)
             return original_free(self, request, *args, **kwargs)
 

@@ -177,6 +177,17 @@ class StagedFullAttentionManager(FullAttentionManager):
             num_full_blocks=len(hashes), block_size=self.block_size, kv_cache_group_id=self.kv_cache_group_id)
         self.num_cached_block[rid] = len(hashes)
 
+    def cache_computed(self, request: Any) -> None:
+        """Offer what the request computed, before its blocks are freed: a
+        request that ends in the step that cut (one output token) had no
+        later step to cache its compacted blocks and its prompt's end."""
+        tracked = self.tracked.get(request.request_id)
+        if tracked is None or tracked.chain is None:
+            return
+        if tracked.compacted:
+            self._cache_compact(request, tracked.chain, tracked.held(request.num_computed_tokens))
+        self.cache_prompt_end(request)
+
     def cache_prompt_end(self, request: Any) -> None:
         """Once its prompt is computed, make the block it ends inside
         reachable at that end (a later turn of the conversation begins with
