@@ -82,6 +82,18 @@ class CuttingLayers:
         step's (q and k are views into the qkv projection's output)."""
         if not self.compiled:
             return
+        # Dynamo guards on torch's default dtype too: vLLM loads a model
+        # under the model's dtype (`set_default_torch_dtype`) and steps run
+        # under torch's own (float32), so graphs compiled under the loading
+        # default (bf16) would be compiled again by the first cutting step.
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float32)
+        try:
+            self._compile_all()
+        finally:
+            torch.set_default_dtype(default)
+
+    def _compile_all(self) -> None:
         layer = self.layers[0]
         attn = layer.self_attn
         weight = layer.input_layernorm.weight

@@ -74,11 +74,13 @@ def engine_results(request, tiny_checkpoint, cases, stock_results):
         outs = llm.chat(convs, params, use_tqdm=False)
         results = [_result(o) for o in outs]
         cutting_ops = None if request.param == "multiprocess" else _cutting_ops(engine_parts(llm)[2])
+        rewarmed_ops = None if request.param == "multiprocess" else _rewarmed_ops(engine_parts(llm)[2])
     finally:
         shutdown(llm)
     n = len(cases)
     by_preset = {preset: results[i * n:(i + 1) * n] for i, preset in enumerate(["none", *PRUNED])}
-    return {"mode": request.param, "stock": stock_results, "cutting_ops": cutting_ops, **by_preset}
+    return {"mode": request.param, "stock": stock_results, "cutting_ops": cutting_ops,
+            "rewarmed_ops": rewarmed_ops, **by_preset}
 
 
 def _cutting_ops(model) -> dict[str, int | None]:
@@ -93,6 +95,19 @@ def _cutting_ops(model) -> dict[str, int | None]:
             for name, fn in (("norm", cutting_layer._norm), ("rope", cutting_layer._rope))}
 
 
+def _rewarmed_ops(model) -> dict[str, int | None]:
+    """`_cutting_ops` after warming up again under a bf16 default dtype, as
+    vLLM loads a bf16 model (the steps run under float32's): the graphs of
+    the first warm-up serve, none is added."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        model._layers.warm_up()
+    finally:
+        torch.set_default_dtype(default)
+    return _cutting_ops(model)
+
+
 # Per mode: norm (with and without a residual) and RoPE each compiled once for
 # every layer and every token count; the eager engine calls vLLM's ops as is.
 CUTTING_OPS = {"eager": {"norm": None, "rope": None}, "compiled": {"norm": 2, "rope": 1}, "multiprocess": None}
@@ -100,6 +115,13 @@ CUTTING_OPS = {"eager": {"norm": None, "rope": None}, "compiled": {"norm": 2, "r
 
 def test_cutting_step_ops_compiled_like_the_engine(engine_results):
     assert engine_results["cutting_ops"] == CUTTING_OPS[engine_results["mode"]]
+
+
+def test_cutting_step_graphs_compiled_at_load_serve_the_steps(engine_results):
+    """Warm-up compiles under the steps' global state (Dynamo guards on the
+    default dtype, which vLLM sets to the model's while it loads): without
+    that, a bf16 engine compiled every graph again on its first pruned request."""
+    assert engine_results["rewarmed_ops"] == CUTTING_OPS[engine_results["mode"]]
 
 
 @pytest.fixture(scope="module")
