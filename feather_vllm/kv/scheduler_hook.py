@@ -43,7 +43,15 @@ from feather_vllm.kv.plan import (
     Reused,
     requested_config,
 )
-from feather_vllm.kv.reuse import CompactChain, Decision, DecisionIndex, Hit, find_hit, splits_stage
+from feather_vllm.kv.reuse import (
+    CompactChain,
+    Decision,
+    DecisionIndex,
+    Hit,
+    find_hit,
+    image_features,
+    splits_stage,
+)
 from feather_vllm.kv.specs import StagedFullAttentionManager, StagedFullAttentionSpec
 from feather_vllm.pruning.config import PRESETS, PruningConfig
 from feather_vllm.pruning.cost import kept_per_stage_max
@@ -69,8 +77,7 @@ class RequestPruning:
 def image_ranges(request: Any) -> list[tuple[int, int]]:
     """(offset, length) of each image placeholder, from the engine's own
     multimodal features (never from a scan of token ids)."""
-    return [(f.mm_position.offset, f.mm_position.length)
-            for f in (request.mm_features or []) if f.modality == "image"]
+    return [(f.mm_position.offset, f.mm_position.length) for f in image_features(request)]
 
 
 def _settings(spec: StagedFullAttentionSpec, request: Any) -> PruningConfig | FallbackReason:
