@@ -8,13 +8,20 @@ query/key rows a scorer asks for, before and after RoPE.
 
 Every other step runs vLLM's own forward, which a compiled engine runs as
 one graph: inductor fuses each chain of elementwise work between two
-matmuls (residual add + RMSNorm, RoPE) into one kernel. Called layer by
-layer, those ops would run unfused, op by op: vLLM's native versions, as a
-compiled engine selects them (SiLU * up is already compiled on its own by
-vLLM). So in a compiled engine the norms and RoPE run here through two
-small graphs compiled once at load, dynamic in the token count and shared
-by every layer (the weights are graph inputs, not per-layer constants); in
-an eager engine each op is called as vLLM's eager forward calls it.
+matmuls (residual add + RMSNorm, RoPE) into one kernel, and the whole
+layer is one call. Called layer by layer, those ops would run unfused, op
+by op: vLLM's native versions, as a compiled engine selects them, each
+dispatched from Python. So in a compiled engine a layer runs here as two
+graphs around its attention (which reads the step's per-layer metadata,
+so stays outside, as vLLM keeps it outside its own graphs): input norm (+
+residual add), QKV projection and RoPE; then output projection,
+post-attention norm and MLP. Both are compiled once at load, dynamic in
+the token count and shared by every layer (the layer is an argument: its
+weights are graph inputs, not per-layer constants). The layer that scores
+(one per cut) needs its query and key rows before RoPE too: it runs its
+norm and RoPE through two smaller graphs and its QKV projection between
+them. In an eager engine each op is called as vLLM's eager forward calls
+it.
 """
 
 from __future__ import annotations
@@ -36,18 +43,40 @@ def _rope(rotary: nn.Module, positions: torch.Tensor, q: torch.Tensor, k: torch.
     return rotary(positions, q, k)
 
 
-def _dynamic_rows(compiled: Callable[..., Any]) -> Callable[..., Any]:
-    """`compiled` with every tensor argument's row count marked dynamic, on
-    every call (as vLLM's `CustomOp.maybe_compile` does): one graph for all
-    token counts, never a recompilation per step."""
+def _pre_attention(layer: nn.Module, positions: torch.Tensor, hidden: torch.Tensor,
+                   residual: torch.Tensor | None) -> Any:
+    """Layer's input norm (+ residual add), QKV projection and RoPE, as
+    vLLM's `LlamaDecoderLayer.forward` and `LlamaAttention.forward` run
+    them: (q, k, v, residual), q and k roped."""
+    if residual is None:
+        residual = hidden
+        x = layer.input_layernorm(hidden)
+    else:
+        x, residual = layer.input_layernorm(hidden, residual)
+    attn = layer.self_attn
+    qkv, _ = attn.qkv_proj(x)
+    q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
+    q, k = attn.rotary_emb(positions, q, k)
+    return q, k, v, residual
 
-    def call(*args: Any) -> Any:
-        for arg in args:
-            if isinstance(arg, torch.Tensor) and arg.shape[0] >= 2:
-                torch._dynamo.mark_dynamic(arg, 0)
-        return compiled(*args)
 
-    return call
+def _post_attention(layer: nn.Module, out: torch.Tensor, residual: torch.Tensor) -> Any:
+    """Layer's output projection, post-attention norm (+ residual add) and
+    MLP on the attention's output: (hidden, residual)."""
+    out, _ = layer.self_attn.o_proj(out)
+    hidden, residual = layer.post_attention_layernorm(out, residual)
+    return layer.mlp(hidden), residual
+
+
+def _mark_dynamic_rows(*args: Any) -> None:
+    """Mark every tensor argument's row count dynamic (as vLLM's
+    `CustomOp.maybe_compile` does), for the compiling call: the graph is
+    then one for all token counts (>= 2), whose guards later calls pass
+    unmarked. Marking costs tens of microseconds per tensor: the steps'
+    calls, five per layer, skip it."""
+    for arg in args:
+        if isinstance(arg, torch.Tensor) and arg.shape[0] >= 2:
+            torch._dynamo.mark_dynamic(arg, 0)
 
 
 def compiles(vllm_config: Any) -> bool:
@@ -66,20 +95,26 @@ class CuttingLayers:
         self.layers = layers
         self._norm: Callable[..., Any] = _norm
         self._rope: Callable[..., Any] = _rope
+        self._pre_attention: Callable[..., Any] = _pre_attention
+        self._post_attention: Callable[..., Any] = _post_attention
         if compiled:
             from vllm.platforms import current_platform
 
             backend = current_platform.simple_compile_backend
-            self._norm = _dynamic_rows(torch.compile(_norm, dynamic=False, backend=backend))
-            self._rope = _dynamic_rows(torch.compile(_rope, dynamic=False, backend=backend))
+            self._norm = torch.compile(_norm, dynamic=False, backend=backend)
+            self._rope = torch.compile(_rope, dynamic=False, backend=backend)
+            self._pre_attention = torch.compile(_pre_attention, dynamic=False, backend=backend)
+            self._post_attention = torch.compile(_post_attention, dynamic=False, backend=backend)
         self.compiled = compiled
 
     @torch.inference_mode()  # as the model runner's steps: Dynamo guards on it
     def warm_up(self) -> None:
-        """Compile both graphs (a compiled engine, at load: no request waits
+        """Compile the graphs (a compiled engine, at load: no request waits
         for them). Call outside the model's construction, whose default-device
         context Dynamo would guard on. The inputs have the layouts of a real
-        step's (q and k are views into the qkv projection's output)."""
+        step's (q and k are views into the QKV projection's output, the
+        attention's output is contiguous). Every tensor-parallel rank calls
+        it, so the projections' all-reduces pair up."""
         if not self.compiled:
             return
         # Dynamo guards on torch's default dtype too: vLLM loads a model
@@ -99,11 +134,19 @@ class CuttingLayers:
         weight = layer.input_layernorm.weight
         rows = 2  # Dynamo specializes sizes 0 and 1
         x = torch.zeros(rows, weight.shape[0], dtype=weight.dtype, device=weight.device)
+        residual = torch.zeros_like(x)
+        positions = torch.zeros(rows, dtype=torch.long, device=weight.device)
         qkv = torch.zeros(rows, attn.q_size + 2 * attn.kv_size, dtype=weight.dtype, device=weight.device)
         q, k, _ = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
-        self._norm(layer.input_layernorm, x, None)
-        self._norm(layer.input_layernorm, x, torch.zeros_like(x))
-        self._rope(attn.rotary_emb, torch.zeros(rows, dtype=torch.long, device=weight.device), q, k)
+        out = torch.zeros(rows, attn.q_size, dtype=weight.dtype, device=weight.device)
+        for compiled, *args in ((self._norm, layer.input_layernorm, x, None),
+                                (self._norm, layer.input_layernorm, x, residual),
+                                (self._rope, attn.rotary_emb, positions, q, k),
+                                (self._pre_attention, layer, positions, x, None),
+                                (self._pre_attention, layer, positions, x, residual),
+                                (self._post_attention, layer, out, residual)):
+            _mark_dynamic_rows(*args)
+            compiled(*args)
 
     def inputs(self, hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The step's inputs as the compiled ops expect them. The runner's
@@ -123,18 +166,21 @@ class CuttingLayers:
         tokens); for each the query and key rows are returned before RoPE
         (raw) and after (roped), as the layer's attention sees them."""
         layer = self.layers[idx]
-        if residual is None:
-            residual = hidden
-            x = self._norm(layer.input_layernorm, hidden, None)
-        else:
-            x, residual = self._norm(layer.input_layernorm, hidden, residual)
         attn = layer.self_attn
-        qkv, _ = attn.qkv_proj(x)
-        q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
-        picks = picks or {}
-        raw = {i: (q[last], k[img]) for i, (last, img) in picks.items()}  # gathers copy
-        q, k = self._rope(attn.rotary_emb, positions, q, k)
-        roped = {i: (q[last], k[img]) for i, (last, img) in picks.items()}
-        out, _ = attn.o_proj(attn.attn(q, k, v))
-        hidden, residual = self._norm(layer.post_attention_layernorm, out, residual)
-        return layer.mlp(hidden), residual, raw, roped
+        raw: Picks = {}
+        roped: Picks = {}
+        if not picks:
+            q, k, v, residual = self._pre_attention(layer, positions, hidden, residual)
+        else:
+            if residual is None:
+                residual = hidden
+                x = self._norm(layer.input_layernorm, hidden, None)
+            else:
+                x, residual = self._norm(layer.input_layernorm, hidden, residual)
+            qkv, _ = attn.qkv_proj(x)
+            q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
+            raw = {i: (q[last], k[img]) for i, (last, img) in picks.items()}  # gathers copy
+            q, k = self._rope(attn.rotary_emb, positions, q, k)
+            roped = {i: (q[last], k[img]) for i, (last, img) in picks.items()}
+        hidden, residual = self._post_attention(layer, attn.attn(q, k, v), residual)
+        return hidden, residual, raw, roped

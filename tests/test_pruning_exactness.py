@@ -84,15 +84,17 @@ def engine_results(request, tiny_checkpoint, cases, stock_results):
 
 
 def _cutting_ops(model) -> dict[str, int | None]:
-    """How the cutting step ran its norms and RoPE: the number of graphs
-    Dynamo compiled for each, or None where they ran uncompiled."""
+    """How the cutting step ran its layers: the number of graphs Dynamo
+    compiled for each piece, or None where they ran uncompiled."""
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
     from feather_vllm import cutting_layer
 
     layers = model._layers
     return {name: None if getattr(layers, f"_{name}") is fn else len(_debug_get_cache_entry_list(fn))
-            for name, fn in (("norm", cutting_layer._norm), ("rope", cutting_layer._rope))}
+            for name, fn in (("norm", cutting_layer._norm), ("rope", cutting_layer._rope),
+                             ("pre_attention", cutting_layer._pre_attention),
+                             ("post_attention", cutting_layer._post_attention))}
 
 
 def _rewarmed_ops(model) -> dict[str, int | None]:
@@ -108,9 +110,15 @@ def _rewarmed_ops(model) -> dict[str, int | None]:
     return _cutting_ops(model)
 
 
-# Per mode: norm (with and without a residual) and RoPE each compiled once for
-# every layer and every token count; the eager engine calls vLLM's ops as is.
-CUTTING_OPS = {"eager": {"norm": None, "rope": None}, "compiled": {"norm": 2, "rope": 1}, "multiprocess": None}
+# Per mode: a layer's input norm + QKV projection + RoPE (with and without a
+# residual) and its output projection + norm + MLP each compiled once for
+# every layer and every token count, and so are the scoring layer's norm
+# (with and without a residual) and RoPE; the eager engine calls vLLM's ops as is.
+CUTTING_OPS = {
+    "eager": {"norm": None, "rope": None, "pre_attention": None, "post_attention": None},
+    "compiled": {"norm": 2, "rope": 1, "pre_attention": 2, "post_attention": 1},
+    "multiprocess": None,
+}
 
 
 def test_cutting_step_ops_compiled_like_the_engine(engine_results):
