@@ -1,10 +1,15 @@
 """feather-vllm: FEATHER visual-token pruning inside vLLM's LLaVA prefill."""
 
-ARCHITECTURE = "FeatherLlavaForConditionalGeneration"
+ARCHITECTURE = "FeatherLlavaForConditionalGeneration"  # LLaVA-1.5's, the first
+# vLLM's architecture -> FEATHER's variant of it (a class in feather_vllm.model).
+ARCHITECTURES = {
+    "LlavaForConditionalGeneration": ARCHITECTURE,
+    "LlavaNextForConditionalGeneration": "FeatherLlavaNextForConditionalGeneration",
+}
 
 
 def register() -> None:
-    """`vllm.general_plugins` entry point: register the model architecture.
+    """`vllm.general_plugins` entry point: register the model architectures.
 
     vLLM loads this in every process (API server, engine core, workers), so
     it is also where the KV-cache integration installs its hooks. vLLM does
@@ -24,12 +29,12 @@ def register() -> None:
         if refusal is None:
             from feather_vllm import kv
 
-            kv.install()  # inert until the architecture below is loaded
+            kv.install()  # inert until an architecture below is loaded
             from vllm import ModelRegistry
 
-            if ARCHITECTURE not in ModelRegistry.get_supported_archs():
-                ModelRegistry.register_model(
-                    ARCHITECTURE, "feather_vllm.model:FeatherLlavaForConditionalGeneration")
+            for feather in ARCHITECTURES.values():
+                if feather not in ModelRegistry.get_supported_archs():
+                    ModelRegistry.register_model(feather, f"feather_vllm.model:{feather}")
             return
     except Exception as exc:  # noqa: BLE001 - never break vLLM for every model
         import sys

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from feather_vllm import ARCHITECTURE
+from feather_vllm import ARCHITECTURE, ARCHITECTURES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,8 +32,8 @@ class Override:
 
 PRUNING_OVERRIDES = (
     Override("hf_overrides", {"architectures": [ARCHITECTURE]},
-             "load the checkpoint as FEATHER's LLaVA (vLLM's LLaVA with a pruned prefill); "
-             "merged into any --hf-overrides given"),
+             f"load the checkpoint as FEATHER's variant of its vLLM class ({', '.join(ARCHITECTURES.values())}): "
+             "vLLM's model with a pruned prefill; merged into any --hf-overrides given"),
     Override("compilation_config", {"cudagraph_mode": "PIECEWISE"},
              "attention runs outside captured CUDA graphs, so each pruned KV group reads its own "
              "metadata every step (full graphs are refused at start)"),
@@ -45,11 +45,15 @@ PRUNING_OVERRIDES = (
 )
 CPU_BLOCK_SIZE = PRUNING_OVERRIDES[2]
 
-# Checkpoint architectures FEATHER has a pruning variant of: vLLM's LLaVA-1.5
-# (FEATHER's model subclasses it; LlavaConfig only), or FEATHER's own name
-# (an --hf-overrides that already asks for it). Any other is served as vLLM
-# serves it.
-PRUNABLE_ARCHITECTURES = ("LlavaForConditionalGeneration", ARCHITECTURE)
+# Checkpoint architectures FEATHER has a pruning variant of (each FEATHER
+# class subclasses vLLM's), or FEATHER's own names (an --hf-overrides that
+# already asks for one). Any other is served as vLLM serves it.
+PRUNABLE_ARCHITECTURES = (*ARCHITECTURES, *ARCHITECTURES.values())
+
+
+def feather_architecture(architecture: str) -> str:
+    """FEATHER's variant of a prunable checkpoint architecture."""
+    return ARCHITECTURES.get(architecture, architecture)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +69,7 @@ class PruningSupport:
     def unavailable_reason(self) -> str:
         """Why pruning settings are refused for this model (one line)."""
         return (f"pruning is unavailable for {self.architecture}: FEATHER prunes "
-                f"{PRUNABLE_ARCHITECTURES[0]} (LLaVA-1.5) checkpoints only")
+                f"{' and '.join(ARCHITECTURES)} checkpoints only")
 
 
 def checkpoint_support(model: str, hf_overrides: Any = None, **config_kwargs: Any) -> PruningSupport:
@@ -90,7 +94,7 @@ def checkpoint_support(model: str, hf_overrides: Any = None, **config_kwargs: An
 def loaded_support(model_config: Any) -> PruningSupport:
     """`PruningSupport` of a running engine (its vLLM `ModelConfig`):
     pruning is available exactly when FEATHER's model class was loaded."""
-    return PruningSupport(model_config.architectures[0], model_config.architecture == ARCHITECTURE)
+    return PruningSupport(model_config.architectures[0], model_config.architecture in ARCHITECTURES.values())
 
 
 def _on_cpu() -> bool:
@@ -99,14 +103,16 @@ def _on_cpu() -> bool:
     return current_platform.is_cpu()
 
 
-def merge_overrides(kwargs: dict[str, Any], default_preset: str | None = None) -> dict[str, Any]:
+def merge_overrides(kwargs: dict[str, Any], default_preset: str | None = None,
+                    architecture: str = ARCHITECTURE) -> dict[str, Any]:
     """`kwargs` (EngineArgs fields a caller set) with the pruning overrides
-    merged in: the architecture is always FEATHER's; a compilation config the
+    merged in: the architecture is FEATHER's `architecture` (the variant of
+    the checkpoint's, `feather_architecture`); a compilation config the
     caller gave keeps its other fields. `default_preset` becomes the
     engine-wide pruning default (requests without `extra_args["feather"]`
     use it); None means no pruning."""
     out = dict(kwargs)
-    hf_overrides = {**(out.get("hf_overrides") or {}), "architectures": [ARCHITECTURE]}
+    hf_overrides = {**(out.get("hf_overrides") or {}), "architectures": [architecture]}
     if default_preset is not None:
         hf_overrides["feather_default"] = default_preset
     out["hf_overrides"] = hf_overrides
@@ -128,4 +134,5 @@ def engine_kwargs(model: str, *, default_preset: str | None = None, kv_cache_byt
     `kv_cache_memory_bytes`)."""
     if kv_cache_bytes is not None:
         kwargs["kv_cache_memory_bytes"] = kv_cache_bytes
-    return merge_overrides({"model": model, **kwargs}, default_preset)
+    support = checkpoint_support(model, kwargs.get("hf_overrides"))
+    return merge_overrides({"model": model, **kwargs}, default_preset, feather_architecture(support.architecture))

@@ -1,4 +1,4 @@
-"""FeatherLlavaForConditionalGeneration: vLLM's LLaVA with a pruned prefill.
+"""FEATHER's variants of vLLM's LLaVA-family models: a pruned prefill.
 
 The scheduler decides, once, which requests are pruned and sends each a
 plan (feather_vllm/kv/plan.py) with the step that computes its image and
@@ -35,6 +35,11 @@ from vllm.model_executor.models.llava import (
     _build_llava_or_pixtral_hf_info,
     _build_llava_or_pixtral_hf_processor,
 )
+from vllm.model_executor.models.llava_next import (
+    LlavaNextForConditionalGeneration,
+    LlavaNextMultiModalProcessor,
+    LlavaNextProcessingInfo,
+)
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from feather_vllm.cutting_layer import CuttingLayers, compiles
@@ -43,7 +48,7 @@ from feather_vllm.kv import step as kv_step
 from feather_vllm.kv.plan import ImageSpan, KeptTokens, StageKept, in_effect
 from feather_vllm.pruning import config as pcfg
 from feather_vllm.pruning.scoring import last_token_image_attention
-from feather_vllm.pruning.selection import select_stage
+from feather_vllm.pruning.layout import LayoutRule, select_stage_layout
 
 logger = logging.getLogger(__name__)
 
@@ -91,18 +96,17 @@ class _Cutting:
                                      for stage in req.pruning.kept.stages])
 
 
-@MULTIMODAL_REGISTRY.register_processor(
-    _build_llava_or_pixtral_hf_processor,
-    info=_build_llava_or_pixtral_hf_info,
-    dummy_inputs=LlavaDummyInputsBuilder,
-)
-class FeatherLlavaForConditionalGeneration(LlavaForConditionalGeneration):
-    """LLaVA whose prefill prunes image tokens in stages (FEATHER, FastV,
-    PyramidDrop or explicit stages), with pruned layers' KV compacted."""
+class FeatherPruning:
+    """The pruned prefill, mixed into a vLLM LLaVA-family model class whose
+    text model (`self.language_model.model`) is a Llama-style decoder. Put
+    it before the vLLM class: its `forward` runs the cutting step and hands
+    every other step to the vLLM class's own."""
+
+    language_model: Any
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         guards.check(vllm_config)
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        super().__init__(vllm_config=vllm_config, prefix=prefix)  # type: ignore[call-arg]
         config = vllm_config.model_config.hf_config
         self.num_decoder_layers = config.text_config.num_hidden_layers
         default = getattr(config, "feather_default", None) or os.environ.get(DEFAULT_PRESET_ENV)
@@ -115,13 +119,14 @@ class FeatherLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             logger.warning("KV stage boundaries %s make vLLM pad KV groups: equal stages avoid it",
                            self.kv_boundaries)
         specs.stage_attention_layers(list(self.language_model.model.layers), self.kv_boundaries,
-                                     self.num_decoder_layers, default)
+                                     self.num_decoder_layers, default, LayoutRule.of(config))
         self._layers = CuttingLayers(self.language_model.model.layers, compiles(vllm_config))
 
-    def load_weights(self, weights):
-        loaded = super().load_weights(weights)
+    def process_weights_after_loading(self) -> None:
+        # vLLM's model-level hook after loading: the layers' weights are in
+        # their runtime form only now (a CPU linear's GEMM is set up after
+        # load_weights), and the cutting step's graphs trace them.
         self._layers.warm_up()
-        return loaded
 
     # -- forward -----------------------------------------------------------
 
@@ -163,7 +168,8 @@ class FeatherLlavaForConditionalGeneration(LlavaForConditionalGeneration):
                     kept = []
                     for image, before, image_scores in zip(cutting.images, cutting.present(idx), scores[i]):
                         after = self._same_on_every_rank(
-                            select_stage(image_scores, before, stage, image.length), image.length, rows.device)
+                            select_stage_layout(image_scores, before, stage, image.layout), image.length,
+                            rows.device)
                         kept.append(after)
                         dropped = before[~torch.isin(before, after)]
                         dropped_rows = req.row_start + image.offset + dropped - req.num_computed
@@ -236,3 +242,24 @@ class FeatherLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         names = [lm.layers[i].self_attn.attn.layer_name for i in range(start, stop)]
         dropped = [c.dropped_positions(start) if c is not None else None for c in cuttings]
         batch.retarget(names, rows, positions, dropped)
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    _build_llava_or_pixtral_hf_processor,
+    info=_build_llava_or_pixtral_hf_info,
+    dummy_inputs=LlavaDummyInputsBuilder,
+)
+class FeatherLlavaForConditionalGeneration(FeatherPruning, LlavaForConditionalGeneration):
+    """LLaVA-1.5 whose prefill prunes image tokens in stages (FEATHER, FastV,
+    PyramidDrop or explicit stages), with pruned layers' KV compacted."""
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    LlavaNextMultiModalProcessor,
+    info=LlavaNextProcessingInfo,
+    dummy_inputs=LlavaDummyInputsBuilder,
+)
+class FeatherLlavaNextForConditionalGeneration(FeatherPruning, LlavaNextForConditionalGeneration):
+    """LLaVA-NeXT (v1.6) with the pruned prefill: each image's base view and
+    tile map are ranked together, FEATHER's grid is laid on each on its own
+    raster, and its newline tokens are kept (pruning/layout.py)."""

@@ -18,6 +18,7 @@ from feather_vllm.engine import (
     Override,
     PruningSupport,
     checkpoint_support,
+    feather_architecture,
     loaded_support,
     merge_overrides,
 )
@@ -111,7 +112,8 @@ def build_engine_args(model: str, default_preset: str, kv_boundaries: list[int] 
         raise TypeError("hf_overrides must be a dict for the FEATHER model (got a function)")
     merged = merge_overrides({"hf_overrides": dict(hf_overrides or {}),
                               "compilation_config": engine_args.compilation_config,
-                              "block_size": engine_args.block_size}, default_preset)
+                              "block_size": engine_args.block_size}, default_preset,
+                             feather_architecture(support.architecture))
     if kv_boundaries is not None:
         merged["hf_overrides"]["feather_kv_boundaries"] = list(kv_boundaries)
     compilation = merged["compilation_config"]

@@ -39,6 +39,8 @@ from prometheus_client.registry import REGISTRY, Collector
 from feather_vllm.kv.plan import requested_config
 from feather_vllm.pruning import config as pcfg
 from feather_vllm.pruning.cost import kept_per_stage_max, layer_token_counts
+from feather_vllm.pruning.layout import LayoutRule
+from feather_vllm.pruning.selection import NonSquareGridError
 
 USAGE_METRIC = "vllm:kv_cache_usage_perc"
 
@@ -71,10 +73,12 @@ class KVPool:
         config = engine.vllm_config
         hf_config = config.model_config.hf_config
         num_layers = hf_config.text_config.num_hidden_layers
-        vision = hf_config.vision_config
+        rule = LayoutRule.of(hf_config)
         boundaries = pcfg.kv_boundaries(getattr(hf_config, "feather_kv_boundaries", None), num_layers)
+        # LLaVA-1.5's images have one token count; an anyres image's depends on its size (0: unknown).
+        per_image = 0 if rule.needs_image_size else (rule.vision_image_size // rule.patch_size) ** 2
         return cls.build(num_layers, boundaries, config.cache_config.block_size,
-                         config.cache_config.num_gpu_blocks or 0, (vision.image_size // vision.patch_size) ** 2)
+                         config.cache_config.num_gpu_blocks or 0, per_image)
 
     def image_lengths(self, prompt_ids: Sequence[int], image_token_id: int) -> list[int]:
         """Image placeholder tokens of each image in a prompt (adjacent images
@@ -98,11 +102,22 @@ def request_blocks(pool: KVPool, config: pcfg.PruningConfig, image_lengths: Sequ
     what a finished cut really kept."""
     image_tokens = sum(image_lengths)
     if kept is None and image_lengths and config.stages:
-        per_image = [kept_per_stage_max(config, n) for n in image_lengths]
+        per_image = [_kept_max(config, n) for n in image_lengths]
         kept = [sum(stage) for stage in zip(*per_image)]
     counts = layer_token_counts(config, pool.num_layers, image_tokens, num_tokens - image_tokens,
                                 kept if image_tokens else None)
     return sum(groups * -(-counts[first] // pool.block_size) for first, groups in pool.stages)
+
+
+def _kept_max(config: pcfg.PruningConfig, image_tokens: int) -> list[int]:
+    """Most tokens each stage keeps of an image of `image_tokens` tokens: a
+    square raster's bound (LLaVA-1.5); an anyres image's layout depends on
+    its size, which the prompt's tokens do not give, so it is bounded by
+    all its tokens."""
+    try:
+        return kept_per_stage_max(config, image_tokens)
+    except NonSquareGridError:
+        return [image_tokens] * len(config.stages)
 
 
 class KVDemand(Collector):

@@ -6,17 +6,43 @@ decided and measured once in the engine: the gateway predicts nothing.
 
 from __future__ import annotations
 
+import math
+
 from feather_vllm.kv.plan import PruningReport
+from feather_vllm.pruning.layout import NEWLINE, ImageLayout, region_kept_counts, region_kept_indices, region_stats
 from feather_vllm.pruning.stats import mean_row, quadrant_coverage
 from server.schemas import (
     FallbackReport,
     FeatherReport,
     ImageReport,
     KVBlocksReport,
+    RegionReport,
     ReusedReport,
     StageReport,
     StageTotal,
 )
+
+QUADRANTS = ("top_left", "top_right", "bottom_left", "bottom_right")
+
+
+def _finite(value: float) -> float | None:
+    return None if math.isnan(value) else value
+
+
+def _stage_report(layer: int, kept: list[int], layout: ImageLayout, return_kept: bool) -> StageReport:
+    indices = kept if return_kept else None
+    if layout.is_square:  # one raster: its statistics on the image itself
+        n = layout.num_tokens
+        return StageReport(layer=layer, kept=len(kept), mean_row=mean_row(kept, n) if kept else None,
+                           quadrant_coverage=quadrant_coverage(kept, n) if kept else None, kept_indices=indices)
+    stats = region_stats(kept, layout)
+    maps = region_kept_indices(kept, layout) if return_kept else {}
+    regions = [RegionReport(name=r.name, rows=r.rows, cols=r.cols, kept=int(stats[r.name]["kept"]),
+                            mean_row=_finite(stats[r.name]["mean_row"]),
+                            quadrant_coverage={q: _finite(stats[r.name][q]) for q in QUADRANTS},
+                            kept_indices=maps.get(r.name)) for r in layout.regions]
+    return StageReport(layer=layer, kept=len(kept), kept_indices=indices, regions=regions,
+                       newlines_kept=region_kept_counts(kept, layout)[NEWLINE])
 
 
 def build_report(report: PruningReport, return_kept: bool = False) -> FeatherReport:
@@ -24,13 +50,8 @@ def build_report(report: PruningReport, return_kept: bool = False) -> FeatherRep
     the request asked for them (`feather.return_kept`)."""
     images = []
     for i, n_image in enumerate(report.image_tokens):
-        stages = []
-        for stage in report.stages:
-            kept = list(stage.per_image[i])
-            stages.append(StageReport(layer=stage.layer, kept=len(kept),
-                                      mean_row=mean_row(kept, n_image) if kept else None,
-                                      quadrant_coverage=quadrant_coverage(kept, n_image) if kept else None,
-                                      kept_indices=kept if return_kept else None))
+        stages = [_stage_report(stage.layer, list(stage.per_image[i]), report.layouts[i], return_kept)
+                  for stage in report.stages]
         images.append(ImageReport(image_tokens=n_image, stages=stages))
     fallback = None
     if report.fallback is not None:

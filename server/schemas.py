@@ -194,14 +194,30 @@ class StageTotal(BaseModel):
     kept: int  # image tokens kept after this cut, all images together
 
 
+class RegionReport(BaseModel):
+    """One region of an anyres image (LLaVA-NeXT: its base view or its tile
+    map) after one cut, in the region's own raster."""
+
+    name: str
+    rows: int
+    cols: int
+    kept: int  # raster tokens kept (its newline tokens are counted in StageReport.newlines_kept)
+    mean_row: float | None = None  # of the kept tokens, 0 = top row, 1 = bottom
+    quadrant_coverage: dict[str, float | None] | None = None  # fraction of each quadrant kept
+    kept_indices: list[int] | None = None  # kept tokens as row * cols + col (when asked for)
+
+
 class StageReport(BaseModel):
-    """One cut of one image."""
+    """One cut of one image. A one-raster image (LLaVA-1.5) has its row and
+    quadrant statistics here; an anyres image has them per region."""
 
     layer: int
-    kept: int  # this image's tokens kept after this cut
+    kept: int  # this image's tokens kept after this cut (newline tokens included)
     mean_row: float | None = None  # of the kept tokens, 0 = top row, 1 = bottom
     quadrant_coverage: dict[str, float] | None = None  # fraction of each quadrant kept
-    kept_indices: list[int] | None = None  # the kept image tokens, raster order (when asked for)
+    kept_indices: list[int] | None = None  # the kept image tokens, 0-based in the image's run (when asked for)
+    regions: list[RegionReport] | None = None  # anyres images: per region
+    newlines_kept: int | None = None  # anyres images: newline tokens kept (all, by the rule)
 
 
 class KVBlocksReport(BaseModel):

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from feather_vllm.engine import PRUNABLE_ARCHITECTURES
+from feather_vllm import ARCHITECTURES
 from server.engine import DEFAULT_SHUTDOWN_TIMEOUT_S, OVERRIDE_NOTES, OVERRIDES, build_engine_args
 
 if TYPE_CHECKING:
@@ -170,7 +170,7 @@ def _epilog() -> str:
              "",
              "Engine arguments the gateway sets differently from vLLM's defaults (the rest is vLLM's default):",
              wrap("(hf_overrides, compilation_config and block_size only for a checkpoint FEATHER can prune, "
-                  f"architecture {' or '.join(PRUNABLE_ARCHITECTURES)}; any other runs as vLLM serves it, "
+                  f"architecture {' or '.join(ARCHITECTURES)}; any other runs as vLLM serves it, "
                   "unpruned, and requests with pruning settings get 400)", "  ")]
     for o in OVERRIDES:
         value = json.dumps(o.value) if isinstance(o.value, dict) else repr(o.value)

@@ -37,6 +37,17 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def next_checkpoint(tmp_path_factory) -> Path:
+    """The tiny checkpoint's sizes as a LLaVA-NeXT with a 112-pixel CLIP
+    tower: an 8 x 8 base view, tile maps up to 24 x 8 (a 672-pixel NeXT's
+    shapes, a third of the side)."""
+    from feather_vllm.tools.checkpoints import build_checkpoint
+
+    return build_checkpoint("tiny", tmp_path_factory.mktemp("ckpt") / "tiny-next", seed=0, family="llava-next",
+                            vision_image_size=112)
+
+
+@pytest.fixture(scope="session")
 def hf(tiny_checkpoint):
     """(processor, model) of the tiny checkpoint in transformers, fp32: the
     independent reference's model (tests/reference_hf.py)."""

@@ -1,4 +1,5 @@
-"""Independent reference for pruned generation on transformers' LLaVA.
+"""Independent reference for pruned generation on transformers' LLaVA
+(LLaVA-1.5 and LLaVA-NeXT).
 
 Used by tests only. It shares the method (scoring.py / selection.py) with
 the engine but none of the vLLM path: an explicit loop over the Hugging
@@ -9,7 +10,10 @@ The prompt pass decides the kept sets: for a cut at layer L the criterion
 is computed inside layer L-1 (q/k projections of input_layernorm of the
 hidden state entering L-1, with or without RoPE at the original positions),
 and the dropped image tokens are removed before layer L runs. Text tokens
-are never dropped. Decoding is greedy and continues at position ids
+are never dropped. A NeXT image's tokens follow its layout
+(pruning/layout.py: base view, tile map, newline tokens); the reference
+checks the layout's newline positions against where transformers put its
+`image_newline` embedding. Decoding is greedy and continues at position ids
 prompt_len, prompt_len + 1, ... Two decode modes give the same result:
 
 - "cache" (default): each layer keeps its own KV cache of exactly the tokens
@@ -20,14 +24,16 @@ prompt_len, prompt_len + 1, ... Two decode modes give the same result:
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from feather_vllm.pruning.config import PruningConfig
+from feather_vllm.pruning.layout import ImageLayout, LayoutRule, select_stage_layout
 from feather_vllm.pruning.scoring import last_token_image_attention
-from feather_vllm.pruning.selection import grid_side, select_stage
+from feather_vllm.pruning.selection import grid_side
 
 
 class _PerLayerKV:
@@ -49,15 +55,18 @@ class _PerLayerKV:
         return self.kv[layer_idx][0].shape[-2]
 
 
-def _embed(model, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
-    """Text embeddings with the projected image features scattered in."""
+def _embed(model, input_ids: torch.Tensor, pixel_values: torch.Tensor,
+           image_sizes: torch.Tensor | None) -> torch.Tensor:
+    """Text embeddings with the projected image features scattered in
+    (NeXT: packed by transformers, newline tokens included)."""
     inner = model.model
     embeds = inner.get_input_embeddings()(input_ids)
+    extra = {} if image_sizes is None else {"image_sizes": image_sizes}
     features = inner.get_image_features(
         pixel_values=pixel_values,
         vision_feature_layer=model.config.vision_feature_layer,
         vision_feature_select_strategy=model.config.vision_feature_select_strategy,
-        return_dict=True,
+        return_dict=True, **extra,
     ).pooler_output
     features = torch.cat(list(features), dim=0).to(embeds.dtype)
     mask = (input_ids == model.config.image_token_index).unsqueeze(-1).expand_as(embeds)
@@ -79,10 +88,10 @@ def _score(layer, hidden: torch.Tensor, cos, sin, last: int, image_rows: torch.T
 
 
 @torch.no_grad()
-def _forward(model, embeds: torch.Tensor, images: list[tuple[int, int]], prompt_len: int,
+def _forward(model, embeds: torch.Tensor, images: list[tuple[int, ImageLayout]], prompt_len: int,
              config: PruningConfig, kept: dict[int, list[torch.Tensor]] | None, cache: _PerLayerKV | None = None):
     """Pruned forward of one sequence from position 0. `images` are the
-    (start, count) of each image's tokens. With `kept` None the stages are
+    (start, layout) of each image's tokens. With `kept` None the stages are
     decided here (prompt pass), each image on its own (its own scores, top
     fraction and grid); otherwise the given kept sets (per cut layer, per
     image) are applied. Returns (last-position logits, kept sets, tokens
@@ -91,7 +100,7 @@ def _forward(model, embeds: torch.Tensor, images: list[tuple[int, int]], prompt_
     seq_len = embeds.shape[1]
     decide = kept is None
     kept = {} if decide else kept
-    present = [torch.arange(count) for _, count in images]  # per image: tokens still present
+    present = [torch.arange(layout.num_tokens) for _, layout in images]  # per image: tokens still present
     rows = torch.arange(seq_len)  # original positions of the tokens present
     hidden = embeds
     stages = {s.layer: s for s in config.stages}
@@ -114,10 +123,11 @@ def _forward(model, embeds: torch.Tensor, images: list[tuple[int, int]], prompt_
             last = int(torch.searchsorted(rows, torch.tensor(prompt_len - 1)))
             stage = stages[index + 1]
             kept[index + 1] = []
-            for (start, count), image_present in zip(images, present):
+            for (start, layout), image_present in zip(images, present):
+                # All the image's present tokens, newlines included, share one softmax.
                 image_rows = torch.searchsorted(rows, image_present + start)
                 scores = _score(layer, hidden, cos, sin, last, image_rows, stage.criterion == "rope")
-                kept[index + 1].append(select_stage(scores, image_present, stage, count))
+                kept[index + 1].append(select_stage_layout(scores, image_present, stage, layout))
         out = layer(hidden, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
                     use_cache=cache is not None, position_embeddings=(cos, sin))
         hidden = out[0] if isinstance(out, tuple) else out
@@ -141,46 +151,75 @@ def _decode_step(model, token: int, position: int, cache: _PerLayerKV) -> torch.
     return model.lm_head(lm.norm(hidden)[:, -1])[0].float()
 
 
-def _image_spans(model, input_ids: torch.Tensor, num_images: int, config: PruningConfig) -> list[tuple[int, int]]:
-    """(start, count) of each image's token run (`num_images` runs of
-    equal length, in order); refuses what the method does not cover when
+def _image_spans(model, input_ids: torch.Tensor, num_images: int, config: PruningConfig,
+                 image_sizes: torch.Tensor | None) -> list[tuple[int, ImageLayout]]:
+    """(start, layout) of each image's token run, in order: LLaVA-1.5's
+    `num_images` runs of equal length, NeXT's of the lengths their layouts
+    (from `image_sizes`) give; refuses what the method does not cover when
     pruning is asked for."""
     ids = input_ids[0]
     positions = torch.nonzero(ids == model.config.image_token_index).flatten()
-    if positions.numel() == 0 or positions.numel() % num_images:
-        raise ValueError(f"{positions.numel()} image tokens for {num_images} images")
-    count = positions.numel() // num_images
-    spans = [(int(positions[i * count]), count) for i in range(num_images)]
-    for start, _ in spans:
-        if not torch.equal(positions[positions >= start][:count], torch.arange(start, start + count)):
+    rule = LayoutRule.of(model.config)
+    if rule.needs_image_size:
+        layouts = [rule.layout(tuple(size.tolist())) for size in image_sizes]
+    else:
+        if positions.numel() == 0 or positions.numel() % num_images:
+            raise ValueError(f"{positions.numel()} image tokens for {num_images} images")
+        count = positions.numel() // num_images
+        if config.enabled:
+            grid_side(count)  # NonSquareGridError: out of the method's scope
+        side = math.isqrt(count)  # unpruned, any count runs (one row then)
+        layouts = [ImageLayout.square(side) if side * side == count
+                   else ImageLayout.from_rasters(("image", 1, count, False))] * num_images
+    if sum(layout.num_tokens for layout in layouts) != positions.numel():
+        raise ValueError(f"{positions.numel()} image tokens for images of {[l.num_tokens for l in layouts]}")
+    spans, at = [], 0
+    for layout in layouts:
+        start = int(positions[at])
+        if not torch.equal(positions[at:at + layout.num_tokens], torch.arange(start, start + layout.num_tokens)):
             raise ValueError("each image's tokens must form one contiguous run")
+        spans.append((start, layout))
+        at += layout.num_tokens
     if config.enabled:
-        grid_side(count)  # NonSquareGridError: out of the method's scope
-        if spans[-1][0] + count >= ids.numel():
+        if spans[-1][0] + spans[-1][1].num_tokens >= ids.numel():
             raise ValueError("no text after the last image: the last prompt token would be an image token")
         config.validate(len(model.model.language_model.layers))
     return spans
 
 
+def _check_newlines(model, embeds: torch.Tensor, images: list[tuple[int, ImageLayout]]) -> None:
+    """The layout's newline tokens are exactly where transformers put its
+    `image_newline` embedding (an independent check of the layout)."""
+    newline = getattr(model.model, "image_newline", None)
+    for start, layout in images:
+        run = embeds[0, start:start + layout.num_tokens]
+        found = (run == newline.to(run.dtype)).all(-1) if newline is not None else torch.zeros(len(run), dtype=bool)
+        if not torch.equal(found, layout.newline_mask()):
+            raise AssertionError(f"newline tokens of the layout {layout.newline_indices().tolist()} are not "
+                                 f"transformers' {torch.nonzero(found).flatten().tolist()}")
+
+
 @torch.no_grad()
 def reference_generate(model, input_ids: torch.Tensor, pixel_values: torch.Tensor, config: PruningConfig,
                        max_new_tokens: int, decode: Literal["cache", "recompute"] = "cache",
-                       kept: list[list[list[int]]] | None = None) -> dict:
+                       kept: list[list[list[int]]] | None = None, image_sizes: torch.Tensor | None = None) -> dict:
     """Greedy pruned generation of one prompt (batch of 1).
 
     `kept` (per stage, per image, as returned) forces the kept sets instead
     of deciding them: a later turn that reuses an earlier turn's selection.
 
-    `pixel_values` holds one image per image-token run of the prompt.
+    `pixel_values` holds one image per image-token run of the prompt (NeXT:
+    its tiles, with `image_sizes` as the processor gives them).
     Returns token_ids, logprobs (float32 log_softmax of each chosen token),
     kept (per stage, per image: surviving image indices, 0-based within
     the image, ascending) and layer_tokens (tokens each decoder layer
     processed in the prompt pass). Load the model in float32 for exact
     comparisons.
     """
-    images = _image_spans(model, input_ids, pixel_values.shape[0], config)
+    images = _image_spans(model, input_ids, pixel_values.shape[0], config, image_sizes)
     prompt_len = input_ids.shape[1]
-    embeds = _embed(model, input_ids, pixel_values)
+    embeds = _embed(model, input_ids, pixel_values, image_sizes)
+    _check_newlines(model, embeds, images)
     cache = _PerLayerKV() if decode == "cache" else None
     forced = None if kept is None else {stage.layer: [torch.tensor(k, dtype=torch.long) for k in per_image]
                                         for stage, per_image in zip(config.stages, kept)}

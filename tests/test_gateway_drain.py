@@ -162,7 +162,7 @@ def gateways():
 
 
 def test_sigterm_drains_running_streams_then_exits_0(tiny_checkpoint, gateways):
-    max_tokens = 300  # a few seconds for the four requests taken before SIGTERM
+    max_tokens = 150  # a few seconds for the four requests taken before SIGTERM
     # Computed exactly as the undisturbed runs (see the module's docstring); the default drain timeout.
     server = ServerProcess(tiny_checkpoint, "--served-model-name", "tiny", "--max-num-seqs", "1",
                            "--no-enable-prefix-caching")

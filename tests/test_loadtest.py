@@ -236,7 +236,8 @@ def test_answer_parsing():
 def test_kv_capacity_measures_blocks_from_the_engine(tiny_checkpoint):
     """loadtest.kv_capacity on the tiny checkpoint (few requests): each
     preset's blocks are the engine's report, unpruned holds stock vLLM's
-    (one block per 32 tokens of prompt and answer in each of the 8 groups)."""
+    (one block per 32 tokens of prompt and answer in each of the 8 groups;
+    vLLM's own class holds as many blocks of all 32 layers)."""
     import math
 
     from loadtest.kv_capacity import measure, report
@@ -245,6 +246,7 @@ def test_kv_capacity_measures_blocks_from_the_engine(tiny_checkpoint):
     presets = results["presets"]
     assert list(presets) == ["none", "fastv", "feather", "pyramiddrop"]
     assert presets["none"]["blocks_per_group"] == [math.ceil((591 + 1) / 32)] * 8
+    assert results["vllm_layer_blocks"] == math.ceil((591 + 1) / 32) * 32 and presets["none"]["x_vllm"] == 1.0
     assert all(presets[p]["blocks"] < presets["none"]["blocks"] for p in ("fastv", "feather", "pyramiddrop"))
     assert all(r["max_concurrent"] >= 1 for r in presets.values())
     assert "feather" in report(results)

@@ -17,6 +17,7 @@ from feather_vllm.pruning.cost import (
     kv_ratio,
     layer_token_counts,
 )
+from feather_vllm.pruning.layout import LayoutRule
 from feather_vllm.pruning.schedule import FallbackReason, chunk_end, decide
 from feather_vllm.pruning.scoring import last_token_image_attention
 from feather_vllm.pruning.selection import NonSquareGridError, select_stage, uniform_grid
@@ -137,16 +138,18 @@ def test_ties_rank_lower_index_first():
     (5, 595, 600, [(5, 576)], None),  # text before the image came from the cache
     (0, 300, 600, [(5, 576)], FallbackReason.PROMPT_SPLIT),
     (6, 594, 600, [(5, 576)], FallbackReason.IMAGE_ALREADY_COMPUTED),
-    (0, 600, 600, [(5, 575)], FallbackReason.NON_SQUARE_IMAGE),
+    (0, 600, 600, [(5, 575)], FallbackReason.UNKNOWN_LAYOUT),
     (0, 1200, 1200, [(5, 576), (600, 576)], None),
-    (0, 1200, 1200, [(5, 576), (600, 575)], FallbackReason.NON_SQUARE_IMAGE),
+    (0, 1200, 1200, [(5, 576), (600, 575)], FallbackReason.UNKNOWN_LAYOUT),
     (0, 1000, 1200, [(5, 576), (600, 576)], FallbackReason.PROMPT_SPLIT),
     (0, 581, 581, [(5, 576)], FallbackReason.NO_TEXT_AFTER_IMAGE),
     (0, 1176, 1176, [(5, 576), (600, 576)], FallbackReason.NO_TEXT_AFTER_IMAGE),
 ], ids=["whole-prompt", "text-prefix-cached", "split", "image-computed", "non-square", "two-images",
         "second-image-non-square", "split-between-images", "image-last", "second-image-last"])
 def test_prune_decision(computed, scheduled, prompt_len, ranges, reason):
-    decision = decide(computed, scheduled, prompt_len, ranges)
+    # LLaVA-1.5's rule: a run of 576 tokens is its 24 x 24 raster; any other count has no layout.
+    rule = LayoutRule("llava", 336, 14)
+    decision = decide(computed, scheduled, prompt_len, ranges, [rule.layout(None, n) for _, n in ranges])
     assert decision.prune == (reason is None) and decision.reason == reason
 
 
@@ -169,7 +172,7 @@ def test_chunk_too_small_for_image_and_tail_splits():
 
 
 def test_text_only_is_no_fallback():
-    decision = decide(0, 20, 20, [])
+    decision = decide(0, 20, 20, [], [])
     assert not decision.prune and decision.reason is None and not decision.fallback
 
 

@@ -1,10 +1,9 @@
 """Architectures without a FEATHER variant are served as vLLM serves them:
 no pruning override (vLLM's own model class), the greedy tokens of vLLM's
 offline engine, one start-up log line naming the architecture, and
-requests with pruning settings refused with 400 naming it. Checkpoints are
-random-weight ones built here (feather_vllm/tools/stock_checkpoints.py): a
-text-only Llama and a LLaVA-NeXT (whose config class FEATHER's LLaVA
-refuses)."""
+requests with pruning settings refused with 400 naming it. The checkpoint
+is a random-weight text-only Llama built here
+(feather_vllm/tools/stock_checkpoints.py)."""
 
 from __future__ import annotations
 
@@ -20,7 +19,7 @@ from feather_vllm.tools.stock_checkpoints import build_stock_checkpoint
 from tests.helpers import ServerProcess, png_data_url, sample_images
 
 # arch flag -> (the checkpoint's architecture, whether a chat carries an image)
-MODELS = {"llama": ("LlamaForCausalLM", False), "llava-next": ("LlavaNextForConditionalGeneration", True)}
+MODELS = {"llama": ("LlamaForCausalLM", False)}
 QUESTION = "Where is the red square?"
 MAX_TOKENS = 8
 CONTEXT = 512
@@ -67,8 +66,8 @@ class Stock:
 
 @pytest.fixture(scope="module")
 def stocks(tmp_path_factory) -> dict[str, Stock]:
-    """Both gateways start at once (in threads) while vLLM's offline
-    engine answers in this process: engine starts are the cost here."""
+    """The gateways start at once (in threads) while vLLM's offline engine
+    answers in this process: engine starts are the cost here."""
     checkpoints = {arch: build_stock_checkpoint(arch, tmp_path_factory.mktemp("stock") / arch) for arch in MODELS}
     with ThreadPoolExecutor(len(MODELS)) as pool:
         starting = {arch: pool.submit(ServerProcess, path, "--served-model-name", arch, max_model_len=CONTEXT)
@@ -125,7 +124,8 @@ def test_pruning_settings_get_400_naming_the_architecture(stock, feather):
     assert r.status_code == 400, r.text
     assert r.json() == {"error": {
         "message": f"feather: pruning is unavailable for {stock.architecture}: FEATHER prunes "
-                   "LlavaForConditionalGeneration (LLaVA-1.5) checkpoints only; this server runs the model unpruned "
+                   "LlavaForConditionalGeneration and LlavaNextForConditionalGeneration checkpoints only; "
+                   "this server runs the model unpruned "
                    "(send no feather settings, or preset 'none')",
         "type": "invalid_request_error", "param": "feather", "code": "pruning_unavailable"}}
     assert _chat(stock).status_code == 200  # still serving

@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from feather_vllm.pruning.config import PruningConfig, resolve
+from feather_vllm.pruning.layout import ImageLayout
 from feather_vllm.pruning.schedule import FallbackReason
 
 REPORT_KEY = "feather"  # the report's key in RequestOutput.kv_transfer_params
@@ -27,10 +28,12 @@ REPORT_KEY = "feather"  # the report's key in RequestOutput.kv_transfer_params
 @dataclasses.dataclass(frozen=True)
 class ImageSpan:
     """One image's placeholder tokens in the prompt (from the engine's
-    multimodal features)."""
+    multimodal features) and how they are laid out (its regions, decided
+    once by the scheduler from the model's `LayoutRule` and the image's size)."""
 
     offset: int  # position of its first token
     length: int
+    layout: ImageLayout
 
 
 def in_effect(cut_layers: Sequence[int], layer: int) -> int | None:
@@ -132,6 +135,7 @@ class PruningReport:
     kv_blocks_held: tuple[int, ...] = ()  # per KV-cache group, at finish
     kv_blocks_unpruned: tuple[int, ...] = ()  # per group, the same tokens unpruned
     reused: Reused | None = None
+    layouts: tuple[ImageLayout, ...] = ()  # per image, how its tokens are laid out (when it was pruned)
 
     @property
     def image_tokens_total(self) -> int:
@@ -152,7 +156,10 @@ class PruningReport:
                 "fallback": self.fallback.value if self.fallback else None,
                 "kv_blocks_held": list(self.kv_blocks_held),
                 "kv_blocks_unpruned": list(self.kv_blocks_unpruned),
-                "reused": dataclasses.asdict(self.reused) if self.reused else None}
+                "reused": dataclasses.asdict(self.reused) if self.reused else None,
+                "layouts": [{"model": layout.model,
+                             "regions": [[r.name, r.rows, r.cols, r.newline] for r in layout.regions]}
+                            for layout in self.layouts]}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "PruningReport":
@@ -162,7 +169,10 @@ class PruningReport:
                    fallback=FallbackReason(data["fallback"]) if data["fallback"] else None,
                    kv_blocks_held=tuple(data["kv_blocks_held"]),
                    kv_blocks_unpruned=tuple(data["kv_blocks_unpruned"]),
-                   reused=Reused(**data["reused"]) if data.get("reused") else None)
+                   reused=Reused(**data["reused"]) if data.get("reused") else None,
+                   layouts=tuple(ImageLayout.from_rasters(*(tuple(r) for r in layout["regions"]),
+                                                          model=layout["model"])
+                                 for layout in data.get("layouts", ())))
 
 
 def report_of(output: Any) -> PruningReport | None:

@@ -99,7 +99,8 @@ class Decision:
         return (config.stages == self.stages
                 and request.num_prompt_tokens >= self.prompt_len
                 and tuple(f.identifier for f in features) == self.identifiers
-                and tuple(ImageSpan(f.mm_position.offset, f.mm_position.length) for f in features) == self.images
+                and tuple((f.mm_position.offset, f.mm_position.length) for f in features)
+                == tuple((image.offset, image.length) for image in self.images)
                 and request.cache_salt == self.salt and _lora(request) == self.lora
                 and _packed(request.all_token_ids[:self.prompt_len]) == self.prompt)
 

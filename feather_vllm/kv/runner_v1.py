@@ -57,9 +57,9 @@ _build: _Build | None = None
 def _is_feather(runner: Any) -> bool:
     on = getattr(runner, "_feather_on", None)
     if on is None:
-        from feather_vllm.model import FeatherLlavaForConditionalGeneration
+        from feather_vllm.model import FeatherPruning
 
-        on = runner._feather_on = isinstance(runner.get_model(), FeatherLlavaForConditionalGeneration)
+        on = runner._feather_on = isinstance(runner.get_model(), FeatherPruning)
     return on
 
 

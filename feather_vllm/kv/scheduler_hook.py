@@ -54,7 +54,7 @@ from feather_vllm.kv.reuse import (
 )
 from feather_vllm.kv.specs import StagedFullAttentionManager, StagedFullAttentionSpec
 from feather_vllm.pruning.config import PRESETS, PruningConfig
-from feather_vllm.pruning.cost import kept_per_stage_max
+from feather_vllm.pruning.layout import ImageLayout, layout_kept_per_stage_max
 from feather_vllm.pruning.schedule import FallbackReason, chunk_end, decide
 
 ATTR = "feather_pruning"  # the RequestPruning on vLLM's Request
@@ -78,6 +78,23 @@ def image_ranges(request: Any) -> list[tuple[int, int]]:
     """(offset, length) of each image placeholder, from the engine's own
     multimodal features (never from a scan of token ids)."""
     return [(f.mm_position.offset, f.mm_position.length) for f in image_features(request)]
+
+
+def image_layouts(spec: StagedFullAttentionSpec, request: Any) -> list[ImageLayout | None]:
+    """Each image's token layout, by the model's rule, from the size its
+    processor recorded (`image_sizes`, anyres models); None where it cannot
+    be known (no processed data in this process, or precomputed embeddings)."""
+    rule = spec.feather_layout
+    return [rule.layout(_image_size(f) if rule.needs_image_size else None, f.mm_position.length)
+            for f in image_features(request)]
+
+
+def _image_size(feature: Any) -> tuple[int, int] | None:
+    data = feature.data
+    if data is None or "image_sizes" not in data:
+        return None
+    height, width = data["image_sizes"].data.tolist()
+    return int(height), int(width)
 
 
 def _settings(spec: StagedFullAttentionSpec, request: Any) -> PruningConfig | FallbackReason:
@@ -105,13 +122,14 @@ def _decide(spec: StagedFullAttentionSpec, request: Any, num_new_tokens: int,
     pruning = RequestPruning(settings, image_tokens)
     if not settings.enabled:
         return pruning
-    decision = decide(num_computed, num_new_tokens, request.num_prompt_tokens, ranges)
+    layouts = image_layouts(spec, request)
+    decision = decide(num_computed, num_new_tokens, request.num_prompt_tokens, ranges, layouts)
     if not decision.prune:
         pruning.fallback = decision.reason
         return pruning
     # Each image keeps its own share: the stage bounds add up over images.
-    per_image = [kept_per_stage_max(settings, length) for length in image_tokens]
-    pruning.plan = PrunePlan(settings, tuple(ImageSpan(o, n) for o, n in ranges),
+    per_image = [layout_kept_per_stage_max(settings, layout) for layout in layouts]
+    pruning.plan = PrunePlan(settings, tuple(ImageSpan(o, n, layout) for (o, n), layout in zip(ranges, layouts)),
                              tuple(sum(stage) for stage in zip(*per_image)), life=request.num_preemptions)
     return pruning
 
@@ -231,6 +249,7 @@ def _report(scheduler: Any, request: Any) -> PruningReport:
     return PruningReport(
         preset=pruning.config.name, image_tokens=pruning.image_tokens,
         stages=pruning.kept.stages if pruning.kept else (),
+        layouts=tuple(image.layout for image in pruning.plan.images) if pruning.plan else (),
         fallback=pruning.fallback, kv_blocks_held=held, kv_blocks_unpruned=unpruned, reused=pruning.reused)
 
 

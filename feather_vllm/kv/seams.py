@@ -85,6 +85,7 @@ _SCHED = "vllm.v1.core.sched.scheduler"
 _SPEC = "vllm.v1.kv_cache_interface"
 _LLAMA = "vllm.model_executor.models.llama"
 _LLAVA = "vllm.model_executor.models.llava"
+_LLAVA_NEXT = "vllm.model_executor.models.llava_next"
 
 SEAMS: tuple[Seam, ...] = (
     # -- the model runner (kv/runner_v1.py), V1 GPUModelRunner, which the CPU runner inherits
@@ -254,6 +255,21 @@ SEAMS: tuple[Seam, ...] = (
     Seam(_LLAVA, "LlavaDummyInputsBuilder"),
     Seam(_LLAVA, "_build_llava_or_pixtral_hf_info"),
     Seam(_LLAVA, "_build_llava_or_pixtral_hf_processor"),
+    # ... and LlavaNextForConditionalGeneration (FeatherLlavaNextForConditionalGeneration).
+    Seam(_LLAVA_NEXT, "LlavaNextForConditionalGeneration", attrs=("language_model", "forward")),
+    Seam(_LLAVA_NEXT, "LlavaNextForConditionalGeneration.__init__", kwargs=("vllm_config", "prefix")),
+    Seam(_LLAVA_NEXT, "LlavaNextForConditionalGeneration.forward",
+         params=("self", "input_ids", "positions", "intermediate_tensors", "inputs_embeds")),
+    Seam(_LLAVA_NEXT, "LlavaNextMultiModalProcessor"),
+    Seam(_LLAVA_NEXT, "LlavaNextProcessingInfo"),
+    # scheduler_hook.image_layouts: an anyres image's size, as its processor recorded it.
+    Seam(_LLAVA_NEXT, "LlavaNextForConditionalGeneration._parse_and_validate_image_input",
+         source=('kwargs.pop("image_sizes", None)',)),
+    Seam("vllm.multimodal.inputs", "MultiModalFeatureSpec", attrs=("data",)),
+    Seam("vllm.multimodal.inputs", "MultiModalFieldElem", attrs=("data",)),
+    # model.py warms the cutting step's graphs up in vLLM's model-level hook after loading.
+    Seam("vllm.model_executor.model_loader.utils", "process_weights_after_loading",
+         source=("model.process_weights_after_loading()",)),
     Seam("vllm.config", "VllmConfig", attrs=("model_config", "parallel_config", "compilation_config",
                                              "speculative_config", "use_v2_model_runner", "attention_config",
                                              "kv_transfer_config")),

@@ -22,6 +22,7 @@ from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
 from feather_vllm.kv.plan import PrunePlan
 from feather_vllm.kv.reuse import CompactChain
+from feather_vllm.pruning.layout import LayoutRule
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -33,6 +34,7 @@ class StagedFullAttentionSpec(FullAttentionSpec):
     feather_end_layer: int = 0  # one past its last
     feather_num_layers: int = 0  # decoder depth, to validate request settings
     feather_default: str | None = None  # engine-wide default preset
+    feather_layout: LayoutRule | None = None  # how the model lays out an image's tokens
 
     @classmethod
     def merge(cls, specs: list[Self]) -> Self:
@@ -50,7 +52,7 @@ class StagedFullAttentionSpec(FullAttentionSpec):
 
 
 _STAGE_FIELDS = ("feather_stage", "feather_first_layer", "feather_end_layer", "feather_num_layers",
-                 "feather_default")
+                 "feather_default", "feather_layout")
 
 
 @dataclasses.dataclass
@@ -232,7 +234,7 @@ def register_spec() -> None:
 
 
 def stage_attention_layers(layers: list[Any], boundaries: list[int], num_layers: int,
-                           default: str | None) -> None:
+                           default: str | None, layout: LayoutRule) -> None:
     """Give each decoder layer's attention a KV spec tagged with its stage
     (every layer, stage 0 included: one plain spec would merge them all)."""
     starts = [0, *boundaries, num_layers]
@@ -245,7 +247,7 @@ def stage_attention_layers(layers: list[Any], boundaries: list[int], num_layers:
             return StagedFullAttentionSpec(
                 **{f.name: getattr(spec, f.name) for f in dataclasses.fields(FullAttentionSpec)},
                 feather_stage=stage, feather_first_layer=starts[stage], feather_end_layer=starts[stage + 1],
-                feather_num_layers=num_layers, feather_default=default)
+                feather_num_layers=num_layers, feather_default=default, feather_layout=layout)
 
         return get_kv_cache_spec
 

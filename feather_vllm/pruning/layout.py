@@ -218,19 +218,11 @@ class ImageLayout:
     @classmethod
     def for_hf_config(cls, hf_config: object, image_size: tuple[int, int]) -> "ImageLayout":
         """The layout vLLM gives an image of `image_size` (height, width)
-        under a transformers config (duck-typed: `model_type`,
-        `vision_config.image_size/patch_size`, `image_grid_pinpoints`)."""
-        model_type = getattr(hf_config, "model_type", None)
-        if model_type not in ("llava", "llava_next", "llava_onevision"):
-            raise ValueError(f"no image-token layout for model_type {model_type!r}")
-        vision = hf_config.vision_config  # type: ignore[attr-defined]
-        if model_type == "llava":
-            return cls.square(vision.image_size // vision.patch_size)
-        kwargs = dict(grid_pinpoints=hf_config.image_grid_pinpoints,  # type: ignore[attr-defined]
-                      vision_image_size=vision.image_size, patch_size=vision.patch_size)
-        if model_type == "llava_next":
-            return cls.llava_next(image_size, **kwargs)
-        return cls.llava_onevision(image_size, **kwargs)
+        under a transformers config (see `LayoutRule.of`)."""
+        layout = LayoutRule.of(hf_config).layout(image_size)
+        if layout is None:
+            raise ValueError(f"no layout for an image of {image_size!r} under {hf_config!r}")
+        return layout
 
     @classmethod
     def _anyres(cls, model: str, image_size: tuple[int, int], grid_pinpoints: Sequence[Sequence[int]],
@@ -315,6 +307,50 @@ class ImageLayout:
 
     def grid_size(self, stride: int) -> int:
         return sum(math.ceil(r.rows / stride) * math.ceil(r.cols / stride) for r in self.regions)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayoutRule:
+    """How a model lays out one image's tokens: what `ImageLayout` needs of
+    the model's config, hashable (it rides on vLLM's KV-cache specs to the
+    scheduler, which decides each image's layout once, from its size)."""
+
+    model_type: str  # "llava" (LLaVA-1.5), "llava_next" or "llava_onevision"
+    vision_image_size: int
+    patch_size: int
+    grid_pinpoints: tuple[tuple[int, int], ...] = ()
+
+    @classmethod
+    def of(cls, hf_config: object) -> "LayoutRule":
+        """The rule of a transformers config (duck-typed: `model_type`,
+        `vision_config.image_size/patch_size`, `image_grid_pinpoints`)."""
+        model_type = getattr(hf_config, "model_type", None)
+        if model_type not in ("llava", "llava_next", "llava_onevision"):
+            raise ValueError(f"no image-token layout for model_type {model_type!r}")
+        vision = hf_config.vision_config  # type: ignore[attr-defined]
+        pinpoints = () if model_type == "llava" else tuple(
+            (int(h), int(w)) for h, w in hf_config.image_grid_pinpoints)  # type: ignore[attr-defined]
+        return cls(model_type, int(vision.image_size), int(vision.patch_size), pinpoints)
+
+    @property
+    def needs_image_size(self) -> bool:
+        """Anyres models: the layout depends on the image's size."""
+        return self.model_type != "llava"
+
+    def layout(self, image_size: tuple[int, int] | None, num_tokens: int | None = None) -> "ImageLayout | None":
+        """The layout of an image of `image_size` (height, width; unused for
+        LLaVA-1.5), or None when it cannot be known: an anyres image
+        without a size, or a layout that does not have the `num_tokens`
+        the engine placed for it (never guess a layout)."""
+        if not self.needs_image_size:
+            layout = ImageLayout.square(self.vision_image_size // self.patch_size)
+        elif image_size is None:
+            return None
+        else:
+            build = ImageLayout.llava_next if self.model_type == "llava_next" else ImageLayout.llava_onevision
+            layout = build(tuple(int(v) for v in image_size), grid_pinpoints=self.grid_pinpoints,
+                           vision_image_size=self.vision_image_size, patch_size=self.patch_size)
+        return layout if num_tokens is None or layout.num_tokens == num_tokens else None
 
 
 # -- the anyres arithmetic (transformers' / vLLM's, reimplemented) --------------

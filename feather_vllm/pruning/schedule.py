@@ -12,7 +12,9 @@ from __future__ import annotations
 import dataclasses
 import enum
 
-from feather_vllm.pruning.selection import NonSquareGridError, grid_side
+from collections.abc import Sequence
+
+from feather_vllm.pruning.layout import ImageLayout
 
 
 class FallbackReason(str, enum.Enum):
@@ -20,7 +22,7 @@ class FallbackReason(str, enum.Enum):
     these codes are metric label values and report fields."""
 
     INVALID_SETTINGS = "invalid_settings"
-    NON_SQUARE_IMAGE = "non_square_image"
+    UNKNOWN_LAYOUT = "unknown_image_layout"
     NO_TEXT_AFTER_IMAGE = "no_text_after_image"
     IMAGE_ALREADY_COMPUTED = "image_already_computed"
     PROMPT_SPLIT = "prompt_split"
@@ -32,7 +34,9 @@ class FallbackReason(str, enum.Enum):
 
 _DESCRIPTIONS = {
     FallbackReason.INVALID_SETTINGS: "the request's pruning settings are invalid for this model",
-    FallbackReason.NON_SQUARE_IMAGE: "non-square image-token layout: FEATHER's grid needs side x side tokens",
+    FallbackReason.UNKNOWN_LAYOUT:
+        "the image's token layout is unknown (an anyres image without its size) or is not the model's "
+        "(FEATHER's grid needs each region's raster)",
     FallbackReason.NO_TEXT_AFTER_IMAGE:
         "no text after the last image: the last prompt token would be an image token",
     FallbackReason.IMAGE_ALREADY_COMPUTED:
@@ -54,21 +58,19 @@ class PruneDecision:
 
 
 def decide(num_computed: int, num_scheduled: int, prompt_len: int,
-           image_ranges: list[tuple[int, int]]) -> PruneDecision:
+           image_ranges: list[tuple[int, int]], layouts: Sequence[ImageLayout | None]) -> PruneDecision:
     """Can the step that computes tokens [num_computed, num_computed +
     num_scheduled) of a prompt of `prompt_len` tokens prune its images
-    (`image_ranges`: (offset, length) of each, in prompt order)?
+    (`image_ranges`: (offset, length) of each, in prompt order; `layouts`:
+    each one's token layout, None where it is not known)?
 
     Call it only for a request whose settings ask for pruning, on the first
     step that reaches its first image.
     """
     if not image_ranges:
         return PruneDecision(False)  # text-only: nothing to prune, no fallback
-    for _, length in image_ranges:
-        try:
-            grid_side(length)
-        except NonSquareGridError:
-            return PruneDecision(False, FallbackReason.NON_SQUARE_IMAGE)
+    if any(layout is None for layout in layouts):
+        return PruneDecision(False, FallbackReason.UNKNOWN_LAYOUT)
     first = image_ranges[0][0]
     last_end = max(offset + length for offset, length in image_ranges)
     if last_end >= prompt_len:

@@ -3,10 +3,13 @@
 python -m feather_vllm.tools.analyze --model DIR --image FILE --prompt TEXT \\
     --preset NAME --json OUT [--png OUT.png]
 
-Runs one greedy request on FeatherLlava (single-process engine), reads the
-kept token indices of every stage from the model, and writes them with the
-mean kept row (0 = top, 1 = bottom) and per-quadrant coverage; the PNG
-overlays each stage's kept tokens on the image as the model saw it.
+Runs one greedy request on FEATHER's model (single-process engine; a
+LLaVA-1.5 or LLaVA-NeXT checkpoint), reads the kept token indices of every
+stage from the engine's report, and writes them with the mean kept row
+(0 = top, 1 = bottom) and per-quadrant coverage, per region of the image's
+layout (LLaVA-1.5: one 24 x 24 raster; NeXT: the base view and the tile
+map, whose newline tokens are counted apart); the PNG overlays each
+stage's kept tokens on the image as each region saw it.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from PIL import Image
 
 from feather_vllm.kv.plan import report_of
 from feather_vllm.pruning import config as pcfg
-from feather_vllm.pruning.stats import mean_row, quadrant_coverage
+from feather_vllm.pruning.layout import NEWLINE, region_kept_counts, region_kept_indices, region_stats
 
 
 def model_view(image: Image.Image, size: int = 336) -> Image.Image:
@@ -52,17 +55,22 @@ def analyze(model: str, image: Image.Image, prompt: str, preset: Any,
     out = llm.chat(messages, params, use_tqdm=False)[0]
     report = report_of(out)
     (n,) = report.image_tokens  # one image
-    side = int(round(n ** 0.5))
+    layout = report.layouts[0] if report.layouts else None
     stages = []
     for stage in report.stages:
         kept = list(stage.per_image[0])
+        stats = region_stats(kept, layout)
+        indices = region_kept_indices(kept, layout)
         stages.append({"layer": stage.layer, "kept": kept, "num_kept": len(kept),
-                       "mean_row": mean_row(kept, n), "quadrant_coverage": quadrant_coverage(kept, n)})
+                       "newlines_kept": region_kept_counts(kept, layout)[NEWLINE],
+                       "regions": {r.name: {**stats[r.name], "kept_indices": indices[r.name]}
+                                   for r in layout.regions}})
     return {
         "preset": config.name,
         "settings": config.to_dict(),
         "image_tokens": n,
-        "grid": [side, side] if side * side == n else None,
+        "regions": [{"name": r.name, "rows": r.rows, "cols": r.cols, "newline": r.newline}
+                    for r in layout.regions] if layout else None,
         "stages": stages,
         "fallback": report.fallback.value if report.fallback else None,
         "text": out.outputs[0].text,
@@ -70,30 +78,48 @@ def analyze(model: str, image: Image.Image, prompt: str, preset: Any,
     }
 
 
+def region_view(image: Image.Image, region: dict[str, Any]) -> Image.Image:
+    """The image as a region saw it: LLaVA-1.5's centre crop; NeXT's base
+    view is the whole image squeezed to one tile, its tile map the whole
+    image at its own aspect (the letterbox padding is cropped away)."""
+    if region["name"] == "image":
+        return model_view(image)
+    image = image.convert("RGB")
+    if region["name"] == "base":
+        return image.resize((336, 336), Image.BICUBIC)
+    return image
+
+
 def plot(report: dict[str, Any], image: Image.Image, path: str | Path) -> None:
-    """Kept tokens of each stage over the image, side by side."""
+    """Kept tokens of each stage over the image, one row of panels per region."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    view = np.asarray(model_view(image))
-    rows, cols = report["grid"]
-    panels = [("all image tokens", None)] + [
-        (f"layer {s['layer']}: {s['num_kept']} kept, mean row {s['mean_row']:.2f}", s["kept"])
-        for s in report["stages"]]
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 3.8), squeeze=False)
-    for ax, (title, kept) in zip(axes[0], panels):
-        ax.imshow(view)
-        if kept is not None:
-            mask = np.zeros(rows * cols, dtype=bool)
-            mask[kept] = True
-            shade = np.where(mask.reshape(rows, cols)[..., None], [0, 0, 0, 0], [0, 0, 0, 0.75])
-            ax.imshow(shade, extent=(0, view.shape[1], view.shape[0], 0), interpolation="nearest")
-        ax.set_title(title, fontsize=9)
-        ax.axis("off")
-    fig.suptitle(f"{report['preset']}: kept image tokens per stage (dark = pruned)", fontsize=10)
+    regions = [r for r in report["regions"] if r["rows"] and r["cols"]]
+    columns = 1 + len(report["stages"])
+    fig, axes = plt.subplots(len(regions), columns, figsize=(3.4 * columns, 3.6 * len(regions)), squeeze=False)
+    for row, region in zip(axes, regions):
+        view = np.asarray(region_view(image, region))
+        rows, cols = region["rows"], region["cols"]
+        panels = [(f"{region['name']}: {rows} x {cols} tokens", None)] + [
+            (f"layer {s['layer']}: {s['regions'][region['name']]['kept']} kept", s["regions"][region["name"]])
+            for s in report["stages"]]
+        for ax, (title, kept) in zip(row, panels):
+            ax.imshow(view)
+            if kept is not None:
+                mask = np.zeros(rows * cols, dtype=bool)
+                mask[kept["kept_indices"]] = True
+                shade = np.where(mask.reshape(rows, cols)[..., None], [0, 0, 0, 0], [0, 0, 0, 0.75])
+                ax.imshow(shade, extent=(0, view.shape[1], view.shape[0], 0), interpolation="nearest")
+            ax.set_title(title, fontsize=9)
+            ax.axis("off")
+    newlines = ", ".join(f"layer {s['layer']}: {s['newlines_kept']}" for s in report["stages"])
+    fig.suptitle(f"{report['preset']}: kept image tokens per stage (dark = pruned)"
+                 + (f"; newline tokens kept: {newlines}" if any(r["newline"] for r in report["regions"]) else ""),
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -117,10 +143,12 @@ def main(argv: list[str] | None = None) -> None:
     image = Image.open(args.image)
     report = analyze(args.model, image, args.prompt, preset, args.max_tokens, args.dtype)
     Path(args.json_out).write_text(json.dumps(report, indent=2))
-    if args.png and report["grid"] and report["stages"]:
+    if args.png and report["stages"]:
         plot(report, image, args.png)
-    summary = ", ".join(f"layer {s['layer']}: {s['num_kept']} kept (mean row {s['mean_row']:.2f})"
-                        for s in report["stages"]) or f"unpruned ({report['fallback'] or 'no stages'})"
+    summary = "; ".join(f"layer {s['layer']}: {s['num_kept']} kept (" + ", ".join(
+        f"{name} {r['kept']}, mean row {r['mean_row']:.2f}" for name, r in s["regions"].items())
+        + (f", {s['newlines_kept']} newlines" if s["newlines_kept"] else "") + ")"
+        for s in report["stages"]) or f"unpruned ({report['fallback'] or 'no stages'})"
     print(f"{report['preset']}: {report['image_tokens']} image tokens; {summary}")
 
 

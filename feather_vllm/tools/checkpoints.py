@@ -1,6 +1,7 @@
-"""Build local LLaVA-1.5-layout checkpoints with random weights.
+"""Build local LLaVA-1.5 and LLaVA-NeXT checkpoints with random weights.
 
-`python -m feather_vllm.tools.checkpoints --profile tiny --out DIR [--seed N]`
+`python -m feather_vllm.tools.checkpoints --profile tiny --out DIR [--seed N]
+[--family llava-next] [--vision-image-size PIXELS]`
 
 The machines this project is developed and tested on have no model hub, so
 every checkpoint is made here: a CLIP ViT-336/14 vision tower (24 x 24 = 576
@@ -17,6 +18,8 @@ import dataclasses
 import json
 import random
 from pathlib import Path
+
+from feather_vllm.pruning.layout import LLAVA_NEXT_PINPOINTS
 
 IMAGE_TOKEN = "<image>"
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN]
@@ -181,9 +184,22 @@ def save_model(model, out: Path) -> None:
     model.config.save_pretrained(out)
 
 
-def build_checkpoint(profile: str, out: str | Path, seed: int = 0, max_positions: int = 4096) -> Path:
-    """Write a random-weight LLaVA-1.5-layout checkpoint to `out`; its text
-    model has `max_positions` positions (`max_position_embeddings`)."""
+FAMILIES = ("llava", "llava-next")
+
+
+def next_pinpoints(vision_image_size: int) -> list[list[int]]:
+    """LLaVA-NeXT's default tile grids (1x2, 2x1, 2x2, 3x1, 1x3 tiles) for
+    a vision tower of `vision_image_size` pixels."""
+    return [[h * vision_image_size // 336, w * vision_image_size // 336] for h, w in LLAVA_NEXT_PINPOINTS]
+
+
+def build_checkpoint(profile: str, out: str | Path, seed: int = 0, max_positions: int = 4096,
+                     family: str = "llava", vision_image_size: int = 336) -> Path:
+    """Write a random-weight checkpoint to `out`: LLaVA-1.5 (`family`
+    "llava") or LLaVA-NeXT ("llava-next": anyres with NeXT's default tile
+    grids, base view + unpadded tile map with newline tokens), a CLIP tower
+    of `vision_image_size` pixels in 14-pixel patches, and a text model of
+    `max_positions` positions (`max_position_embeddings`)."""
     import torch
     from transformers import (
         CLIPImageProcessorPil,
@@ -191,23 +207,30 @@ def build_checkpoint(profile: str, out: str | Path, seed: int = 0, max_positions
         LlamaConfig,
         LlavaConfig,
         LlavaForConditionalGeneration,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessorPil,
+        LlavaNextProcessor,
         LlavaProcessor,
     )
 
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}, not {family!r}")
     p = PROFILES[profile]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(p.vocab_size, seed, p.word_tokens)
     vocab = len(tokenizer)
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    side = vision_image_size // 14
 
-    config = LlavaConfig(
+    common = dict(
         vision_config=CLIPVisionConfig(
             hidden_size=p.vision_hidden,
             intermediate_size=p.vision_mlp,
             num_hidden_layers=p.vision_layers,
             num_attention_heads=p.vision_heads,
-            image_size=336,
+            image_size=vision_image_size,
             patch_size=14,
             projection_dim=p.vision_hidden,
             hidden_act="quick_gelu",
@@ -232,37 +255,38 @@ def build_checkpoint(profile: str, out: str | Path, seed: int = 0, max_positions
         projector_hidden_act="gelu",
         vision_feature_select_strategy="default",
         vision_feature_layer=-2,
-        image_seq_length=576,
         tie_word_embeddings=False,
     )
-    config.architectures = ["LlavaForConditionalGeneration"]
+    mean, std = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+    processor_kwargs = dict(tokenizer=tokenizer, patch_size=14, vision_feature_select_strategy="default",
+                            num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE, image_token=IMAGE_TOKEN)
+    if family == "llava":
+        config = LlavaConfig(**common, image_seq_length=side * side)
+        config.architectures = ["LlavaForConditionalGeneration"]
+        model_class = LlavaForConditionalGeneration
+        processor = LlavaProcessor(image_processor=CLIPImageProcessorPil(
+            size={"shortest_edge": vision_image_size},
+            crop_size={"height": vision_image_size, "width": vision_image_size},
+            do_center_crop=True, image_mean=mean, image_std=std), **processor_kwargs)
+    else:
+        grid = next_pinpoints(vision_image_size)
+        config = LlavaNextConfig(**common, image_grid_pinpoints=grid)
+        config.architectures = ["LlavaNextForConditionalGeneration"]
+        model_class = LlavaNextForConditionalGeneration
+        processor = LlavaNextProcessor(image_processor=LlavaNextImageProcessorPil(
+            size={"shortest_edge": vision_image_size},
+            crop_size={"height": vision_image_size, "width": vision_image_size},
+            image_grid_pinpoints=grid, image_mean=mean, image_std=std), **processor_kwargs)
     config.dtype = p.dtype
 
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config).to(getattr(torch, p.dtype)).eval()
+    model = model_class(config).to(getattr(torch, p.dtype)).eval()
     # Spread the logits so that greedy decoding has clear winners: equality
     # tests across implementations must not hinge on near-ties.
     if not p.word_tokens:  # random profiles; the demo is trained from its own init
         with torch.no_grad():
             model.lm_head.weight.normal_(0.0, 1.0 / p.text_hidden**0.5 * 4)
     save_model(model, out)
-
-    image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": 336},
-        crop_size={"height": 336, "width": 336},
-        do_center_crop=True,
-        image_mean=[0.48145466, 0.4578275, 0.40821073],
-        image_std=[0.26862954, 0.26130258, 0.27577711],
-    )
-    processor = LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=14,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=CHAT_TEMPLATE,
-        image_token=IMAGE_TOKEN,
-    )
     processor.save_pretrained(out)
     tokenizer.save_pretrained(out)
     generation = {"bos_token_id": tokenizer.bos_token_id,
@@ -287,9 +311,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-positions", type=int, default=4096, help="the text model's positions")
+    parser.add_argument("--family", choices=FAMILIES, default="llava",
+                        help="LLaVA-1.5, or LLaVA-NeXT (anyres tiles, NeXT's default tile grids)")
+    parser.add_argument("--vision-image-size", type=int, default=336,
+                        help="the CLIP tower's input size in pixels (14-pixel patches)")
     args = parser.parse_args(argv)
-    path = build_checkpoint(args.profile, args.out, args.seed, args.max_positions)
-    print(f"wrote {args.profile} checkpoint (seed {args.seed}) to {path}")
+    path = build_checkpoint(args.profile, args.out, args.seed, args.max_positions, args.family,
+                            args.vision_image_size)
+    print(f"wrote {args.profile} {args.family} checkpoint (seed {args.seed}) to {path}")
 
 
 if __name__ == "__main__":
