@@ -1,6 +1,7 @@
 """Pruned vs unpruned serving, measured side by side in one run.
 
 python -m loadtest.benchmark [--model DIR] [--out results/] [--rounds 5]
+    [--image-size 672 --max-model-len 4096 --ttft-only]
 
 Starts the gateway on the `bench` checkpoint (built if absent) with a fixed
 KV budget, and vLLM's own OpenAI server on the same checkpoint and settings
@@ -22,7 +23,10 @@ noise hits all alike:
      engine (`vllm:num_requests_running`, sampled during 4.);
   6. the gateway's overhead: TTFT at concurrency 1 against vLLM's server.
 Prints each as a ratio to `none` (or to vLLM) next to the cost model's
-prediction, and writes JSON and plots.
+prediction, and writes JSON and plots. The checkpoint may be LLaVA-1.5 or
+LLaVA-NeXT (`--image-size` sets the square images' side in pixels: a
+672-pixel image is 2,928 NeXT tokens; the cost model then uses the image's
+layout bounds); `--ttft-only` measures 1. and 6. only.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import functools
 import json
 import os
 import platform
@@ -46,7 +51,7 @@ from loadtest.generator import LoadConfig, run_load, summarize
 from loadtest.plots import plot_latency_vs_load, plot_presets
 
 PRESETS = ["none", "fastv", "feather", "pyramiddrop"]
-MAX_MODEL_LEN = 2048
+MAX_MODEL_LEN = 2048  # default --max-model-len
 # TTFT cases: words of text before the image (0: the image, then a short question).
 TTFT_CASES = {"short": 0, "long_text_first": 170}
 DECODE_CONCURRENCY = (1, 8)
@@ -93,7 +98,8 @@ class Server:
 
 
 def gateway_server(model: str, log: Path, kv_gib: float, block_size: int, max_num_seqs: int,
-                   enforce_eager: bool, dtype: str, prefix_caching: bool = False) -> Server:
+                   enforce_eager: bool, dtype: str, prefix_caching: bool = False,
+                   max_model_len: int = MAX_MODEL_LEN, step_tokens: int | None = None) -> Server:
     """The gateway on `model` served as `bench` (started, not yet waited
     for): the benchmark's engine settings; prefix caching off unless
     `prefix_caching` (the benchmark's rounds repeat one prompt)."""
@@ -101,24 +107,33 @@ def gateway_server(model: str, log: Path, kv_gib: float, block_size: int, max_nu
     return Server([sys.executable, "-m", "server", "--model", model, "--served-model-name", "bench",
                    "--port", str(port), "--dtype", dtype,
                    "--kv-cache-memory-bytes", str(int(kv_gib * 2**30)),
-                   "--block-size", str(block_size), "--max-model-len", str(MAX_MODEL_LEN),
+                   "--block-size", str(block_size), "--max-model-len", str(max_model_len),
+                   *_step_budget(step_tokens),
                    "--max-num-seqs", str(max_num_seqs), "--max-waiting-requests", "256",
                    *([] if prefix_caching else ["--no-enable-prefix-caching"]),
                    *(["--enforce-eager"] if enforce_eager else [])],
                   log, port)
 
 
+def _step_budget(step_tokens: int | None) -> list[str]:
+    """vLLM's flag for the step budget, unless vLLM's default is kept."""
+    return [] if step_tokens is None else ["--max-num-batched-tokens", str(step_tokens)]
+
+
 def start_servers(model: str, out: Path, kv_gib: float, block_size: int, max_num_seqs: int,
-                  enforce_eager: bool, dtype: str) -> tuple[Server, Server]:
+                  enforce_eager: bool, dtype: str, max_model_len: int = MAX_MODEL_LEN,
+                  step_tokens: int | None = None) -> tuple[Server, Server]:
     vllm_port = free_port()
     eager = ["--enforce-eager"] if enforce_eager else []
-    gateway = gateway_server(model, out / "gateway.log", kv_gib, block_size, max_num_seqs, enforce_eager, dtype)
+    gateway = gateway_server(model, out / "gateway.log", kv_gib, block_size, max_num_seqs, enforce_eager, dtype,
+                             max_model_len=max_model_len, step_tokens=step_tokens)
     # The plugin off (only its CPU-machine import shim, a no-op where
     # torchvision loads): vLLM's own server as a user without feather-vllm runs it.
     stock = Server([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
                     "--served-model-name", "bench", "--port", str(vllm_port), "--dtype", dtype,
                     *eager, "--kv-cache-memory-bytes", str(int(kv_gib * 2**30)),
-                    "--block-size", str(block_size), "--max-model-len", str(MAX_MODEL_LEN),
+                    "--block-size", str(block_size), "--max-model-len", str(max_model_len),
+                    *_step_budget(step_tokens),
                     "--max-num-seqs", str(max_num_seqs), "--no-enable-prefix-caching"],
                    out / "vllm_server.log", vllm_port, env={"VLLM_PLUGINS": "feather_cpu_compat"})
     try:
@@ -131,10 +146,10 @@ def start_servers(model: str, out: Path, kv_gib: float, block_size: int, max_num
     return gateway, stock
 
 
-def _load(url: str, preset: str | None, *, requests: int, concurrency: int, max_tokens: int,
+def _load(url: str, preset: str | None, *, requests: int, concurrency: int, max_tokens: int, image_size: int,
           context_words: int = 0) -> LoadConfig:
     return LoadConfig(url=url, model="bench", presets=[preset], requests=requests, concurrency=concurrency,
-                      max_tokens=max_tokens, context_words=context_words)
+                      max_tokens=max_tokens, context_words=context_words, image_size=image_size)
 
 
 async def _families(client: httpx.AsyncClient, *names: str) -> dict[str, list[Any]]:
@@ -246,11 +261,11 @@ async def kv_held_while_decoding(url: str, body: dict[str, Any]) -> float:
     return held
 
 
-async def _kv_held(url: str, preset: str | None, max_tokens: int) -> float:
+async def _kv_held(url: str, preset: str | None, max_tokens: int, image_size: int) -> float:
     """KV held by one image chat while it decodes."""
     from loadtest.generator import chat_body, synthetic_image_url
 
-    cfg = _load(url, preset, requests=1, concurrency=1, max_tokens=max_tokens)
+    cfg = _load(url, preset, requests=1, concurrency=1, max_tokens=max_tokens, image_size=image_size)
     return await kv_held_while_decoding(url, chat_body(cfg, synthetic_image_url(cfg.image_size, 0), preset))
 
 
@@ -269,37 +284,43 @@ async def _peak_running(url: str, stop: asyncio.Event) -> int:
     return peak
 
 
-async def _saturate(url: str, preset: str, requests: int, concurrency: int, max_tokens: int):
+async def _saturate(url: str, preset: str, requests: int, concurrency: int, max_tokens: int, image_size: int):
     stop = asyncio.Event()
     watcher = asyncio.create_task(_peak_running(url, stop))
     results = await run_load(_load(url, preset, requests=requests, concurrency=concurrency,
-                                   max_tokens=max_tokens), progress=False)
+                                   max_tokens=max_tokens, image_size=image_size), progress=False)
     stop.set()
     return results, await watcher
 
 
-def predictions(model: str) -> dict[str, dict[str, float]]:
-    """The paper's cost model, as ratios to `none` for the bench prompt
-    (576 image + 15 text tokens): prefill FLOPs per TTFT case (its text
-    before the image counted with the checkpoint's tokenizer) and prompt KV."""
+def predictions(model: str, image_size: int = 336) -> dict[str, dict[str, float]]:
+    """The paper's cost model, as ratios to `none` for the bench prompt (an
+    image of `image_size` pixels square: LLaVA-1.5's 576 tokens, or its
+    NeXT layout's, at the layout's bounds; + 15 text tokens): prefill FLOPs
+    per TTFT case (its text before the image counted with the checkpoint's
+    tokenizer) and prompt KV."""
     from transformers import AutoConfig, AutoTokenizer
 
     from feather_vllm.pruning import config as pcfg
     from feather_vllm.pruning.cost import flops_ratio, kv_ratio
+    from feather_vllm.pruning.layout import LayoutRule, layout_kept_per_stage_max
     from loadtest.generator import context_text
 
-    text = AutoConfig.from_pretrained(model).text_config
+    config = AutoConfig.from_pretrained(model)
+    text = config.text_config
     tokenizer = AutoTokenizer.from_pretrained(model)
-    n_image, n_text = 576, 15
+    layout = LayoutRule.of(config).layout((image_size, image_size))
+    n_image, n_text = layout.num_tokens, 15
     before = {case: len(tokenizer(context_text(words), add_special_tokens=False).input_ids) if words else 0
               for case, words in TTFT_CASES.items()}
     out = {}
     for preset in PRESETS:
         cfg = pcfg.resolve(preset)
-        kv = kv_ratio(cfg, text.num_hidden_layers, n_image, n_text)
+        kept = layout_kept_per_stage_max(cfg, layout)
+        kv = kv_ratio(cfg, text.num_hidden_layers, n_image, n_text, kept)
         out[preset] = {
             **{f"prefill_{case}": flops_ratio(cfg, text.num_hidden_layers, text.hidden_size,
-                                              text.intermediate_size, n_image, n_text + before[case])
+                                              text.intermediate_size, n_image, n_text + before[case], kept)
                for case in TTFT_CASES},
             "kv": kv,
             "concurrency": 1 / kv,
@@ -308,37 +329,42 @@ def predictions(model: str) -> dict[str, dict[str, float]]:
 
 
 async def measure(gateway: Server, stock: Server, rounds: int, sat_requests: int, sat_concurrency: int,
-                  max_tokens: int) -> dict[str, Any]:
+                  max_tokens: int, image_size: int = 336, ttft_only: bool = False) -> dict[str, Any]:
+    """Every measurement (1.-6.); with `ttft_only` the prefill and gateway-overhead ones."""
+    load = functools.partial(_load, image_size=image_size)
     ttft = {case: {p: [] for p in PRESETS} for case in TTFT_CASES}
     prefill = {case: {p: [] for p in PRESETS} for case in TTFT_CASES}
     overhead = {"gateway": [], "vllm": []}
     # Warm both servers (first requests pay one-off costs).
     for url in (gateway.url, stock.url):
-        await run_load(_load(url, None, requests=2, concurrency=1, max_tokens=2), progress=False)
+        await run_load(load(url, None, requests=2, concurrency=1, max_tokens=2), progress=False)
     for _ in range(rounds):
         for case, words in TTFT_CASES.items():
             for preset in PRESETS:  # interleaved: noise hits every preset alike
-                t, engine = await _ttft_and_prefill(gateway.url, _load(gateway.url, preset, requests=1, concurrency=1,
-                                                                       max_tokens=4, context_words=words))
+                t, engine = await _ttft_and_prefill(gateway.url, load(gateway.url, preset, requests=1, concurrency=1,
+                                                                      max_tokens=4, context_words=words))
                 ttft[case][preset].append(t)
                 prefill[case][preset].append(engine)
         for name, url, preset in (("gateway", gateway.url, "none"), ("vllm", stock.url, None)):
-            (r,) = await run_load(_load(url, preset, requests=1, concurrency=1, max_tokens=4), progress=False)
+            (r,) = await run_load(load(url, preset, requests=1, concurrency=1, max_tokens=4), progress=False)
             overhead[name].append(r.ttft)
+    if ttft_only:
+        return {"ttft_c1": ttft, "prefill_c1": prefill, "overhead_ttft_c1": overhead}
     kv_held: dict[str, list[float]] = {p: [] for p in [*PRESETS, "vllm"]}
     decode: dict[str, dict[int, list]] = {p: {c: [] for c in DECODE_CONCURRENCY} for p in [*PRESETS, "vllm"]}
     for _ in range(2):
         for name, url, preset in [*((p, gateway.url, p) for p in PRESETS), ("vllm", stock.url, None)]:
-            kv_held[name].append(await _kv_held(url, preset, max_tokens=64))
+            kv_held[name].append(await _kv_held(url, preset, max_tokens=64, image_size=image_size))
             for concurrency in DECODE_CONCURRENCY:
                 decode[name][concurrency] += await run_load(
-                    _load(url, preset, requests=concurrency, concurrency=concurrency, max_tokens=max_tokens),
+                    load(url, preset, requests=concurrency, concurrency=concurrency, max_tokens=max_tokens),
                     progress=False)
     saturated: dict[str, list] = {p: [] for p in PRESETS}
     peaks = {p: 0 for p in PRESETS}
     for _ in range(2):
         for preset in PRESETS:
-            results, peak = await _saturate(gateway.url, preset, sat_requests // 2, sat_concurrency, max_tokens)
+            results, peak = await _saturate(gateway.url, preset, sat_requests // 2, sat_concurrency, max_tokens,
+                                            image_size)
             saturated[preset] += results
             peaks[preset] = max(peaks[preset], peak)
     return {"ttft_c1": ttft, "prefill_c1": prefill, "overhead_ttft_c1": overhead,
@@ -356,6 +382,22 @@ def _as_result(ttft: float):
 
 
 def report(m: dict[str, Any], pred: dict[str, dict[str, float]]) -> str:
+    lines = [] if "saturated" not in m else _table(m, pred)
+    for case in TTFT_CASES:
+        for what, key in (("TTFT", "ttft_c1"), ("engine prefill", "prefill_c1")):
+            by = {p: statistics.median(v) for p, v in m[key][case].items()}
+            lines.append(f"{what} c=1, {case}: none {by['none'] * 1000:.0f} ms; " + ", ".join(
+                f"{p} {by[p] * 1000:.0f} ms ({by[p] / by['none']:.2f}x none, model "
+                f"{pred[p]['prefill_' + case]:.2f}x: {by[p] / by['none'] / pred[p]['prefill_' + case]:.2f}x the model)"
+                for p in PRESETS[1:]))
+    gw = statistics.median(m["overhead_ttft_c1"]["gateway"])
+    vl = statistics.median(m["overhead_ttft_c1"]["vllm"])
+    lines.append(f"gateway overhead: p50 TTFT at c=1 (preset none) {gw * 1000:.0f} ms vs vLLM's own server "
+                 f"{vl * 1000:.0f} ms: x{gw / vl:.3f}")
+    return "\n".join(lines)
+
+
+def _table(m: dict[str, Any], pred: dict[str, dict[str, float]]) -> list[str]:
     med = {p: statistics.median(v) for p, v in m["ttft_c1"]["short"].items()}
     thr = {p: m["saturated"][p]["output_token_throughput"] for p in PRESETS}
     conc = m["max_concurrent"]
@@ -372,18 +414,7 @@ def report(m: dict[str, Any], pred: dict[str, dict[str, float]]) -> str:
                      f"   {conc[p]:>11} {conc[p] / max(conc['none'], 1):>7.2f} {pred[p]['concurrency']:>6.2f}")
     lines.append(f"{'vLLM (stock)':<12} {'':>11} {'':>7} {'':>6}   {kv['vllm'] * 100:>9.3f} {1:>7.2f} {'':>6}"
                  f"   {itl['vllm'][1] * 1000:>10.1f} {itl['vllm'][8] * 1000:>10.1f}")
-    for case in TTFT_CASES:
-        for what, key in (("TTFT", "ttft_c1"), ("engine prefill", "prefill_c1")):
-            by = {p: statistics.median(v) for p, v in m[key][case].items()}
-            lines.append(f"{what} c=1, {case}: none {by['none'] * 1000:.0f} ms; " + ", ".join(
-                f"{p} {by[p] * 1000:.0f} ms ({by[p] / by['none']:.2f}x none, model "
-                f"{pred[p]['prefill_' + case]:.2f}x: {by[p] / by['none'] / pred[p]['prefill_' + case]:.2f}x the model)"
-                for p in PRESETS[1:]))
-    gw = statistics.median(m["overhead_ttft_c1"]["gateway"])
-    vl = statistics.median(m["overhead_ttft_c1"]["vllm"])
-    lines.append(f"gateway overhead: p50 TTFT at c=1 (preset none) {gw * 1000:.0f} ms vs vLLM's own server "
-                 f"{vl * 1000:.0f} ms: x{gw / vl:.3f}")
-    return "\n".join(lines)
+    return lines
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -399,6 +430,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--enforce-eager", action="store_true",
                         help="both servers without compilation (vLLM's default compiles)")
     parser.add_argument("--dtype", default="auto", help="both servers (vLLM's default: bf16 on CPUs)")
+    parser.add_argument("--image-size", type=int, default=336, help="side of the square images, in pixels")
+    parser.add_argument("--max-model-len", type=int, default=MAX_MODEL_LEN)
+    parser.add_argument("--ttft-only", action="store_true", help="only TTFT/prefill and the gateway's overhead")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None,
+                        help="both servers' step budget (default: vLLM's, 2048 on CPUs: less than one "
+                             "672-pixel NeXT image, whose requests would then run unpruned, prompt_split)")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     model = args.model
@@ -407,13 +444,14 @@ def main(argv: list[str] | None = None) -> None:
 
         model = str(ensure_checkpoint("bench", "checkpoints/bench"))
     started = time.time()
-    pred = predictions(model)
+    pred = predictions(model, args.image_size)
     gateway, stock = start_servers(model, args.out, args.kv_cache_gib, args.block_size,
                                    max_num_seqs=args.saturation_concurrency, enforce_eager=args.enforce_eager,
-                                   dtype=args.dtype)
+                                   dtype=args.dtype, max_model_len=args.max_model_len,
+                                   step_tokens=args.max_num_batched_tokens)
     try:
         m = asyncio.run(measure(gateway, stock, args.rounds, args.saturation_requests,
-                                args.saturation_concurrency, args.max_tokens))
+                                args.saturation_concurrency, args.max_tokens, args.image_size, args.ttft_only))
     finally:
         gateway.stop()
         stock.stop()
@@ -421,12 +459,14 @@ def main(argv: list[str] | None = None) -> None:
               "settings": vars(args) | {"model": model, "out": str(args.out)},
               "wall_s": time.time() - started, "measured": m, "predicted": pred}
     (args.out / "benchmark.json").write_text(json.dumps(result, indent=2, default=str))
+    print(report(m, pred))
+    print(f"wall time {result['wall_s'] / 60:.1f} min; results in {args.out}/")
+    if args.ttft_only:
+        return
     plot_presets(m["saturated"], args.out / "throughput_per_preset.png",
                  f"saturated load ({args.saturation_concurrency} concurrent), bench checkpoint")
     plot_latency_vs_load({p: [(1, m["saturated_c1"][p]), (args.saturation_concurrency, m["saturated"][p])]
                           for p in PRESETS}, args.out / "latency_vs_load.png", "latency and throughput vs load")
-    print(report(m, pred))
-    print(f"wall time {result['wall_s'] / 60:.1f} min; results in {args.out}/")
 
 
 if __name__ == "__main__":

@@ -261,3 +261,20 @@ def test_analyze_tool_maps_kept_tokens_per_region(next_checkpoint, tmp_path):
         assert len(maps["tiles"]) + len(maps["base"]) + stage["newlines_kept"] == stage["num_kept"]
         assert stage["newlines_kept"] == 8
     assert png.stat().st_size > 10_000
+
+
+def test_benchmark_cost_model_counts_the_images_layout(next_checkpoint):
+    """`python -m loadtest.benchmark --image-size` on a NeXT checkpoint
+    predicts with the image's layout: its token count and its stage bounds
+    (top-k + per-region grid + newlines), not LLaVA-1.5's 576."""
+    from feather_vllm.pruning.cost import flops_ratio
+    from feather_vllm.pruning.layout import layout_kept_per_stage_max
+    from loadtest.benchmark import predictions
+
+    (layout,) = _layouts("square-2x2")  # a 224-pixel square: 2 x 2 tiles, 336 tokens
+    pred = predictions(str(next_checkpoint), 224)
+    for preset in PRUNED:
+        kept = layout_kept_per_stage_max(PRESETS[preset], layout)
+        assert pred[preset]["prefill_short"] == pytest.approx(
+            flops_ratio(PRESETS[preset], 32, 64, 128, layout.num_tokens, 15, kept))
+    assert layout.num_tokens == 336 and layout_kept_per_stage_max(PRESETS["feather"], layout)[1] < 336 * 0.2

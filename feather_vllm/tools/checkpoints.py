@@ -257,26 +257,25 @@ def build_checkpoint(profile: str, out: str | Path, seed: int = 0, max_positions
         vision_feature_layer=-2,
         tie_word_embeddings=False,
     )
-    mean, std = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+    # CLIP's preprocessing (OpenAI's mean and std), at the tower's size.
+    clip = dict(size={"shortest_edge": vision_image_size},
+                crop_size={"height": vision_image_size, "width": vision_image_size},
+                image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711])
     processor_kwargs = dict(tokenizer=tokenizer, patch_size=14, vision_feature_select_strategy="default",
                             num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE, image_token=IMAGE_TOKEN)
     if family == "llava":
         config = LlavaConfig(**common, image_seq_length=side * side)
         config.architectures = ["LlavaForConditionalGeneration"]
         model_class = LlavaForConditionalGeneration
-        processor = LlavaProcessor(image_processor=CLIPImageProcessorPil(
-            size={"shortest_edge": vision_image_size},
-            crop_size={"height": vision_image_size, "width": vision_image_size},
-            do_center_crop=True, image_mean=mean, image_std=std), **processor_kwargs)
+        processor = LlavaProcessor(image_processor=CLIPImageProcessorPil(**clip, do_center_crop=True),
+                                   **processor_kwargs)
     else:
         grid = next_pinpoints(vision_image_size)
         config = LlavaNextConfig(**common, image_grid_pinpoints=grid)
         config.architectures = ["LlavaNextForConditionalGeneration"]
         model_class = LlavaNextForConditionalGeneration
-        processor = LlavaNextProcessor(image_processor=LlavaNextImageProcessorPil(
-            size={"shortest_edge": vision_image_size},
-            crop_size={"height": vision_image_size, "width": vision_image_size},
-            image_grid_pinpoints=grid, image_mean=mean, image_std=std), **processor_kwargs)
+        processor = LlavaNextProcessor(image_processor=LlavaNextImageProcessorPil(**clip, image_grid_pinpoints=grid),
+                                       **processor_kwargs)
     config.dtype = p.dtype
 
     torch.manual_seed(seed)
