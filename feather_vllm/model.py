@@ -118,8 +118,15 @@ class FeatherPruning:
         if not pcfg.has_padding_free_stages(self.kv_boundaries, self.num_decoder_layers):
             logger.warning("KV stage boundaries %s make vLLM pad KV groups: equal stages avoid it",
                            self.kv_boundaries)
+        rule = LayoutRule.of(config)
         specs.stage_attention_layers(list(self.language_model.model.layers), self.kv_boundaries,
-                                     self.num_decoder_layers, default, LayoutRule.of(config))
+                                     self.num_decoder_layers, default, rule)
+        step = vllm_config.scheduler_config.max_num_batched_tokens
+        if rule.most_tokens() >= step:
+            # The cut needs an image and the last prompt token in one step.
+            logger.warning("images of up to %d tokens do not fit one step of %d tokens: requests with such an "
+                           "image run unpruned (prompt_split); raise --max-num-batched-tokens above %d to prune "
+                           "them", rule.most_tokens(), step, rule.most_tokens())
         self._layers = CuttingLayers(self.language_model.model.layers, compiles(vllm_config))
 
     def process_weights_after_loading(self) -> None:

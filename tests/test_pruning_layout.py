@@ -15,6 +15,7 @@ from feather_vllm.pruning.cost import kept_per_stage_bounds, kept_per_stage_max
 from feather_vllm.pruning.layout import (
     NEWLINE,
     ImageLayout,
+    LayoutRule,
     LayoutStageBound,
     Region,
     layout_kept_per_stage_bounds,
@@ -423,3 +424,15 @@ def vllm_models():
         next_cfg=next_cfg, ov_cfg=ov_cfg,
         next_info=LlavaNextProcessingInfo(Ctx(next_cfg)), ov_info=LlavaOnevisionProcessingInfo(Ctx(ov_cfg)),
         Next=LlavaNextForConditionalGeneration, Onevision=LlavaOnevisionForConditionalGeneration)
+
+
+def test_most_tokens_of_one_image_per_model():
+    """The largest image's token count (what one step must hold to prune
+    it): LLaVA-1.5's raster, NeXT's 672 x 672 image; OneVision's is not
+    computed (it lies off its tile grids)."""
+    from transformers import LlavaConfig, LlavaNextConfig, LlavaOnevisionConfig
+
+    assert LayoutRule.of(LlavaConfig()).most_tokens() == 576
+    assert LayoutRule.of(LlavaNextConfig()).most_tokens() == 2928 == ImageLayout.llava_next((672, 672)).num_tokens
+    with pytest.raises(NotImplementedError):
+        LayoutRule.of(LlavaOnevisionConfig()).most_tokens()

@@ -272,7 +272,9 @@ SEAMS: tuple[Seam, ...] = (
          source=("model.process_weights_after_loading()",)),
     Seam("vllm.config", "VllmConfig", attrs=("model_config", "parallel_config", "compilation_config",
                                              "speculative_config", "use_v2_model_runner", "attention_config",
-                                             "kv_transfer_config")),
+                                             "kv_transfer_config", "scheduler_config")),
+    # model.py warns when the step budget cannot hold the model's largest image.
+    Seam("vllm.config.scheduler", "SchedulerConfig", attrs=("max_num_batched_tokens",)),
     Seam("vllm.distributed", "get_tensor_model_parallel_world_size", closed=True),
     Seam("vllm.distributed", "get_tp_group", closed=True),
     Seam("vllm.distributed", "tensor_model_parallel_all_reduce"),

@@ -352,6 +352,17 @@ class LayoutRule:
                            vision_image_size=self.vision_image_size, patch_size=self.patch_size)
         return layout if num_tokens is None or layout.num_tokens == num_tokens else None
 
+    def most_tokens(self) -> int:
+        """The most tokens one image can take: LLaVA-1.5's one raster; for
+        NeXT, an image the size of a tile grid (its map is then not
+        cropped), the largest. (OneVision's most lies off its grids, below
+        its interpolation threshold: not computed.)"""
+        if not self.needs_image_size:
+            return self.layout(None).num_tokens
+        if self.model_type != "llava_next":
+            raise NotImplementedError(f"most_tokens of {self.model_type}")
+        return max(self.layout(pinpoint).num_tokens for pinpoint in self.grid_pinpoints)
+
 
 # -- the anyres arithmetic (transformers' / vLLM's, reimplemented) --------------
 

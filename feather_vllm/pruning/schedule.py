@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-
 from collections.abc import Sequence
 
 from feather_vllm.pruning.layout import ImageLayout
