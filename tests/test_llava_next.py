@@ -63,9 +63,14 @@ def _with_images(case: str) -> list[tuple[dict, Image.Image | None]]:
     return [(p, next(images) if p["type"] == "image" else None) for p in _parts(case)]
 
 
+FOLLOW_UP = "Where is the blue circle?"  # turn 2 of a feather conversation about the square-2x2 image
+
+
 @pytest.fixture(scope="module")
 def engine_results(next_checkpoint):
-    """Every case under `none` and every pruned preset, one batch."""
+    """Every case under `none` and every pruned preset, one batch (prefix
+    caching on, as vLLM's default); then turn 2 of the feather
+    conversation about the square-2x2 image."""
     from vllm import SamplingParams
 
     engine = dict(block_size=BLOCK, max_model_len=2048, max_num_batched_tokens=STEP_BUDGET,
@@ -79,12 +84,17 @@ def engine_results(next_checkpoint):
         stock_outs = stock.chat(list(convs.values()), params, use_tqdm=False)
     finally:
         shutdown(stock)
-    llm = make_llm(next_checkpoint, **engine)
+    llm = make_llm(next_checkpoint, enable_prefix_caching=True, **engine)
     try:
         presets = ["none", *PRUNED]
         params = [SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, logprobs=0, ignore_eos=True,
                                  extra_args={"feather": preset}) for preset in presets for _ in CASES]
         outs = llm.chat([convs[case] for _ in presets for case in CASES], params, use_tqdm=False)
+        turn1 = outs[presets.index("feather") * len(CASES) + list(CASES).index("square-2x2")]
+        turn2 = llm.chat([*convs["square-2x2"], {"role": "assistant", "content": turn1.outputs[0].text},
+                          {"role": "user", "content": FOLLOW_UP}],
+                         SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, logprobs=0, ignore_eos=True,
+                                        extra_args={"feather": "feather"}), use_tqdm=False)[0]
         scheduler = engine_parts(llm)[0]
         layout_rule = scheduler.kv_cache_manager.kv_cache_config.kv_cache_groups[0].kv_cache_spec.feather_layout
         steps = scheduler.max_num_scheduled_tokens
@@ -92,6 +102,8 @@ def engine_results(next_checkpoint):
         shutdown(llm)
     results = {(presets[i // len(CASES)], list(CASES)[i % len(CASES)]): _result(out) for i, out in enumerate(outs)}
     results.update({("stock", case): _result(out) for case, out in zip(CASES, stock_outs)})
+    results["turn2"] = {**_result(turn2), "prompt_token_ids": list(turn2.prompt_token_ids),
+                        "turn1_prompt_len": len(turn1.prompt_token_ids)}
     return {"results": results, "layout_rule": layout_rule, "step_budget": steps}
 
 
@@ -278,3 +290,25 @@ def test_benchmark_cost_model_counts_the_images_layout(next_checkpoint):
         assert pred[preset]["prefill_short"] == pytest.approx(
             flops_ratio(PRESETS[preset], 32, 64, 128, layout.num_tokens, 15, kept))
     assert layout.num_tokens == 336 and layout_kept_per_stage_max(PRESETS["feather"], layout)[1] < 336 * 0.2
+
+
+
+def test_follow_up_turn_reuses_the_pruned_image(engine_results, next_checkpoint):
+    """Turn 2 of a feather conversation about a NeXT image takes turn 1's
+    pruned KV from the prefix cache (its kept set, no new cut) and gives
+    the reference's tokens with turn 1's kept sets forced."""
+    from transformers import AutoProcessor, LlavaNextForConditionalGeneration
+
+    results = engine_results["results"]
+    turn1, turn2 = results["feather", "square-2x2"], results["turn2"]
+    report = turn2["report"]
+    assert report.reused is not None and report.reused.tokens >= turn2["turn1_prompt_len"] // BLOCK * BLOCK
+    assert report.stages == turn1["report"].stages
+    processor = AutoProcessor.from_pretrained(next_checkpoint)
+    model = LlavaNextForConditionalGeneration.from_pretrained(next_checkpoint, dtype=torch.float32).eval()
+    inputs = processor.image_processor(_images("square-2x2"), return_tensors="pt")
+    ids = torch.tensor([turn2["prompt_token_ids"]])
+    kept = [[list(k) for k in stage.per_image] for stage in turn1["report"].stages]
+    want = reference_generate(model, ids, inputs["pixel_values"], PRESETS["feather"], MAX_TOKENS, kept=kept,
+                              image_sizes=inputs["image_sizes"])
+    assert turn2["token_ids"] == want["token_ids"]
