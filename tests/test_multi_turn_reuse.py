@@ -6,9 +6,9 @@ One engine (prefix caching on, fp32, a step budget of 640 tokens, KV
 stages starting at every preset's cut layer) serves 3-turn conversations
 per preset, turn 3 long enough to be prefilled in two chunks; every turn's
 tokens equal the independent transformers reference run on the same prompt
-with turn 1's kept sets forced. Then what must not reuse: a cut inside a
-KV stage, other settings, another image, another cache salt (API key),
-another first question, `reselect`."""
+with turn 1's kept sets forced; so does a conversation whose cut falls
+inside a KV stage. Then what must not reuse: other settings, another
+image, another cache salt (API key), another first question, `reselect`."""
 
 from __future__ import annotations
 
@@ -26,8 +26,8 @@ BLOCK = 32
 BUDGET = 640  # the cut's step (image + question) fits; turn 3's new text does not
 MAX_TOKENS = 8
 REUSING = ["fastv", "feather", "pyramiddrop"]
-# KV stages start at every preset's cut (FastV's 3 too: the default 4-layer
-# stages put it inside stage 0-3, where nothing is reused).
+# KV stages start at every preset's cut (FastV's 3 too; the default 4-layer
+# stages put it inside stage 0-3: SPLIT below is that case).
 KV_BOUNDARIES = [3, 8, 12, 16, 20, 24, 28]
 SPLIT = {"stages": [{"layer": 5, "keep": 0.5}]}  # a cut inside the KV stage 3-7
 LONG = "Then tell me again, with every detail of the picture you can name. " * 20  # > BUDGET tokens
@@ -158,16 +158,26 @@ def test_turn_2_holds_under_half_the_kv(conversations):
     assert report.kv_blocks_used <= 0.5 * report.kv_blocks_unpruned_total, report
 
 
-def test_a_cut_inside_a_kv_stage_is_not_reused(engine, conversations):
-    """A cut at layer 5 falls inside KV stage 3-7, whose layers then hold
-    different tokens in one block: no chain of hashes describes them, so
-    turn 2 prefills its image again and cuts for its own question."""
-    reports = [report_of(out) for out in conversations["split"]]
-    assert [r.reused for r in reports] == [None] * 2
-    assert all(r.stages for r in reports)
-    turn_2 = conversations["split"][1]
-    image_token = engine.llm_engine.model_config.hf_config.image_token_index
-    assert turn_2.num_cached_tokens <= turn_2.prompt_token_ids.index(image_token)
+def test_a_cut_inside_a_kv_stage_is_reused(hf, conversations):
+    """A cut at layer 5 falls inside KV stage 3-7: layers 3-4 hold every
+    token and 5-7 compact KV, in one block table. The stage's blocks are
+    hashed over the full token ids with the decision's digest (which fixes
+    what the compact layers hold in them): turn 2 reuses them, cuts
+    nothing, and equals the reference with turn 1's kept set forced."""
+    from feather_vllm.pruning.config import resolve
+
+    outs = conversations["split"]
+    first, second = (report_of(out) for out in outs)
+    assert first.reused is None and first.stages
+    assert second.reused is not None and second.reused.kept_from == outs[0].request_id
+    assert second.stages == first.stages
+    assert outs[1].num_cached_tokens >= len(outs[0].prompt_token_ids)
+    processor, model = hf
+    kept = [[list(k) for k in stage.per_image] for stage in first.stages]
+    pixels = processor.image_processor(images=_image(4), return_tensors="pt")["pixel_values"]
+    want = reference_generate(model, torch.tensor([outs[1].prompt_token_ids]), pixels, resolve(SPLIT), MAX_TOKENS,
+                              kept=kept)
+    assert list(outs[1].outputs[0].token_ids) == want["token_ids"]
 
 
 def test_a_one_token_turn_1_is_reused(engine):

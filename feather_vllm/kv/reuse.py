@@ -29,7 +29,7 @@ from typing import Any, Sequence
 from vllm.utils.hashing import sha256
 from vllm.v1.core.kv_cache_utils import hash_block_tokens
 
-from feather_vllm.kv.plan import ImageSpan, KeptTokens, in_effect
+from feather_vllm.kv.plan import ImageSpan, KeptTokens
 from feather_vllm.pruning.config import PruningConfig, Stage
 
 
@@ -133,14 +133,6 @@ class DecisionIndex:
         return sum(len(v) for v in self._by_key.values())
 
 
-def splits_stage(kept: KeptTokens, first_layer: int, end_layer: int) -> bool:
-    """Whether a cut falls inside the stage [first_layer, end_layer): its
-    layers then hold different token sets in one block table, which no
-    single chain of hashes describes."""
-    cuts = [stage.layer for stage in kept.stages]
-    return in_effect(cuts, first_layer) != in_effect(cuts, end_layer - 1)
-
-
 @dataclasses.dataclass
 class CompactChain:
     """Block hashes of one request's KV in one KV group whose layers lack
@@ -149,13 +141,18 @@ class CompactChain:
 
     Full blocks: vLLM's own hashes up to the block holding the first image
     token (compaction moves nothing before it) and everywhere in a group
-    without dropped tokens; from there on vLLM's `hash_block_tokens` over
-    the compacted token ids, with the decision's digest as extra key. A
+    whose layers all hold every token; from there on vLLM's
+    `hash_block_tokens` over the compacted token ids, with the decision's
+    digest as extra key. A group split by a cut (its first layer holds every
+    token, a later one compact KV in the same blocks: FastV's layer 3 in
+    stage 0-3) is `salted`: its blocks are hashed over the full token ids,
+    with the digest, which fixes what the compact layers hold in them. A
     block the prompt ends inside is also reachable by a partial entry (the
     digest and a marker as extra keys) at the prompt's end."""
 
     digest: bytes
     dropped: frozenset[int]
+    salted: bool  # some layer of the group holds compact KV
     first_offset: int
     image_end: int
     block_size: int
@@ -163,9 +160,11 @@ class CompactChain:
     _head: list[int] | None = None  # compacted token ids up to image_end
 
     @classmethod
-    def of(cls, decision: Decision, first_layer: int, block_size: int) -> "CompactChain":
+    def of(cls, decision: Decision, first_layer: int, end_layer: int, block_size: int) -> "CompactChain":
+        """The chain of the group of layers [first_layer, end_layer)."""
         dropped = decision.kept.dropped_positions(first_layer, decision.images)
-        return cls(decision.digest, frozenset(dropped), decision.first_offset, decision.image_end, block_size)
+        salted = bool(decision.kept.dropped_positions(end_layer - 1, decision.images))  # its last layer drops most
+        return cls(decision.digest, frozenset(dropped), salted, decision.first_offset, decision.image_end, block_size)
 
     def held(self, num_tokens: int) -> int:
         """Tokens this group's blocks hold for the first `num_tokens` of the
@@ -191,7 +190,7 @@ class CompactChain:
     def block_hashes(self, request: Any, num_blocks: int) -> list[bytes]:
         """Hashes of the group's first `num_blocks` full blocks for `request`
         (fewer when its tokens do not fill them)."""
-        if not self.dropped:
+        if not self.salted:
             return list(request.block_hashes[:num_blocks])
         size = self.block_size
         while len(self.hashes) < num_blocks:
@@ -255,10 +254,9 @@ def find_hit(managers: Sequence[Any], request: Any, decision: Decision) -> Hit |
     found = []
     for manager in managers:
         spec, size = manager.kv_cache_spec, manager.block_size
-        if not isinstance(manager, StagedFullAttentionManager) or manager.block_pool.hash_block_size != size or \
-                splits_stage(decision.kept, spec.feather_first_layer, spec.feather_end_layer):
+        if not isinstance(manager, StagedFullAttentionManager) or manager.block_pool.hash_block_size != size:
             return None
-        chain = CompactChain.of(decision, spec.feather_first_layer, size)
+        chain = CompactChain.of(decision, spec.feather_first_layer, spec.feather_end_layer, size)
         blocks, held = _group_hit(manager, request, chain, limit)
         found.append((blocks, chain.covered(held), chain))
     tokens = min(covered for _, covered, _ in found)

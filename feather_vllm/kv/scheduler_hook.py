@@ -50,7 +50,6 @@ from feather_vllm.kv.reuse import (
     Hit,
     find_hit,
     image_features,
-    splits_stage,
 )
 from feather_vllm.kv.specs import StagedFullAttentionManager, StagedFullAttentionSpec
 from feather_vllm.pruning.config import PRESETS, PruningConfig
@@ -161,19 +160,16 @@ def _find_reuse(manager: KVCacheManager, spec: StagedFullAttentionSpec, request:
 
 def _remember(manager: KVCacheManager, request: Any, pruning: RequestPruning) -> None:
     """A cut's kept set is known: record the decision, and hash its
-    compacted blocks by it, so that the conversation's next turn finds them
-    (not when a cut falls inside a KV stage: no chain describes its blocks)."""
+    compacted blocks by it, so that the conversation's next turn finds them."""
     stages = _stage_managers(manager)
     if not manager.enable_caching or any(m.block_pool.hash_block_size != m.block_size for m in stages):
         return  # (the chains hash whole blocks with vLLM's per-block hashes before the image)
-    if any(splits_stage(pruning.kept, m.kv_cache_spec.feather_first_layer, m.kv_cache_spec.feather_end_layer)
-           for m in stages):
-        return
     decision = Decision.of(request, pruning.config, pruning.plan.images, pruning.kept)
     manager._feather_decisions.add(decision)
     for stage in stages:
+        spec = stage.kv_cache_spec
         stage.follow(request.request_id,
-                     CompactChain.of(decision, stage.kv_cache_spec.feather_first_layer, stage.block_size))
+                     CompactChain.of(decision, spec.feather_first_layer, spec.feather_end_layer, stage.block_size))
 
 
 def _reaches_image(request: Any, num_new_tokens: int, num_computed: int) -> bool:
