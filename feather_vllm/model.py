@@ -121,12 +121,12 @@ class FeatherPruning:
         rule = LayoutRule.of(config)
         specs.stage_attention_layers(list(self.language_model.model.layers), self.kv_boundaries,
                                      self.num_decoder_layers, default, rule)
-        step = vllm_config.scheduler_config.max_num_batched_tokens
-        if rule.most_tokens() >= step:
+        step, most = vllm_config.scheduler_config.max_num_batched_tokens, rule.most_tokens()
+        if most >= step:
             # The cut needs an image and the last prompt token in one step.
             logger.warning("images of up to %d tokens do not fit one step of %d tokens: requests with such an "
                            "image run unpruned (prompt_split); raise --max-num-batched-tokens above %d to prune "
-                           "them", rule.most_tokens(), step, rule.most_tokens())
+                           "them", most, step, most)
         self._layers = CuttingLayers(self.language_model.model.layers, compiles(vllm_config))
 
     def process_weights_after_loading(self) -> None:

@@ -30,6 +30,8 @@ PRUNED = ["fastv", "feather", "pyramiddrop"]
 # prompt's prefill takes two steps (the text, then the images and question).
 PREAMBLE = " ".join(["the picture shows one small object on a grey ground"] * 50)
 STEP_BUDGET = 640
+# The checkpoint's tile grids: NeXT's five, for a 112-pixel tower.
+PINPOINTS = ((112, 224), (224, 112), (224, 224), (336, 112), (112, 336))
 # (image sizes (height, width), question): the tile grid each size picks is in the id.
 CASES = {
     "square-2x2": ([(224, 224)], "Where is the red square?"),
@@ -131,13 +133,12 @@ def reference(next_checkpoint):
 
 
 def _layouts(case: str) -> list[ImageLayout]:
-    return [ImageLayout.llava_next(size, grid_pinpoints=((112, 224), (224, 112), (224, 224), (336, 112), (112, 336)),
-                                   vision_image_size=112) for size in CASES[case][0]]
+    return [ImageLayout.llava_next(size, grid_pinpoints=PINPOINTS, vision_image_size=112) for size in CASES[case][0]]
 
 
 def test_engine_carries_the_checkpoints_layout_rule(engine_results):
     assert engine_results["layout_rule"] == LayoutRule(
-        "llava_next", 112, 14, ((112, 224), (224, 112), (224, 224), (336, 112), (112, 336)))
+        "llava_next", 112, 14, PINPOINTS)
     assert engine_results["step_budget"] == STEP_BUDGET
 
 
