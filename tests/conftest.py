@@ -37,6 +37,17 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def onevision_checkpoint(tmp_path_factory) -> Path:
+    """The tiny checkpoint's sizes as a LLaVA-OneVision (SigLIP + Qwen2)
+    with a 112-pixel tower: an 8 x 8 base view, OneVision's 1x1 to 6x6
+    tile grids scaled to it, tile maps above 9 tiles' worth interpolated."""
+    from feather_vllm.tools.checkpoints import build_checkpoint
+
+    return build_checkpoint("tiny", tmp_path_factory.mktemp("ckpt") / "tiny-onevision", seed=0,
+                            family="llava-onevision", vision_image_size=112)
+
+
+@pytest.fixture(scope="session")
 def next_checkpoint(tmp_path_factory) -> Path:
     """The tiny checkpoint's sizes as a LLaVA-NeXT with a 112-pixel CLIP
     tower: an 8 x 8 base view, tile maps up to 24 x 8 (a 672-pixel NeXT's

@@ -1,5 +1,6 @@
 """Independent reference for pruned generation on transformers' LLaVA
-(LLaVA-1.5 and LLaVA-NeXT).
+(LLaVA-1.5, LLaVA-NeXT and LLaVA-OneVision, whose Qwen2 layers take the
+same calls as Llama's).
 
 Used by tests only. It shares the method (scoring.py / selection.py) with
 the engine but none of the vLLM path: an explicit loop over the Hugging
@@ -10,7 +11,7 @@ The prompt pass decides the kept sets: for a cut at layer L the criterion
 is computed inside layer L-1 (q/k projections of input_layernorm of the
 hidden state entering L-1, with or without RoPE at the original positions),
 and the dropped image tokens are removed before layer L runs. Text tokens
-are never dropped. A NeXT image's tokens follow its layout
+are never dropped. An anyres (NeXT, OneVision) image's tokens follow its layout
 (pruning/layout.py: base view, tile map, newline tokens); the reference
 checks the layout's newline positions against where transformers put its
 `image_newline` embedding. Decoding is greedy and continues at position ids

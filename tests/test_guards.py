@@ -181,3 +181,31 @@ def test_selected_attention_backend_refused(backend, named):
     assert message.count(named) == 1  # one message per backend, not per layer
     if backend is not None:
         assert "set --attention-backend FLASH_ATTN or TRITON_ATTN" in message
+
+
+def _decoder(**attn: object):
+    """A language model of two Llama-style layers; the second's attention has `attn`'s attributes."""
+    from types import SimpleNamespace as NS
+
+    def layer(**extra):
+        return NS(self_attn=NS(qkv_proj=None, rotary_emb=None, attn=NS(sliding_window=extra.pop("window", None)),
+                               **extra))
+
+    return NS(model=NS(layers=[layer(), layer(**attn)]))
+
+
+def test_llama_style_decoder_passes():
+    guards.check_text_model(_decoder())  # Llama's and Qwen2's (qk_norm False) attention
+    guards.check_text_model(_decoder(qk_norm=False, dual_chunk_attention_config=None))
+
+
+@pytest.mark.parametrize("attn,named", [
+    ({"qk_norm": True, "q_norm": object()}, "decoder layer 1 normalizes q and k"),
+    ({"window": 4096}, "decoder layer 1 uses sliding-window attention"),
+    ({"dual_chunk_attention_config": {"chunk_size": 8192}}, "decoder layer 1 uses dual-chunk attention"),
+], ids=["qk-norm", "sliding-window", "dual-chunk"])
+def test_decoder_variants_the_cut_does_not_mirror_are_refused(attn, named):
+    """Qwen2's layer variants (QK norm, `use_sliding_window`, dual-chunk
+    attention) compute what the cutting step's layer does not: refused."""
+    with pytest.raises(guards.UnsupportedSettingError, match=named):
+        guards.check_text_model(_decoder(**attn))

@@ -14,22 +14,12 @@ images of different sizes in one prompt."""
 from __future__ import annotations
 
 import pytest
-import torch
-from PIL import Image
 
-from feather_vllm.kv.plan import report_of
-from feather_vllm.pruning.config import PRESETS, resolve
-from feather_vllm.pruning.layout import ImageLayout, LayoutRule, layout_kept_per_stage_bounds
-from tests.helpers import engine_parts, make_llm, shutdown
-from tests.reference_hf import reference_generate
+from feather_vllm.pruning.config import PRESETS
+from feather_vllm.pruning.layout import ImageLayout, LayoutRule
+from tests import anyres
+from tests.anyres import MAX_TOKENS, PRUNED, STEP_BUDGET
 
-MAX_TOKENS = 8
-BLOCK = 32
-PRUNED = ["fastv", "feather", "pyramiddrop"]
-# ~600 tokens of text before the images: with the step budget below, every
-# prompt's prefill takes two steps (the text, then the images and question).
-PREAMBLE = " ".join(["the picture shows one small object on a grey ground"] * 50)
-STEP_BUDGET = 640
 # The checkpoint's tile grids: NeXT's five, for a 112-pixel tower.
 PINPOINTS = ((112, 224), (224, 112), (224, 224), (336, 112), (112, 336))
 # (image sizes (height, width), question): the tile grid each size picks is in the id.
@@ -40,96 +30,19 @@ CASES = {
     "small-1x2": ([(60, 90)], "Where is the red square?"),
     "two-images": ([(224, 224), (120, 330)], "Where is the red square?"),
 }
-
-
-def _image(size: tuple[int, int], seed: int) -> Image.Image:
-    """A noisy picture of `size` (height, width) with a red square."""
-    height, width = size
-    rng = torch.Generator().manual_seed(seed)
-    pixels = torch.randint(0, 256, (height, width, 3), generator=rng, dtype=torch.uint8)
-    pixels[height // 4:height // 2, width // 2:3 * width // 4] = torch.tensor([220, 30, 30], dtype=torch.uint8)
-    return Image.fromarray(pixels.numpy())
-
-
-def _images(case: str) -> list[Image.Image]:
-    return [_image(size, seed) for seed, size in enumerate(CASES[case][0])]
-
-
-def _parts(case: str) -> list[dict]:
-    return [{"type": "text", "text": PREAMBLE}, *({"type": "image"} for _ in CASES[case][0]),
-            {"type": "text", "text": CASES[case][1]}]
-
-
-def _with_images(case: str) -> list[tuple[dict, Image.Image | None]]:
-    images = iter(_images(case))
-    return [(p, next(images) if p["type"] == "image" else None) for p in _parts(case)]
-
-
-FOLLOW_UP = "Where is the blue circle?"  # turn 2 of a feather conversation about the square-2x2 image
+FOLLOW_UP_CASE = "square-2x2"
 
 
 @pytest.fixture(scope="module")
 def engine_results(next_checkpoint):
-    """Every case under `none` and every pruned preset, one batch (prefix
-    caching on, as vLLM's default); then turn 2 of the feather
-    conversation about the square-2x2 image."""
-    from vllm import SamplingParams
-
-    engine = dict(block_size=BLOCK, max_model_len=2048, max_num_batched_tokens=STEP_BUDGET,
-                  enable_chunked_prefill=True, limit_mm_per_prompt={"image": 2})
-    convs = {case: [{"role": "user", "content": [
-        {"type": "image_pil", "image_pil": image} if p["type"] == "image" else p
-        for p, image in _with_images(case)]}] for case in CASES}
-    stock = make_llm(next_checkpoint, stock=True, **engine)
-    try:
-        params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, logprobs=0, ignore_eos=True)
-        stock_outs = stock.chat(list(convs.values()), params, use_tqdm=False)
-    finally:
-        shutdown(stock)
-    llm = make_llm(next_checkpoint, enable_prefix_caching=True, **engine)
-    try:
-        presets = ["none", *PRUNED]
-        params = [SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, logprobs=0, ignore_eos=True,
-                                 extra_args={"feather": preset}) for preset in presets for _ in CASES]
-        outs = llm.chat([convs[case] for _ in presets for case in CASES], params, use_tqdm=False)
-        turn1 = outs[presets.index("feather") * len(CASES) + list(CASES).index("square-2x2")]
-        turn2 = llm.chat([*convs["square-2x2"], {"role": "assistant", "content": turn1.outputs[0].text},
-                          {"role": "user", "content": FOLLOW_UP}],
-                         SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, logprobs=0, ignore_eos=True,
-                                        extra_args={"feather": "feather"}), use_tqdm=False)[0]
-        scheduler = engine_parts(llm)[0]
-        layout_rule = scheduler.kv_cache_manager.kv_cache_config.kv_cache_groups[0].kv_cache_spec.feather_layout
-        steps = scheduler.max_num_scheduled_tokens
-    finally:
-        shutdown(llm)
-    results = {(presets[i // len(CASES)], list(CASES)[i % len(CASES)]): _result(out) for i, out in enumerate(outs)}
-    results.update({("stock", case): _result(out) for case, out in zip(CASES, stock_outs)})
-    results["turn2"] = {**_result(turn2), "prompt_token_ids": list(turn2.prompt_token_ids),
-                        "turn1_prompt_len": len(turn1.prompt_token_ids)}
-    return {"results": results, "layout_rule": layout_rule, "step_budget": steps}
-
-
-def _result(out) -> dict:
-    tokens = list(out.outputs[0].token_ids)
-    return {"token_ids": tokens, "report": report_of(out), "prompt_len": len(out.prompt_token_ids),
-            "logprobs": [lp[t].logprob for lp, t in zip(out.outputs[0].logprobs, tokens)]}
+    return anyres.run_engine(next_checkpoint, CASES, FOLLOW_UP_CASE, limit_mm_per_prompt={"image": 2})
 
 
 @pytest.fixture(scope="module")
 def reference(next_checkpoint):
-    from transformers import AutoProcessor, LlavaNextForConditionalGeneration
+    from transformers import LlavaNextForConditionalGeneration
 
-    processor = AutoProcessor.from_pretrained(next_checkpoint)
-    model = LlavaNextForConditionalGeneration.from_pretrained(next_checkpoint, dtype=torch.float32).eval()
-    out = {}
-    for case in CASES:
-        text = processor.apply_chat_template([{"role": "user", "content": _parts(case)}], add_generation_prompt=True)
-        inputs = processor(images=_images(case), text=text, return_tensors="pt")
-        for preset in ["none", *PRUNED]:
-            out[preset, case] = reference_generate(model, inputs["input_ids"], inputs["pixel_values"],
-                                                   resolve(preset), MAX_TOKENS, image_sizes=inputs["image_sizes"])
-            out[preset, case]["prompt_len"] = inputs["input_ids"].shape[1]
-    return out
+    return anyres.reference(LlavaNextForConditionalGeneration, next_checkpoint, CASES)
 
 
 def _layouts(case: str) -> list[ImageLayout]:
@@ -145,45 +58,22 @@ def test_engine_carries_the_checkpoints_layout_rule(engine_results):
 @pytest.mark.parametrize("case", list(CASES))
 def test_unpruned_is_vllms_own_model(engine_results, reference, case):
     """Pruning off, FEATHER's class is vLLM's LlavaNextForConditionalGeneration
-    (same tokens, logprobs within 1e-4: the two engines batch differently),
-    and both give transformers' greedy tokens. Their logprobs differ from
-    transformers' by up to ~1.5e-4 on this checkpoint (random weights, init
-    std 0.3: logits of tens), vLLM's own class as much as FEATHER's."""
-    got, stock, ref = (engine_results["results"]["none", case], engine_results["results"]["stock", case],
-                       reference["none", case])
-    assert got["prompt_len"] == stock["prompt_len"] == ref["prompt_len"]
-    assert got["prompt_len"] > STEP_BUDGET  # the prefill took two steps
-    assert got["token_ids"] == stock["token_ids"] == ref["token_ids"]
-    assert max(abs(a - b) for a, b in zip(got["logprobs"], stock["logprobs"])) < 1e-4
-    assert max(abs(a - b) for a, b in zip(got["logprobs"], ref["logprobs"])) < 5e-4
-    assert got["report"].image_tokens == tuple(layout.num_tokens for layout in _layouts(case))
+    and both give transformers' greedy tokens (anyres.check_unpruned)."""
+    results = engine_results["results"]
+    anyres.check_unpruned(results["none", case], results["stock", case], reference["none", case], _layouts(case),
+                          STEP_BUDGET)
 
 
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("preset", PRUNED)
 def test_kept_sets_are_the_references(engine_results, reference, preset, case):
-    got, ref = engine_results["results"][preset, case], reference[preset, case]
-    report = got["report"]
-    assert report.fallback is None
-    assert [stage.layer for stage in report.stages] == list(PRESETS[preset].cut_layers)
-    assert [[list(k) for k in stage.per_image] for stage in report.stages] == ref["kept"]
-    assert got["token_ids"] == ref["token_ids"]
-    assert max(abs(a - b) for a, b in zip(got["logprobs"], ref["logprobs"])) < 1e-3
+    anyres.check_kept_sets(engine_results["results"][preset, case], reference[preset, case], preset)
 
 
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("preset", PRUNED)
 def test_every_stage_keeps_the_newlines_and_its_bounds(engine_results, preset, case):
-    """The stated rule: newline tokens are kept at every stage; the rest
-    lies within the layout's bounds (top-k of the raster tokens, plus the
-    grid laid on each region)."""
-    report = engine_results["results"][preset, case]["report"]
-    for layout, per_stage in zip(_layouts(case), zip(*(stage.per_image for stage in report.stages))):
-        newlines = set(layout.newline_indices().tolist())
-        bounds = layout_kept_per_stage_bounds(PRESETS[preset], layout)
-        for kept, bound in zip(per_stage, bounds):
-            assert newlines <= set(kept)
-            assert bound.lo <= len(kept) <= bound.hi
+    anyres.check_newlines_and_bounds(engine_results["results"][preset, case]["report"], _layouts(case), preset)
 
 
 # -- through the gateway --------------------------------------------------------
@@ -207,7 +97,7 @@ def _gateway_chat(gateway, case: str, **extra) -> dict:
     from tests.helpers import png_data_url
 
     content = [{"type": "image_url", "image_url": {"url": png_data_url(image)}} if image is not None else part
-               for part, image in _with_images(case)]
+               for part, image in anyres.with_images(CASES, case)]
     body = {"model": "next", "messages": [{"role": "user", "content": content}], "max_tokens": MAX_TOKENS,
             "temperature": 0, "ignore_eos": True, "return_token_ids": True, **extra}
     r = httpx.post(gateway.url + "/v1/chat/completions", json=body, timeout=300)
@@ -258,7 +148,7 @@ def test_analyze_tool_maps_kept_tokens_per_region(next_checkpoint, tmp_path):
     from feather_vllm.tools.analyze import main
 
     image = tmp_path / "wide.png"
-    _image((120, 330), 0).save(image)
+    anyres.image((120, 330), 0).save(image)
     out, png = tmp_path / "kept.json", tmp_path / "kept.png"
     main(["--model", str(next_checkpoint), "--image", str(image), "--prompt", "Where is the red square?",
           "--preset", "feather", "--json", str(out), "--png", str(png), "--max-tokens", "2"])
@@ -298,18 +188,10 @@ def test_follow_up_turn_reuses_the_pruned_image(engine_results, next_checkpoint)
     """Turn 2 of a feather conversation about a NeXT image takes turn 1's
     pruned KV from the prefix cache (its kept set, no new cut) and gives
     the reference's tokens with turn 1's kept sets forced."""
-    from transformers import AutoProcessor, LlavaNextForConditionalGeneration
+    from transformers import LlavaNextForConditionalGeneration
 
     results = engine_results["results"]
-    turn1, turn2 = results["feather", "square-2x2"], results["turn2"]
-    report = turn2["report"]
-    assert report.reused is not None and report.reused.tokens >= turn2["turn1_prompt_len"] // BLOCK * BLOCK
-    assert report.stages == turn1["report"].stages
-    processor = AutoProcessor.from_pretrained(next_checkpoint)
-    model = LlavaNextForConditionalGeneration.from_pretrained(next_checkpoint, dtype=torch.float32).eval()
-    inputs = processor.image_processor(_images("square-2x2"), return_tensors="pt")
-    ids = torch.tensor([turn2["prompt_token_ids"]])
-    kept = [[list(k) for k in stage.per_image] for stage in turn1["report"].stages]
-    want = reference_generate(model, ids, inputs["pixel_values"], PRESETS["feather"], MAX_TOKENS, kept=kept,
-                              image_sizes=inputs["image_sizes"])
-    assert turn2["token_ids"] == want["token_ids"]
+    turn1, turn2 = results["feather", FOLLOW_UP_CASE], results["turn2"]
+    want = anyres.follow_up_reference(LlavaNextForConditionalGeneration, next_checkpoint, CASES, FOLLOW_UP_CASE,
+                                      turn1, turn2)
+    anyres.check_follow_up(turn1, turn2, want)

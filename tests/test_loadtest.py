@@ -248,7 +248,7 @@ def test_kv_capacity_measures_blocks_from_the_engine(tiny_checkpoint):
     assert presets["none"]["blocks_per_group"] == [math.ceil((591 + 1) / 32)] * 8
     assert results["vllm_layer_blocks"] == math.ceil((591 + 1) / 32) * 32 and presets["none"]["x_vllm"] == 1.0
     assert all(presets[p]["blocks"] < presets["none"]["blocks"] for p in ("fastv", "feather", "pyramiddrop"))
-    assert all(r["max_concurrent"] >= 1 for r in presets.values())
+    assert all(r["max_concurrent"] >= 1 and r["fallback"] is None for r in presets.values())
     assert "feather" in report(results)
 
 

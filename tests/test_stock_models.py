@@ -124,7 +124,8 @@ def test_pruning_settings_get_400_naming_the_architecture(stock, feather):
     assert r.status_code == 400, r.text
     assert r.json() == {"error": {
         "message": f"feather: pruning is unavailable for {stock.architecture}: FEATHER prunes "
-                   "LlavaForConditionalGeneration and LlavaNextForConditionalGeneration checkpoints only; "
+                   "LlavaForConditionalGeneration, LlavaNextForConditionalGeneration and "
+                   "LlavaOnevisionForConditionalGeneration checkpoints only; "
                    "this server runs the model unpruned "
                    "(send no feather settings, or preset 'none')",
         "type": "invalid_request_error", "param": "feather", "code": "pruning_unavailable"}}

@@ -146,14 +146,27 @@ def check(vllm_config: Any) -> None:
 
 
 def check_text_model(language_model: Any) -> None:
-    """The cutting forward mirrors a Llama-style decoder layer."""
+    """The cutting forward mirrors a Llama-style decoder layer: input norm,
+    QKV projection, RoPE, full attention, output projection, norm, MLP.
+    Variants of that layer it does not mirror are refused: QK norms (some
+    Qwen2 derivatives), sliding-window attention (Qwen2's
+    `use_sliding_window`) and dual-chunk attention."""
     layers = getattr(getattr(language_model, "model", None), "layers", None)
     if layers is None or not all(
         hasattr(layer, "self_attn") and hasattr(layer.self_attn, "qkv_proj")
         and hasattr(layer.self_attn, "rotary_emb") for layer in layers
     ):
-        raise UnsupportedSettingError(
-            "FeatherLlavaForConditionalGeneration: the text model is not a Llama-style decoder")
+        raise UnsupportedSettingError("FEATHER's model class: the text model is not a Llama-style decoder")
+    for i, layer in enumerate(layers):
+        attn = layer.self_attn
+        if getattr(attn, "qk_norm", False) or hasattr(attn, "q_norm"):
+            raise UnsupportedSettingError(f"FEATHER's model class: decoder layer {i} normalizes q and k "
+                                          "(QK norm), which the cutting step does not apply")
+        if getattr(getattr(attn, "attn", None), "sliding_window", None) is not None:
+            raise UnsupportedSettingError(f"FEATHER's model class: decoder layer {i} uses sliding-window "
+                                          "attention; FEATHER's KV stages hold full attention only")
+        if getattr(attn, "dual_chunk_attention_config", None):
+            raise UnsupportedSettingError(f"FEATHER's model class: decoder layer {i} uses dual-chunk attention")
 
 
 def check_attention_backends(language_model: Any) -> None:

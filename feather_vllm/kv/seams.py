@@ -86,6 +86,8 @@ _SPEC = "vllm.v1.kv_cache_interface"
 _LLAMA = "vllm.model_executor.models.llama"
 _LLAVA = "vllm.model_executor.models.llava"
 _LLAVA_NEXT = "vllm.model_executor.models.llava_next"
+_LLAVA_ONEVISION = "vllm.model_executor.models.llava_onevision"
+_QWEN2 = "vllm.model_executor.models.qwen2"
 
 SEAMS: tuple[Seam, ...] = (
     # -- the model runner (kv/runner_v1.py), V1 GPUModelRunner, which the CPU runner inherits
@@ -265,6 +267,16 @@ SEAMS: tuple[Seam, ...] = (
     # scheduler_hook.image_layouts: an anyres image's size, as its processor recorded it.
     Seam(_LLAVA_NEXT, "LlavaNextForConditionalGeneration._parse_and_validate_image_input",
          source=('kwargs.pop("image_sizes", None)',)),
+    # ... and LlavaOnevisionForConditionalGeneration (FeatherLlavaOnevisionForConditionalGeneration).
+    Seam(_LLAVA_ONEVISION, "LlavaOnevisionForConditionalGeneration", attrs=("language_model", "forward")),
+    Seam(_LLAVA_ONEVISION, "LlavaOnevisionForConditionalGeneration.__init__", kwargs=("vllm_config", "prefix")),
+    Seam(_LLAVA_ONEVISION, "LlavaOnevisionForConditionalGeneration.forward",
+         params=("self", "input_ids", "positions", "intermediate_tensors", "inputs_embeds")),
+    Seam(_LLAVA_ONEVISION, "LlavaOnevisionMultiModalProcessor"),
+    Seam(_LLAVA_ONEVISION, "LlavaOnevisionProcessingInfo"),
+    Seam(_LLAVA_ONEVISION, "LlavaOnevisionDummyInputsBuilder"),
+    Seam(_LLAVA_ONEVISION, "LlavaOnevisionForConditionalGeneration._parse_and_validate_image_input",
+         source=('image_sizes = kwargs.pop("image_sizes", None)',)),
     Seam("vllm.multimodal.inputs", "MultiModalFeatureSpec", attrs=("data",)),
     Seam("vllm.multimodal.inputs", "MultiModalFieldElem", attrs=("data",)),
     # model.py warms the cutting step's graphs up in vLLM's model-level hook after loading.
@@ -294,6 +306,21 @@ SEAMS: tuple[Seam, ...] = (
     Seam(_LLAMA, "LlamaAttention.forward",
          source=("qkv, _ = self.qkv_proj(hidden_states)", "q, k = self.rotary_emb(positions, q, k)",
                  "attn_output = self.attn(q, k, v)", "output, _ = self.o_proj(attn_output)")),
+    # ... and Qwen2's, OneVision's decoder: the same layer; guards.check_text_model refuses its
+    # QK-norm, sliding-window and dual-chunk variants.
+    Seam(_QWEN2, "Qwen2Model", attrs=("start_layer", "end_layer", "layers", "norm", "embed_input_ids")),
+    Seam(_QWEN2, "Qwen2DecoderLayer", attrs=("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")),
+    Seam(_QWEN2, "Qwen2DecoderLayer.forward",
+         source=("hidden_states, residual = self.input_layernorm(hidden_states, residual)",
+                 "hidden_states = self.self_attn(positions=positions, hidden_states=hidden_states)",
+                 "hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)",
+                 "hidden_states = self.mlp(hidden_states)")),
+    Seam(_QWEN2, "Qwen2Attention", attrs=("qkv_proj", "o_proj", "attn", "rotary_emb", "q_size", "kv_size",
+                                          "head_dim", "scaling", "qk_norm", "dual_chunk_attention_config")),
+    Seam(_QWEN2, "Qwen2Attention.forward",
+         source=("qkv, _ = self.qkv_proj(hidden_states)", "q, k = self.rotary_emb(positions, q, k)",
+                 "attn_output = self.attn(q, k, v)", "output, _ = self.o_proj(attn_output)")),
+    Seam("vllm.model_executor.layers.attention.attention", "Attention", attrs=("sliding_window",)),
     Seam("vllm.model_executor.layers.layernorm", "RMSNorm", attrs=("weight",)),
     # cutting_layer.compiles: vLLM's rule for compiling a CustomOp's native forward; its backend.
     Seam("vllm.model_executor.custom_op", "CustomOp.maybe_compile",

@@ -237,11 +237,8 @@ class ImageLayout:
         offset, unpadded = unpad_crop((height, width), full)
         rows, cols = unpadded
         interpolated = None
-        if max_tiles is not None:
-            ratio = math.sqrt(rows * cols / (max_tiles * side**2))
-            if ratio > 1.1:
-                rows, cols = int(rows // ratio), int(cols // ratio)
-                interpolated = (rows, cols)
+        if _interpolated(rows, cols, side, max_tiles) != (rows, cols):
+            rows, cols = interpolated = _interpolated(rows, cols, side, max_tiles)
         info = AnyresInfo(best, grid, full, offset, unpadded, interpolated)
         layout = cls.from_rasters(("base", side, side, False), ("tiles", rows, cols, True), model=model)
         return dataclasses.replace(layout, anyres=info)
@@ -355,13 +352,33 @@ class LayoutRule:
     def most_tokens(self) -> int:
         """The most tokens one image can take: LLaVA-1.5's one raster; for
         NeXT, an image the size of a tile grid (its map is then not
-        cropped), the largest. (OneVision's most lies off its grids, below
-        its interpolation threshold: not computed.)"""
+        cropped), the largest; for OneVision, a bound: the largest map any
+        crop of any grid gives after interpolation (8,829 on OneVision's
+        defaults; a scan of image sizes in 23-pixel steps finds 8,765)."""
         if not self.needs_image_size:
             return self.layout(None).num_tokens
-        if self.model_type != "llava_next":
-            raise NotImplementedError(f"most_tokens of {self.model_type}")
-        return max(self.layout(pinpoint).num_tokens for pinpoint in self.grid_pinpoints)
+        side = self.vision_image_size // self.patch_size
+        max_tiles = ONEVISION_MAX_TILES if self.model_type == "llava_onevision" else None
+        most = 0
+        for height, width in self.grid_pinpoints:
+            full_rows, full_cols = height // self.vision_image_size * side, width // self.vision_image_size * side
+            # unpad_crop trims one axis: every crop of either axis, the full map included.
+            crops = [(r, full_cols) for r in range(1, full_rows + 1)] + [(full_rows, c) for c in range(1, full_cols)]
+            for rows, cols in crops:
+                rows, cols = _interpolated(rows, cols, side, max_tiles)
+                most = max(most, side * side + rows * cols + rows)
+        return most
+
+
+def _interpolated(rows: int, cols: int, side: int, max_tiles: int | None) -> tuple[int, int]:
+    """OneVision's anyres_max_N: a crop above 1.1x N tiles' worth of tokens
+    (ratio = sqrt(rows * cols / (N * side^2)) > 1.1) is bilinearly
+    interpolated to (int(rows // ratio), int(cols // ratio)); NeXT (None)
+    keeps the crop."""
+    if max_tiles is None:
+        return rows, cols
+    ratio = math.sqrt(rows * cols / (max_tiles * side**2))
+    return (int(rows // ratio), int(cols // ratio)) if ratio > 1.1 else (rows, cols)
 
 
 # -- the anyres arithmetic (transformers' / vLLM's, reimplemented) --------------

@@ -1,14 +1,15 @@
-"""Build local LLaVA-1.5 and LLaVA-NeXT checkpoints with random weights.
+"""Build local LLaVA-1.5, LLaVA-NeXT and LLaVA-OneVision checkpoints with random weights.
 
 `python -m feather_vllm.tools.checkpoints --profile tiny --out DIR [--seed N]
-[--family llava-next] [--vision-image-size PIXELS]`
+[--family llava-next|llava-onevision] [--vision-image-size PIXELS]`
 
 The machines this project is developed and tested on have no model hub, so
 every checkpoint is made here: a CLIP ViT-336/14 vision tower (24 x 24 = 576
 image tokens), a GELU MLP projector and a 32-layer Llama decoder (so the
 paper's cut layers 3, 8, 16 and 24 apply unchanged), saved in the llava-hf
 layout that both transformers and vLLM load, with a byte-level BPE tokenizer
-trained here, a chat template and the processor config.
+trained here, a chat template and the processor config. LLaVA-OneVision's
+are a SigLIP tower and a Qwen2 decoder of the profile's sizes.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ import json
 import random
 from pathlib import Path
 
-from feather_vllm.pruning.layout import LLAVA_NEXT_PINPOINTS
+from feather_vllm.pruning.layout import LLAVA_NEXT_PINPOINTS, LLAVA_ONEVISION_PINPOINTS
 
 IMAGE_TOKEN = "<image>"
+VIDEO_TOKEN = "<video>"  # OneVision's processor needs one (added to its tokenizer only)
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN]
 
 # LLaVA-1.5's conversation format. Handles both string content (vLLM puts the
@@ -184,7 +186,7 @@ def save_model(model, out: Path) -> None:
     model.config.save_pretrained(out)
 
 
-FAMILIES = ("llava", "llava-next")
+FAMILIES = ("llava", "llava-next", "llava-onevision")
 
 
 def next_pinpoints(vision_image_size: int) -> list[list[int]]:
@@ -193,26 +195,22 @@ def next_pinpoints(vision_image_size: int) -> list[list[int]]:
     return [[h * vision_image_size // 336, w * vision_image_size // 336] for h, w in LLAVA_NEXT_PINPOINTS]
 
 
+def onevision_pinpoints(vision_image_size: int) -> list[list[int]]:
+    """LLaVA-OneVision's default tile grids (1x1 to 6x6 tiles) for a vision
+    tower of `vision_image_size` pixels."""
+    return [[h * vision_image_size // 384, w * vision_image_size // 384] for h, w in LLAVA_ONEVISION_PINPOINTS]
+
+
 def build_checkpoint(profile: str, out: str | Path, seed: int = 0, max_positions: int = 4096,
                      family: str = "llava", vision_image_size: int = 336) -> Path:
     """Write a random-weight checkpoint to `out`: LLaVA-1.5 (`family`
-    "llava") or LLaVA-NeXT ("llava-next": anyres with NeXT's default tile
-    grids, base view + unpadded tile map with newline tokens), a CLIP tower
-    of `vision_image_size` pixels in 14-pixel patches, and a text model of
-    `max_positions` positions (`max_position_embeddings`)."""
+    "llava"), LLaVA-NeXT ("llava-next": anyres with NeXT's default tile
+    grids, base view + unpadded tile map with newline tokens; CLIP + Llama)
+    or LLaVA-OneVision ("llava-onevision": anyres_max_9 on 1x1 to 6x6 tile
+    grids; SigLIP + Qwen2), a vision tower of `vision_image_size` pixels in
+    14-pixel patches, and a text model of `max_positions` positions
+    (`max_position_embeddings`)."""
     import torch
-    from transformers import (
-        CLIPImageProcessorPil,
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaNextConfig,
-        LlavaNextForConditionalGeneration,
-        LlavaNextImageProcessorPil,
-        LlavaNextProcessor,
-        LlavaProcessor,
-    )
 
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, not {family!r}")
@@ -220,62 +218,33 @@ def build_checkpoint(profile: str, out: str | Path, seed: int = 0, max_positions
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(p.vocab_size, seed, p.word_tokens)
-    vocab = len(tokenizer)
-    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    side = vision_image_size // 14
-
-    common = dict(
-        vision_config=CLIPVisionConfig(
-            hidden_size=p.vision_hidden,
-            intermediate_size=p.vision_mlp,
-            num_hidden_layers=p.vision_layers,
-            num_attention_heads=p.vision_heads,
-            image_size=vision_image_size,
-            patch_size=14,
-            projection_dim=p.vision_hidden,
-            hidden_act="quick_gelu",
-        ),
-        text_config=LlamaConfig(
-            hidden_size=p.text_hidden,
-            intermediate_size=p.text_mlp,
-            num_hidden_layers=p.text_layers,
-            num_attention_heads=p.text_heads,
-            num_key_value_heads=p.text_kv_heads,
-            vocab_size=vocab,
-            max_position_embeddings=max_positions,
-            rms_norm_eps=1e-5,
-            rope_theta=10000.0,
-            initializer_range=p.init_std,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            tie_word_embeddings=False,
-        ),
-        image_token_index=image_token_id,
-        projector_hidden_act="gelu",
-        vision_feature_select_strategy="default",
-        vision_feature_layer=-2,
+    if family == "llava-onevision":
+        tokenizer.add_special_tokens({"extra_special_tokens": [VIDEO_TOKEN]})
+    text = dict(
+        hidden_size=p.text_hidden,
+        intermediate_size=p.text_mlp,
+        num_hidden_layers=p.text_layers,
+        num_attention_heads=p.text_heads,
+        num_key_value_heads=p.text_kv_heads,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=max_positions,
+        initializer_range=p.init_std,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
     )
-    # CLIP's preprocessing (OpenAI's mean and std), at the tower's size.
-    clip = dict(size={"shortest_edge": vision_image_size},
-                crop_size={"height": vision_image_size, "width": vision_image_size},
-                image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711])
-    processor_kwargs = dict(tokenizer=tokenizer, patch_size=14, vision_feature_select_strategy="default",
-                            num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE, image_token=IMAGE_TOKEN)
-    if family == "llava":
-        config = LlavaConfig(**common, image_seq_length=side * side)
-        config.architectures = ["LlavaForConditionalGeneration"]
-        model_class = LlavaForConditionalGeneration
-        processor = LlavaProcessor(image_processor=CLIPImageProcessorPil(**clip, do_center_crop=True),
-                                   **processor_kwargs)
-    else:
-        grid = next_pinpoints(vision_image_size)
-        config = LlavaNextConfig(**common, image_grid_pinpoints=grid)
-        config.architectures = ["LlavaNextForConditionalGeneration"]
-        model_class = LlavaNextForConditionalGeneration
-        processor = LlavaNextProcessor(image_processor=LlavaNextImageProcessorPil(**clip, image_grid_pinpoints=grid),
-                                       **processor_kwargs)
+    vision = dict(
+        hidden_size=p.vision_hidden,
+        intermediate_size=p.vision_mlp,
+        num_hidden_layers=p.vision_layers,
+        num_attention_heads=p.vision_heads,
+        image_size=vision_image_size,
+        patch_size=14,
+    )
+    build = _onevision if family == "llava-onevision" else _llava_or_next
+    config, model_class, processor = build(family, tokenizer, text, vision)
+    config.architectures = [model_class.__name__]
     config.dtype = p.dtype
 
     torch.manual_seed(seed)
@@ -295,6 +264,82 @@ def build_checkpoint(profile: str, out: str | Path, seed: int = 0, max_positions
     return out
 
 
+def _llava_or_next(family: str, tokenizer, text: dict, vision: dict):
+    """(config, model class, processor) of LLaVA-1.5 or NeXT: CLIP + Llama."""
+    from transformers import (
+        CLIPImageProcessorPil,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessorPil,
+        LlavaNextProcessor,
+        LlavaProcessor,
+    )
+
+    size = vision["image_size"]
+    side = size // 14
+    common = dict(
+        vision_config=CLIPVisionConfig(**vision, projection_dim=vision["hidden_size"], hidden_act="quick_gelu"),
+        text_config=LlamaConfig(**text, rms_norm_eps=1e-5, rope_theta=10000.0),
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        projector_hidden_act="gelu",
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+        tie_word_embeddings=False,
+    )
+    # CLIP's preprocessing (OpenAI's mean and std), at the tower's size.
+    clip = dict(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711])
+    processor_kwargs = dict(tokenizer=tokenizer, patch_size=14, vision_feature_select_strategy="default",
+                            num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE, image_token=IMAGE_TOKEN)
+    if family == "llava":
+        return (LlavaConfig(**common, image_seq_length=side * side), LlavaForConditionalGeneration,
+                LlavaProcessor(image_processor=CLIPImageProcessorPil(**clip, do_center_crop=True), **processor_kwargs))
+    grid = next_pinpoints(size)
+    return (LlavaNextConfig(**common, image_grid_pinpoints=grid), LlavaNextForConditionalGeneration,
+            LlavaNextProcessor(image_processor=LlavaNextImageProcessorPil(**clip, image_grid_pinpoints=grid),
+                               **processor_kwargs))
+
+
+def _onevision(family: str, tokenizer, text: dict, vision: dict):
+    """(config, model class, processor) of LLaVA-OneVision: SigLIP + Qwen2,
+    transformers' defaults (all SigLIP layers, every patch, anyres_max_9).
+    Its processor holds a video processor, which needs torchvision."""
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionImageProcessor,
+        LlavaOnevisionProcessor,
+        LlavaOnevisionVideoProcessor,
+        Qwen2Config,
+        SiglipVisionConfig,
+    )
+
+    size = vision["image_size"]
+    grid = onevision_pinpoints(size)
+    config = LlavaOnevisionConfig(
+        vision_config=SiglipVisionConfig(**vision),
+        text_config=Qwen2Config(**text),
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        video_token_index=tokenizer.convert_tokens_to_ids(VIDEO_TOKEN),
+        vision_feature_select_strategy="full",
+        vision_feature_layer=-1,
+        vision_aspect_ratio="anyres_max_9",
+        image_grid_pinpoints=grid,
+        tie_word_embeddings=False,
+    )
+    square = {"height": size, "width": size}
+    processor = LlavaOnevisionProcessor(
+        image_processor=LlavaOnevisionImageProcessor(size=square, image_grid_pinpoints=grid),
+        video_processor=LlavaOnevisionVideoProcessor(size=square),
+        tokenizer=tokenizer, num_image_tokens=(size // 14) ** 2, vision_feature_select_strategy="full",
+        chat_template=CHAT_TEMPLATE, image_token=IMAGE_TOKEN, video_token=VIDEO_TOKEN)
+    return config, LlavaOnevisionForConditionalGeneration, processor
+
+
 def ensure_checkpoint(profile: str, out: str | Path, seed: int = 0) -> Path:
     """Build the checkpoint unless `out` already holds one."""
     out = Path(out)
@@ -311,9 +356,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-positions", type=int, default=4096, help="the text model's positions")
     parser.add_argument("--family", choices=FAMILIES, default="llava",
-                        help="LLaVA-1.5, or LLaVA-NeXT (anyres tiles, NeXT's default tile grids)")
+                        help="LLaVA-1.5, LLaVA-NeXT (anyres tiles, NeXT's default tile grids) or "
+                             "LLaVA-OneVision (anyres_max_9, SigLIP + Qwen2)")
     parser.add_argument("--vision-image-size", type=int, default=336,
-                        help="the CLIP tower's input size in pixels (14-pixel patches)")
+                        help="the vision tower's input size in pixels (14-pixel patches)")
     args = parser.parse_args(argv)
     path = build_checkpoint(args.profile, args.out, args.seed, args.max_positions, args.family,
                             args.vision_image_size)
