@@ -11,7 +11,7 @@ import pytest
 
 from feather_vllm.pruning import PRESETS, uniform_grid
 from feather_vllm.tools.demo import PRUNING_AWARE_WEIGHTS_DIR, WEIGHTS_DIR
-from feather_vllm.tools.demo.scenes import CELLS, held_out, make_scene
+from feather_vllm.tools.demo.scenes import CELLS, held_out, make_pair, make_scene
 from feather_vllm.tools.evaluate import parse_cell
 
 
@@ -176,6 +176,34 @@ def test_fine_tuning_with_serving_selection_is_reproducible(tmp_path):
     assert any(not (a[k] == start[k]).all() for k in a)
     for name in ("tokenizer.json", "tokenizer_config.json", "processor_config.json", "chat_template.jinja"):
         assert (tmp_path / "a" / name).read_bytes() == (WEIGHTS_DIR / name).read_bytes(), name
+
+
+def test_two_turn_chats_supervise_both_answers():
+    """`--pairs` training: a two-object scene as the gateway renders a
+    follow-up turn (turn 1's answer in the history, then the new question),
+    with the loss on turn 1's answer, its end token, turn 2's answer and its
+    end token, each predicted from the position before it."""
+    import numpy as np
+    from transformers import AutoProcessor
+
+    from feather_vllm.tools.demo.train import _pair_batch
+
+    processor = AutoProcessor.from_pretrained(WEIGHTS_DIR)
+    tokenizer = processor.tokenizer
+    answer_ids = [tokenizer.convert_tokens_to_ids(c) for c in CELLS]
+    pairs = [make_pair(np.random.default_rng(seed)) for seed in range(3)]
+    inputs, positions, targets = _pair_batch(processor, pairs, answer_ids, tokenizer.eos_token_id)
+    eos = tokenizer.eos_token_id
+    assert targets.tolist() == [[answer_ids[p.objects[0].cell], eos, answer_ids[p.objects[1].cell], eos]
+                                for p in pairs]
+    assert (inputs["input_ids"].gather(1, positions + 1) == targets).all()
+    first, second = pairs[0].objects
+    chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": first.question}]},
+            {"role": "assistant", "content": first.answer},
+            {"role": "user", "content": [{"type": "text", "text": second.question}]}]
+    rendered = processor(images=[pairs[0].image], text=processor.apply_chat_template(chat, add_generation_prompt=True),
+                         return_tensors="pt")["input_ids"][0]
+    assert inputs["input_ids"][0, :-2].tolist() == rendered.tolist()
 
 
 # -- structured outputs on pruned requests, through the gateway ----------------

@@ -236,9 +236,9 @@ class ImageLayout:
         full = (grid[0] * side, grid[1] * side)
         offset, unpadded = unpad_crop((height, width), full)
         rows, cols = unpadded
-        interpolated = None
-        if _interpolated(rows, cols, side, max_tiles) != (rows, cols):
-            rows, cols = interpolated = _interpolated(rows, cols, side, max_tiles)
+        shrunk = _interpolated(rows, cols, side, max_tiles)
+        interpolated = None if shrunk == (rows, cols) else shrunk
+        rows, cols = shrunk
         info = AnyresInfo(best, grid, full, offset, unpadded, interpolated)
         layout = cls.from_rasters(("base", side, side, False), ("tiles", rows, cols, True), model=model)
         return dataclasses.replace(layout, anyres=info)

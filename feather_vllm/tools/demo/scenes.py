@@ -1,8 +1,9 @@
 """Synthetic localization scenes: one coloured shape on a grey background;
 the answer is the cell of a 3x3 grid that holds the shape's centre.
-Two-object scenes (`held_out_pairs`, for multi-turn evaluation) follow the
-same rules with two shapes; the demo model is trained on one-object scenes
-only."""
+Two-object scenes (`make_pair`; `held_out_pairs` for multi-turn evaluation)
+follow the same rules with two shapes; the shipped demo models are trained
+on one-object scenes only (`train --pairs` also draws pairs, from its
+training seed, never the held-out one)."""
 
 from __future__ import annotations
 
@@ -123,6 +124,6 @@ def make_pair(rng: np.random.Generator, side_range: tuple[int, int] = (64, 112))
 
 
 def held_out_pairs(n: int, seed: int = 54321) -> list[PairScene]:
-    """A fixed two-object evaluation set (training never draws pairs)."""
+    """A fixed two-object evaluation set (a seed the training never uses)."""
     rng = np.random.default_rng(seed)
     return [make_pair(rng) for _ in range(n)]
