@@ -18,7 +18,7 @@ import pytest
 from feather_vllm.pruning.config import PRESETS
 from feather_vllm.pruning.layout import ImageLayout, LayoutRule
 from tests import anyres
-from tests.anyres import MAX_TOKENS, PRUNED, STEP_BUDGET
+from tests.anyres import PRUNED, STEP_BUDGET
 
 # The checkpoint's tile grids: NeXT's five, for a 112-pixel tower.
 PINPOINTS = ((112, 224), (224, 112), (224, 224), (336, 112), (112, 336))
@@ -76,71 +76,7 @@ def test_every_stage_keeps_the_newlines_and_its_bounds(engine_results, preset, c
     anyres.check_newlines_and_bounds(engine_results["results"][preset, case]["report"], _layouts(case), preset)
 
 
-# -- through the gateway --------------------------------------------------------
-
-GATEWAY_CASES = ["square-2x2", "wide-1x3"]
-
-
-@pytest.fixture(scope="module")
-def gateway(next_checkpoint):
-    """`python -m server --model` on the NeXT checkpoint (vLLM's defaults otherwise)."""
-    from tests.helpers import ServerProcess
-
-    proc = ServerProcess(next_checkpoint, "--served-model-name", "next", max_model_len=2048)
-    yield proc
-    proc.stop()
-
-
-def _gateway_chat(gateway, case: str, **extra) -> dict:
-    import httpx
-
-    from tests.helpers import png_data_url
-
-    content = [{"type": "image_url", "image_url": {"url": png_data_url(image)}} if image is not None else part
-               for part, image in anyres.with_images(CASES, case)]
-    body = {"model": "next", "messages": [{"role": "user", "content": content}], "max_tokens": MAX_TOKENS,
-            "temperature": 0, "ignore_eos": True, "return_token_ids": True, **extra}
-    r = httpx.post(gateway.url + "/v1/chat/completions", json=body, timeout=300)
-    assert r.status_code == 200, r.text
-    return r.json()
-
-
-@pytest.mark.parametrize("case", GATEWAY_CASES)
-@pytest.mark.parametrize("preset", ["none", "feather"])
-def test_gateway_serves_next_as_the_engine(gateway, engine_results, preset, case):
-    """The gateway loads FEATHER's NeXT class by --model alone; its greedy
-    tokens and kept sets are the offline engine's."""
-    body = _gateway_chat(gateway, case, feather={"preset": preset, "return_kept": True})
-    want = engine_results["results"][preset, case]
-    assert body["choices"][0]["token_ids"] == want["token_ids"]
-    report = body["feather"]
-    if preset == "none":
-        assert report is None or report["stages"] == []
-        return
-    kept = [[s["kept_indices"] for s in image["stages"]] for image in report["images"]]
-    assert kept == [list(map(list, per_image)) for per_image in zip(*(s.per_image for s in want["report"].stages))]
-
-
-def test_gateway_reports_kept_tokens_per_region(gateway):
-    """Per stage: each region's kept count and kept map in its own raster
-    (row * cols + col), and the newline tokens kept (all of them)."""
-    body = _gateway_chat(gateway, "wide-1x3", feather={"preset": "feather", "return_kept": True})
-    (image,) = body["feather"]["images"]
-    (layout,) = _layouts("wide-1x3")
-    base, tiles = layout.regions
-    assert (base.rows, base.cols, tiles.rows, tiles.cols, tiles.newline) == (8, 8, 8, 22, True)
-    assert image["image_tokens"] == layout.num_tokens == 64 + 8 * 23
-    for stage in image["stages"]:
-        kept = stage["kept_indices"]
-        regions = {r["name"]: r for r in stage["regions"]}
-        assert [(r["rows"], r["cols"]) for r in regions.values()] == [(8, 8), (8, 22)]
-        assert regions["base"]["kept_indices"] == [i for i in kept if i < 64]
-        assert regions["tiles"]["kept_indices"] == [(i - 64) // 23 * 22 + (i - 64) % 23 for i in kept
-                                                    if i >= 64 and (i - 64) % 23 != 22]
-        assert stage["newlines_kept"] == 8
-        assert stage["kept"] == regions["base"]["kept"] + regions["tiles"]["kept"] + 8
-        assert stage["mean_row"] is None and 0 <= regions["tiles"]["mean_row"] <= 1
-
+# -- the tools (the gateway's per-region report is tested on OneVision: tests/test_llava_onevision.py) --
 
 def test_analyze_tool_maps_kept_tokens_per_region(next_checkpoint, tmp_path):
     """`python -m feather_vllm.tools.analyze` on a NeXT checkpoint: the

@@ -117,9 +117,10 @@ def gateway(onevision_checkpoint):
 
 @pytest.mark.parametrize("preset", ["none", "feather"])
 def test_gateway_serves_onevision_as_the_engine(gateway, engine_results, preset):
-    """The gateway loads FEATHER's OneVision class by --model alone; its
-    greedy tokens and kept sets are the offline engine's, and the report
-    maps the interpolated map's kept tokens in its own raster."""
+    """The gateway loads FEATHER's OneVision class by --model alone (as it
+    does NeXT's: one code path, tested here); its greedy tokens and kept
+    sets are the offline engine's, and the report maps each region's kept
+    tokens in its own raster, the interpolated map's included."""
     import httpx
 
     from tests.helpers import png_data_url
@@ -141,10 +142,19 @@ def test_gateway_serves_onevision_as_the_engine(gateway, engine_results, preset)
     (image,) = body["feather"]["images"]
     want_kept = [list(per_image[0]) for per_image in (s.per_image for s in want["report"].stages)]
     assert [s["kept_indices"] for s in image["stages"]] == want_kept
+    # Per stage: each region's kept count and kept map in its own raster
+    # (row * cols + col), and the newline tokens kept (all of them).
     (layout,) = _layouts(case)
+    base, tiles = layout.regions
+    assert (base.rows, base.cols, tiles.rows, tiles.cols, tiles.newline) == (8, 8, 41, 13, True)
+    assert image["image_tokens"] == layout.num_tokens == 64 + 41 * 14
     for stage in image["stages"]:
-        tiles = next(r for r in stage["regions"] if r["name"] == "tiles")
-        assert (tiles["rows"], tiles["cols"]) == (41, 13)
-        assert tiles["kept_indices"] == [(i - 64) // 14 * 13 + (i - 64) % 14 for i in stage["kept_indices"]
-                                         if i >= 64 and (i - 64) % 14 != 13]
+        kept = stage["kept_indices"]
+        regions = {r["name"]: r for r in stage["regions"]}
+        assert [(r["rows"], r["cols"]) for r in regions.values()] == [(8, 8), (41, 13)]
+        assert regions["base"]["kept_indices"] == [i for i in kept if i < 64]
+        assert regions["tiles"]["kept_indices"] == [(i - 64) // 14 * 13 + (i - 64) % 14 for i in kept
+                                                    if i >= 64 and (i - 64) % 14 != 13]
         assert stage["newlines_kept"] == 41
+        assert stage["kept"] == regions["base"]["kept"] + regions["tiles"]["kept"] + 41
+        assert stage["mean_row"] is None and 0 <= regions["tiles"]["mean_row"] <= 1

@@ -305,7 +305,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--criterion", choices=["random", "attention"], default="random",
                         help="how dropped tokens are chosen (attention: as serving chooses)")
     parser.add_argument("--pairs", type=float, default=0.0,
-                        help="share of batches of two-turn chats about two-object scenes")
+                        help="share of batches on two-object scenes (half of them two-turn chats)")
     parser.add_argument("--jitter", type=float, default=0.5,
                         help="keep fractions scaled by a random factor in [1 - j, 1 + j] (0: the presets)")
     args = parser.parse_args(argv)
