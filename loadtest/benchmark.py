@@ -191,6 +191,8 @@ async def _ttft_and_prefill(url: str, cfg: LoadConfig) -> tuple[float, float]:
     async with httpx.AsyncClient(base_url=url, timeout=60) as client:
         total, count = await _histogram(client, PREFILL_METRIC)
         (r,) = await run_load(cfg, progress=False)
+        if r.status != 200:  # e.g. a prompt longer than --max-model-len: say so, not "no prefill time"
+            raise RuntimeError(f"the measured request failed: {r.error}")
         for _ in range(100):
             after, after_count = await _histogram(client, PREFILL_METRIC)
             if after_count > count:
@@ -385,16 +387,23 @@ def report(m: dict[str, Any], pred: dict[str, dict[str, float]]) -> str:
     lines = [] if "saturated" not in m else _table(m, pred)
     for case in TTFT_CASES:
         for what, key in (("TTFT", "ttft_c1"), ("engine prefill", "prefill_c1")):
-            by = {p: statistics.median(v) for p, v in m[key][case].items()}
-            lines.append(f"{what} c=1, {case}: none {by['none'] * 1000:.0f} ms; " + ", ".join(
-                f"{p} {by[p] * 1000:.0f} ms ({by[p] / by['none']:.2f}x none, model "
-                f"{pred[p]['prefill_' + case]:.2f}x: {by[p] / by['none'] / pred[p]['prefill_' + case]:.2f}x the model)"
+            # A TTFT is None when no streamed chunk had text (a random checkpoint's first tokens
+            # can all be special tokens, which decode to nothing); the engine's prefill still counts.
+            by = {p: statistics.median(v) if None not in v else None for p, v in m[key][case].items()}
+            lines.append(f"{what} c=1, {case}: none {_ms(by['none'])}; " + ", ".join(
+                f"{p} {_ms(by[p])} ({by[p] / by['none']:.2f}x none, model {pred[p]['prefill_' + case]:.2f}x: "
+                f"{by[p] / by['none'] / pred[p]['prefill_' + case]:.2f}x the model)"
+                if by[p] is not None and by["none"] is not None else f"{p} n/a (no text streamed)"
                 for p in PRESETS[1:]))
     gw = statistics.median(m["overhead_ttft_c1"]["gateway"])
     vl = statistics.median(m["overhead_ttft_c1"]["vllm"])
     lines.append(f"gateway overhead: p50 TTFT at c=1 (preset none) {gw * 1000:.0f} ms vs vLLM's own server "
                  f"{vl * 1000:.0f} ms: x{gw / vl:.3f}")
     return "\n".join(lines)
+
+
+def _ms(seconds: float | None) -> str:
+    return "n/a" if seconds is None else f"{seconds * 1000:.0f} ms"
 
 
 def _table(m: dict[str, Any], pred: dict[str, dict[str, float]]) -> list[str]:

@@ -17,14 +17,15 @@ import torch
 from PIL import Image
 
 from feather_vllm.kv.plan import report_of
-from feather_vllm.pruning.config import resolve
+from feather_vllm.pruning.config import PRESETS, resolve
+from feather_vllm.pruning.layout import layout_kept_per_stage_bounds
 from tests.helpers import engine_parts, make_llm, shutdown
 from tests.reference_hf import reference_generate
 
 MAX_TOKENS = 8
 BLOCK = 32
 PRUNED = ["fastv", "feather", "pyramiddrop"]
-PRESETS = ["none", *PRUNED]
+PRESET_NAMES = ["none", *PRUNED]
 # ~600 tokens of text before the images: with a step budget above the
 # largest case's images and question and below each whole prompt, every
 # prompt's prefill takes two steps (the text, then the images and question).
@@ -93,9 +94,9 @@ def run_engine(checkpoint: Path, cases: Cases, follow_up_case: str, step_budget:
         shutdown(stock)
     llm = make_llm(checkpoint, enable_prefix_caching=True, **engine)
     try:
-        outs = llm.chat([convs[case] for _ in PRESETS for case in cases],
-                        [params(preset) for preset in PRESETS for _ in cases], use_tqdm=False)
-        turn1 = outs[PRESETS.index("feather") * len(cases) + list(cases).index(follow_up_case)]
+        outs = llm.chat([convs[case] for _ in PRESET_NAMES for case in cases],
+                        [params(preset) for preset in PRESET_NAMES for _ in cases], use_tqdm=False)
+        turn1 = outs[PRESET_NAMES.index("feather") * len(cases) + list(cases).index(follow_up_case)]
         turn2 = llm.chat([*convs[follow_up_case], {"role": "assistant", "content": turn1.outputs[0].text},
                           {"role": "user", "content": FOLLOW_UP}], params("feather"), use_tqdm=False)[0]
         scheduler = engine_parts(llm)[0]
@@ -103,7 +104,8 @@ def run_engine(checkpoint: Path, cases: Cases, follow_up_case: str, step_budget:
         steps = scheduler.max_num_scheduled_tokens
     finally:
         shutdown(llm)
-    results = {(PRESETS[i // len(cases)], list(cases)[i % len(cases)]): result(out) for i, out in enumerate(outs)}
+    results = {(PRESET_NAMES[i // len(cases)], list(cases)[i % len(cases)]): result(out)
+               for i, out in enumerate(outs)}
     results.update({("stock", case): result(out) for case, out in zip(cases, stock_outs)})
     results["turn2"] = {**result(turn2), "prompt_token_ids": list(turn2.prompt_token_ids),
                         "turn1_prompt_len": len(turn1.prompt_token_ids)}
@@ -125,7 +127,7 @@ def reference(model_class: Any, checkpoint: Path, cases: Cases) -> dict:
         text = processor.apply_chat_template([{"role": "user", "content": parts(cases, case)}],
                                              add_generation_prompt=True)
         inputs = processor(images=images(cases, case), text=text, return_tensors="pt")
-        for preset in PRESETS:
+        for preset in PRESET_NAMES:
             out[preset, case] = reference_generate(model, inputs["input_ids"], inputs["pixel_values"],
                                                    resolve(preset), MAX_TOKENS, image_sizes=inputs["image_sizes"])
             out[preset, case]["prompt_len"] = inputs["input_ids"].shape[1]
@@ -160,11 +162,9 @@ def check_unpruned(got: dict, stock: dict, ref: dict, layouts: list, step_budget
 
 def check_kept_sets(got: dict, ref: dict, preset: str) -> None:
     """Kept sets per stage and image, tokens and logprobs: the reference's."""
-    from feather_vllm.pruning.config import PRESETS as CONFIGS
-
     report = got["report"]
     assert report.fallback is None
-    assert [stage.layer for stage in report.stages] == list(CONFIGS[preset].cut_layers)
+    assert [stage.layer for stage in report.stages] == list(PRESETS[preset].cut_layers)
     assert [[list(k) for k in stage.per_image] for stage in report.stages] == ref["kept"]
     assert got["token_ids"] == ref["token_ids"]
     assert max(abs(a - b) for a, b in zip(got["logprobs"], ref["logprobs"])) < 1e-3
@@ -174,12 +174,9 @@ def check_newlines_and_bounds(report: Any, layouts: list, preset: str) -> None:
     """The stated rule: newline tokens are kept at every stage; the rest
     lies within the layout's bounds (top-k of the raster tokens, plus the
     grid laid on each region)."""
-    from feather_vllm.pruning.config import PRESETS as CONFIGS
-    from feather_vllm.pruning.layout import layout_kept_per_stage_bounds
-
     for layout, per_stage in zip(layouts, zip(*(stage.per_image for stage in report.stages))):
         newlines = set(layout.newline_indices().tolist())
-        bounds = layout_kept_per_stage_bounds(CONFIGS[preset], layout)
+        bounds = layout_kept_per_stage_bounds(PRESETS[preset], layout)
         for kept, bound in zip(per_stage, bounds):
             assert newlines <= set(kept)
             assert bound.lo <= len(kept) <= bound.hi

@@ -424,3 +424,22 @@ def test_preemption_first_divergence(got, want, top, expected):
         index, gap, near_tie = expected
         assert found.index == index and found.near_tie is near_tie
         assert found.gap == (None if gap is None else pytest.approx(gap, abs=1e-9))
+
+
+def test_benchmark_report_says_na_where_no_text_streamed():
+    """A TTFT is None when a request streamed no text (a random checkpoint's
+    first tokens can all be special tokens); the report says n/a there and
+    still gives the engine's prefill against the cost model."""
+    from loadtest.benchmark import PRESETS, TTFT_CASES, report
+
+    def per_case(values):
+        return {case: {p: list(values[p]) for p in PRESETS} for case in TTFT_CASES}
+
+    ttft = {"none": [2.0, 2.0], "fastv": [None, None], "feather": [0.8, 0.8], "pyramiddrop": [1.0, 1.0]}
+    prefill = {"none": [1.9, 1.9], "fastv": [0.5, 0.5], "feather": [0.7, 0.7], "pyramiddrop": [0.9, 0.9]}
+    pred = {p: {f"prefill_{case}": 0.5 for case in TTFT_CASES} for p in PRESETS}
+    text = report({"ttft_c1": per_case(ttft), "prefill_c1": per_case(prefill),
+                   "overhead_ttft_c1": {"gateway": [2.0], "vllm": [2.0]}}, pred)
+    assert "fastv n/a (no text streamed)" in text
+    assert "feather 800 ms (0.40x none, model 0.50x: 0.80x the model)" in text
+    assert "fastv 500 ms (0.26x none, model 0.50x: 0.53x the model)" in text
