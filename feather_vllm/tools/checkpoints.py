@@ -189,16 +189,11 @@ def save_model(model, out: Path) -> None:
 FAMILIES = ("llava", "llava-next", "llava-onevision")
 
 
-def next_pinpoints(vision_image_size: int) -> list[list[int]]:
-    """LLaVA-NeXT's default tile grids (1x2, 2x1, 2x2, 3x1, 1x3 tiles) for
-    a vision tower of `vision_image_size` pixels."""
-    return [[h * vision_image_size // 336, w * vision_image_size // 336] for h, w in LLAVA_NEXT_PINPOINTS]
-
-
-def onevision_pinpoints(vision_image_size: int) -> list[list[int]]:
-    """LLaVA-OneVision's default tile grids (1x1 to 6x6 tiles) for a vision
-    tower of `vision_image_size` pixels."""
-    return [[h * vision_image_size // 384, w * vision_image_size // 384] for h, w in LLAVA_ONEVISION_PINPOINTS]
+def scaled_pinpoints(pinpoints, tile: int, vision_image_size: int) -> list[list[int]]:
+    """A model's default tile grids (`pinpoints` for its `tile`-pixel tower:
+    NeXT's five at 336, OneVision's 36 at 384) for a tower of
+    `vision_image_size` pixels."""
+    return [[h * vision_image_size // tile, w * vision_image_size // tile] for h, w in pinpoints]
 
 
 def build_checkpoint(profile: str, out: str | Path, seed: int = 0, max_positions: int = 4096,
@@ -298,7 +293,7 @@ def _llava_or_next(family: str, tokenizer, text: dict, vision: dict):
     if family == "llava":
         return (LlavaConfig(**common, image_seq_length=side * side), LlavaForConditionalGeneration,
                 LlavaProcessor(image_processor=CLIPImageProcessorPil(**clip, do_center_crop=True), **processor_kwargs))
-    grid = next_pinpoints(size)
+    grid = scaled_pinpoints(LLAVA_NEXT_PINPOINTS, 336, size)
     return (LlavaNextConfig(**common, image_grid_pinpoints=grid), LlavaNextForConditionalGeneration,
             LlavaNextProcessor(image_processor=LlavaNextImageProcessorPil(**clip, image_grid_pinpoints=grid),
                                **processor_kwargs))
@@ -319,7 +314,7 @@ def _onevision(family: str, tokenizer, text: dict, vision: dict):
     )
 
     size = vision["image_size"]
-    grid = onevision_pinpoints(size)
+    grid = scaled_pinpoints(LLAVA_ONEVISION_PINPOINTS, 384, size)
     config = LlavaOnevisionConfig(
         vision_config=SiglipVisionConfig(**vision),
         text_config=Qwen2Config(**text),
