@@ -92,8 +92,10 @@ def is_global_unicast(address: str) -> bool:
         return _global_v4(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
     if ip in _NAT64_LOCAL:  # local-use NAT64 prefixes (RFC 8215): the mapping is not known here
         return False
-    if ip.sixtofour is not None and not _global_v4(ip.sixtofour):
-        return False
+    if ip.sixtofour is not None:
+        # 6to4 (2002::/16, inside 2000::/3) reaches its embedded IPv4 address: that decides. (Python's
+        # own `is_global` of 2002::/16 changed between 3.11 patch releases: 3.11.2 calls it private.)
+        return _global_v4(ip.sixtofour)
     if ip.teredo is not None and not all(_global_v4(v4) for v4 in ip.teredo):
         return False
     # Teredo (2001::/32, inside 2001::/23) relays tunnel to anywhere: never fetched.
