@@ -18,10 +18,10 @@ residual add), QKV projection and RoPE; then output projection,
 post-attention norm and MLP. Both are compiled once at load, dynamic in
 the token count and shared by every layer (the layer is an argument: its
 weights are graph inputs, not per-layer constants). The layer that scores
-(one per cut) needs its query and key rows before RoPE too: it runs its
-norm and RoPE through two smaller graphs and its QKV projection between
-them. In an eager engine each op is called as vLLM's eager forward calls
-it.
+(one per cut) needs its query and key rows before RoPE too: it runs the
+first graph's two halves (norm and QKV projection; RoPE) as two graphs
+and gathers the rows between them. In an eager engine each op is called
+as vLLM's eager forward calls it.
 """
 
 from __future__ import annotations
@@ -35,19 +35,14 @@ from torch import nn
 Picks = dict[int, tuple[torch.Tensor, torch.Tensor]]
 
 
-def _norm(norm: nn.Module, x: torch.Tensor, residual: torch.Tensor | None) -> Any:
-    return norm(x) if residual is None else norm(x, residual)
-
-
 def _rope(rotary: nn.Module, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> Any:
     return rotary(positions, q, k)
 
 
-def _pre_attention(layer: nn.Module, positions: torch.Tensor, hidden: torch.Tensor,
-                   residual: torch.Tensor | None) -> Any:
-    """Layer's input norm (+ residual add), QKV projection and RoPE, as
-    vLLM's `LlamaDecoderLayer.forward` and `LlamaAttention.forward` run
-    them: (q, k, v, residual), q and k roped."""
+def _norm_qkv(layer: nn.Module, hidden: torch.Tensor, residual: torch.Tensor | None) -> Any:
+    """Layer's input norm (+ residual add) and QKV projection, as vLLM's
+    `LlamaDecoderLayer.forward` and `LlamaAttention.forward` run them:
+    (q, k, v, residual), before RoPE."""
     if residual is None:
         residual = hidden
         x = layer.input_layernorm(hidden)
@@ -56,7 +51,14 @@ def _pre_attention(layer: nn.Module, positions: torch.Tensor, hidden: torch.Tens
     attn = layer.self_attn
     qkv, _ = attn.qkv_proj(x)
     q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
-    q, k = attn.rotary_emb(positions, q, k)
+    return q, k, v, residual
+
+
+def _pre_attention(layer: nn.Module, positions: torch.Tensor, hidden: torch.Tensor,
+                   residual: torch.Tensor | None) -> Any:
+    """`_norm_qkv`, then RoPE: (q, k, v, residual), q and k roped."""
+    q, k, v, residual = _norm_qkv(layer, hidden, residual)
+    q, k = _rope(layer.self_attn.rotary_emb, positions, q, k)
     return q, k, v, residual
 
 
@@ -93,7 +95,7 @@ class CuttingLayers:
 
     def __init__(self, layers: nn.ModuleList, compiled: bool) -> None:
         self.layers = layers
-        self._norm: Callable[..., Any] = _norm
+        self._norm_qkv: Callable[..., Any] = _norm_qkv
         self._rope: Callable[..., Any] = _rope
         self._pre_attention: Callable[..., Any] = _pre_attention
         self._post_attention: Callable[..., Any] = _post_attention
@@ -101,7 +103,7 @@ class CuttingLayers:
             from vllm.platforms import current_platform
 
             backend = current_platform.simple_compile_backend
-            self._norm = torch.compile(_norm, dynamic=False, backend=backend)
+            self._norm_qkv = torch.compile(_norm_qkv, dynamic=False, backend=backend)
             self._rope = torch.compile(_rope, dynamic=False, backend=backend)
             self._pre_attention = torch.compile(_pre_attention, dynamic=False, backend=backend)
             self._post_attention = torch.compile(_post_attention, dynamic=False, backend=backend)
@@ -139,8 +141,8 @@ class CuttingLayers:
         qkv = torch.zeros(rows, attn.q_size + 2 * attn.kv_size, dtype=weight.dtype, device=weight.device)
         q, k, _ = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
         out = torch.zeros(rows, attn.q_size, dtype=weight.dtype, device=weight.device)
-        for compiled, *args in ((self._norm, layer.input_layernorm, x, None),
-                                (self._norm, layer.input_layernorm, x, residual),
+        for compiled, *args in ((self._norm_qkv, layer, x, None),
+                                (self._norm_qkv, layer, x, residual),
                                 (self._rope, attn.rotary_emb, positions, q, k),
                                 (self._pre_attention, layer, positions, x, None),
                                 (self._pre_attention, layer, positions, x, residual),
@@ -172,13 +174,7 @@ class CuttingLayers:
         if not picks:
             q, k, v, residual = self._pre_attention(layer, positions, hidden, residual)
         else:
-            if residual is None:
-                residual = hidden
-                x = self._norm(layer.input_layernorm, hidden, None)
-            else:
-                x, residual = self._norm(layer.input_layernorm, hidden, residual)
-            qkv, _ = attn.qkv_proj(x)
-            q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
+            q, k, v, residual = self._norm_qkv(layer, hidden, residual)
             raw = {i: (q[last], k[img]) for i, (last, img) in picks.items()}  # gathers copy
             q, k = self._rope(attn.rotary_emb, positions, q, k)
             roped = {i: (q[last], k[img]) for i, (last, img) in picks.items()}

@@ -92,7 +92,7 @@ def _cutting_ops(model) -> dict[str, int | None]:
 
     layers = model._layers
     return {name: None if getattr(layers, f"_{name}") is fn else len(_debug_get_cache_entry_list(fn))
-            for name, fn in (("norm", cutting_layer._norm), ("rope", cutting_layer._rope),
+            for name, fn in (("norm_qkv", cutting_layer._norm_qkv), ("rope", cutting_layer._rope),
                              ("pre_attention", cutting_layer._pre_attention),
                              ("post_attention", cutting_layer._post_attention))}
 
@@ -112,11 +112,12 @@ def _rewarmed_ops(model) -> dict[str, int | None]:
 
 # Per mode: a layer's input norm + QKV projection + RoPE (with and without a
 # residual) and its output projection + norm + MLP each compiled once for
-# every layer and every token count, and so are the scoring layer's norm
-# (with and without a residual) and RoPE; the eager engine calls vLLM's ops as is.
+# every layer and every token count, and so are the scoring layer's norm +
+# QKV projection (with and without a residual) and RoPE; the eager engine
+# calls vLLM's ops as is.
 CUTTING_OPS = {
-    "eager": {"norm": None, "rope": None, "pre_attention": None, "post_attention": None},
-    "compiled": {"norm": 2, "rope": 1, "pre_attention": 2, "post_attention": 1},
+    "eager": {"norm_qkv": None, "rope": None, "pre_attention": None, "post_attention": None},
+    "compiled": {"norm_qkv": 2, "rope": 1, "pre_attention": 2, "post_attention": 1},
     "multiprocess": None,
 }
 

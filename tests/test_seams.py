@@ -1,4 +1,5 @@
-"""The seam contract (feather_vllm/kv/seams.py) and the version gate of
+"""The seam contract (feather_vllm/kv/seam_table.py, checked by
+feather_vllm/kv/seams.py) and the version gate of
 `feather_vllm.register()`: outside the supported vLLM range, or when a seam
 does not hold, the plugin registers nothing and vLLM runs unchanged.
 
