@@ -17,7 +17,7 @@ from fastapi.responses import Response
 
 from feather_vllm.pruning import config as pcfg
 from server import fields, metrics, tools
-from server.conversation import check_template_input, conversation
+from server.conversation import check_template_input, conversation, image_sizes
 from server.deps import (check_model, check_unknown_fields, not_ready_error, require_engine, require_key, state_of,
                          unencodable)
 from server.errors import APIError, stream_error_event, validation_param
@@ -221,7 +221,7 @@ async def _chat(body: ChatCompletionRequest, request: Request, state: GatewaySta
             state.forget_rendered(engine_input)
         state.release()
         raise
-    call = ChatCall(state, body, vreq, config, engine_input, prompt_ids, params)
+    call = ChatCall(state, body, vreq, config, engine_input, prompt_ids, params, image_sizes(messages))
     return await respond(call, request, body.stream)
 
 
@@ -239,14 +239,15 @@ class ChatCall(Call):
     """One chat completion in flight."""
 
     def __init__(self, state: GatewayState, body: ChatCompletionRequest, vreq: Any, config: pcfg.PruningConfig,
-                 engine_input: Any, prompt_ids: list[int], params: Any) -> None:
+                 engine_input: Any, prompt_ids: list[int], params: Any,
+                 image_sizes: tuple[tuple[int, int], ...]) -> None:
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         super().__init__(state, engine_input, prompt_ids, params, request_id=request_id,
                          # What the client sees: vLLM's `chatcmpl-<request_id>` when it set one.
                          response_id=f"chatcmpl-{body.request_id}" if body.request_id else request_id,
                          n=body.n, preset=metrics.config_label(config, body.feather),
                          return_kept=bool(body.feather and body.feather.return_kept),
-                         priority=body.priority, session_id=body.session_id)
+                         priority=body.priority, session_id=body.session_id, image_sizes=image_sizes)
         self.body, self.vreq, self.config = body, vreq, config
         # vLLM's role of the answer, and the parser of tool calls (requests with tools only).
         self.role = "assistant" if body.add_generation_prompt else body.messages[-1].role

@@ -98,6 +98,13 @@ async def conversation(messages: list[Any], state: GatewayState) -> list[dict[st
     return out
 
 
+def image_sizes(messages: list[dict[str, Any]]) -> tuple[tuple[int, int], ...]:
+    """(height, width) of each image that `conversation` loaded, in prompt
+    order: what an anyres model's image-token layout depends on."""
+    return tuple((part["image_pil"].height, part["image_pil"].width) for message in messages
+                 if isinstance(message["content"], list) for part in message["content"] if "image_pil" in part)
+
+
 # What a request's chat_template_kwargs may not set, and why. vLLM lets a few
 # of these through (`tools`, `documents`) or overrides them silently
 # (`add_generation_prompt`); the gateway says so with a 400.

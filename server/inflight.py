@@ -77,8 +77,10 @@ class Call:
 
     def __init__(self, state: GatewayState, engine_input: Any, prompt_ids: list[int], params: Any, *,
                  request_id: str, response_id: str, n: int, preset: str, return_kept: bool = False,
-                 priority: int = 0, session_id: str | None = None) -> None:
+                 priority: int = 0, session_id: str | None = None,
+                 image_sizes: tuple[tuple[int, int], ...] = ()) -> None:
         self.state, self.engine_input, self.prompt_ids, self.params = state, engine_input, prompt_ids, params
+        self.image_sizes = image_sizes  # (height, width) of each image in the prompt, in order
         self.request_id = request_id  # the engine's: unique whatever the client sends
         self.response_id = response_id  # what the client sees
         self.n, self.preset, self.return_kept = n, preset, return_kept  # preset: a closed set (metrics)

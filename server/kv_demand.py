@@ -10,7 +10,9 @@ module exports (no labels: nothing from a request becomes a label value)
 * `feather_kv_demand_blocks`: the blocks the requests waiting for their
   first token need for their prompts at their settings: what the scheduler
   reserves to admit them (each stage's upper bound of image tokens kept,
-  summed per image as `feather_vllm.kv.scheduler_hook` does);
+  summed per image as `feather_vllm.kv.scheduler_hook` does; an anyres
+  image's bound is its layout's, from the image's size as the gateway
+  loaded it);
 * `feather_kv_free_blocks` and `feather_kv_total_blocks`: the engine's pool
   (from vLLM's own `vllm:kv_cache_usage_perc`);
 * `feather_kv_demand_ratio`: (blocks in use + demand) / total. Below 1 the
@@ -39,7 +41,7 @@ from prometheus_client.registry import REGISTRY, Collector
 from feather_vllm.kv.plan import requested_config
 from feather_vllm.pruning import config as pcfg
 from feather_vllm.pruning.cost import kept_per_stage_max, layer_token_counts
-from feather_vllm.pruning.layout import LayoutRule
+from feather_vllm.pruning.layout import ImageLayout, LayoutRule, layout_kept_per_stage_max
 from feather_vllm.pruning.selection import NonSquareGridError
 
 USAGE_METRIC = "vllm:kv_cache_usage_perc"
@@ -54,10 +56,11 @@ class KVPool:
     num_layers: int
     stages: tuple[tuple[int, int], ...]  # per KV stage: (its first decoder layer, the KV groups it spans)
     tokens_per_image: int  # LLaVA: one token per vision patch, the same for every image
+    rule: LayoutRule | None = None  # the model's image-token layout (an anyres image's depends on its size)
 
     @classmethod
     def build(cls, num_layers: int, boundaries: Sequence[int], block_size: int, num_gpu_blocks: int,
-              tokens_per_image: int) -> KVPool:
+              tokens_per_image: int, rule: LayoutRule | None = None) -> KVPool:
         """The pool of an engine with these stage `boundaries` (decoder
         layers where a KV stage starts) and `num_gpu_blocks` (vLLM's count)."""
         starts = [0, *boundaries]
@@ -65,7 +68,7 @@ class KVPool:
         unit = min(sizes)  # vLLM groups every stage in groups of the smallest stage's layer count
         return cls(block_size=block_size, num_blocks=max(num_gpu_blocks - 1, 0), num_layers=num_layers,
                    stages=tuple((start, -(-size // unit)) for start, size in zip(starts, sizes)),
-                   tokens_per_image=tokens_per_image)
+                   tokens_per_image=tokens_per_image, rule=rule)
 
     @classmethod
     def of_engine(cls, engine: Any) -> KVPool:
@@ -78,7 +81,7 @@ class KVPool:
         # LLaVA-1.5's images have one token count; an anyres image's depends on its size (0: unknown).
         per_image = 0 if rule.needs_image_size else (rule.vision_image_size // rule.patch_size) ** 2
         return cls.build(num_layers, boundaries, config.cache_config.block_size,
-                         config.cache_config.num_gpu_blocks or 0, per_image)
+                         config.cache_config.num_gpu_blocks or 0, per_image, rule)
 
     def image_lengths(self, prompt_ids: Sequence[int], image_token_id: int) -> list[int]:
         """Image placeholder tokens of each image in a prompt (adjacent images
@@ -93,31 +96,46 @@ class KVPool:
                     lengths.append(n)
         return lengths
 
+    def images(self, prompt_ids: Sequence[int], image_token_id: int,
+               image_sizes: Sequence[tuple[int, int]] = ()) -> list[int | ImageLayout]:
+        """The prompt's images: their layouts, when the images' sizes (height,
+        width) give layouts whose tokens are the prompt's image tokens (as
+        the scheduler lays each image out); else their token counts."""
+        lengths = self.image_lengths(prompt_ids, image_token_id)
+        if self.rule is None or not image_sizes:
+            return list(lengths)
+        layouts = [self.rule.layout(size) for size in image_sizes]
+        if any(layout is None for layout in layouts) or sum(l.num_tokens for l in layouts) != sum(lengths):
+            return list(lengths)
+        return layouts  # type: ignore[return-value]
 
-def request_blocks(pool: KVPool, config: pcfg.PruningConfig, image_lengths: Sequence[int], num_tokens: int,
+
+def request_blocks(pool: KVPool, config: pcfg.PruningConfig, images: Sequence[int | ImageLayout], num_tokens: int,
                    kept: Sequence[int] | None = None) -> int:
     """KV blocks a request of `num_tokens` tokens (images included) holds in
     `pool` under `config`: at each stage's upper bound of image tokens kept
     (what the scheduler reserves), or with `kept` (per stage, all images)
-    what a finished cut really kept."""
-    image_tokens = sum(image_lengths)
-    if kept is None and image_lengths and config.stages:
-        per_image = [_kept_max(config, n) for n in image_lengths]
+    what a finished cut really kept. `images`: each image's layout, or its
+    token count (`KVPool.images`)."""
+    image_tokens = sum(image if isinstance(image, int) else image.num_tokens for image in images)
+    if kept is None and images and config.stages:
+        per_image = [_kept_max(config, image) for image in images]
         kept = [sum(stage) for stage in zip(*per_image)]
     counts = layer_token_counts(config, pool.num_layers, image_tokens, num_tokens - image_tokens,
                                 kept if image_tokens else None)
     return sum(groups * -(-counts[first] // pool.block_size) for first, groups in pool.stages)
 
 
-def _kept_max(config: pcfg.PruningConfig, image_tokens: int) -> list[int]:
-    """Most tokens each stage keeps of an image of `image_tokens` tokens: a
-    square raster's bound (LLaVA-1.5); an anyres image's layout depends on
-    its size, which the prompt's tokens do not give, so it is bounded by
-    all its tokens."""
+def _kept_max(config: pcfg.PruningConfig, image: int | ImageLayout) -> list[int]:
+    """Most tokens each stage keeps of an image: its layout's bound (the
+    scheduler's); of an image known only by its token count, a square
+    raster's (LLaVA-1.5), else all its tokens."""
+    if not isinstance(image, int):
+        return layout_kept_per_stage_max(config, image)
     try:
-        return kept_per_stage_max(config, image_tokens)
+        return kept_per_stage_max(config, image)
     except NonSquareGridError:
-        return [image_tokens] * len(config.stages)
+        return [image] * len(config.stages)
 
 
 class KVDemand(Collector):
@@ -163,7 +181,7 @@ class KVDemand(Collector):
         settings = requested_config(getattr(call.params, "extra_args", None), self.state.settings.default_preset,
                                     pool.num_layers)
         config = settings if isinstance(settings, pcfg.PruningConfig) else pcfg.PRESETS["none"]  # invalid: unpruned
-        images = pool.image_lengths(call.prompt_ids, self.state.layout.image_token_id)
+        images = pool.images(call.prompt_ids, self.state.layout.image_token_id, call.image_sizes)
         return request_blocks(pool, config, images, len(call.prompt_ids))
 
     @staticmethod

@@ -116,11 +116,12 @@ def gateway(onevision_checkpoint):
 
 
 @pytest.mark.parametrize("preset", ["none", "feather"])
-def test_gateway_serves_onevision_as_the_engine(gateway, engine_results, preset):
+def test_gateway_serves_onevision_as_the_engine(gateway, onevision_checkpoint, engine_results, preset):
     """The gateway loads FEATHER's OneVision class by --model alone (as it
     does NeXT's: one code path, tested here); its greedy tokens and kept
-    sets are the offline engine's, and the report maps each region's kept
-    tokens in its own raster, the interpolated map's included."""
+    sets are the offline engine's, the report maps each region's kept
+    tokens in its own raster, the interpolated map's included, and the KV
+    demand gauge's model bounds the blocks it held."""
     import httpx
 
     from tests.helpers import png_data_url
@@ -158,3 +159,34 @@ def test_gateway_serves_onevision_as_the_engine(gateway, engine_results, preset)
         assert stage["newlines_kept"] == 41
         assert stage["kept"] == regions["base"]["kept"] + regions["tiles"]["kept"] + 41
         assert stage["mean_row"] is None and 0 <= regions["tiles"]["mean_row"] <= 1
+    _assert_kv_demand_bounds_it(gateway, onevision_checkpoint, body, layout, (900, 300))
+
+
+def _assert_kv_demand_bounds_it(gateway, checkpoint, answer: dict, layout: ImageLayout,
+                                size: tuple[int, int]) -> None:
+    """The KV demand gauge's model of this request (server.kv_demand, the
+    image laid out from its size as the scheduler lays it out) holds the
+    blocks the engine held at the cut's real kept counts, bounds them at
+    the stages' upper bounds, and bounds them tighter than all the image's
+    tokens would (the gauge's bound where the size is unknown)."""
+    import httpx
+    from transformers import AutoConfig
+
+    from feather_vllm.pruning import config as pcfg
+    from server.kv_demand import KVPool, request_blocks
+
+    hf_config = AutoConfig.from_pretrained(checkpoint)
+    num_layers = hf_config.text_config.num_hidden_layers
+    total = float(httpx.get(gateway.url + "/metrics").text.split("\nfeather_kv_total_blocks ")[1].split()[0])
+    boundaries = pcfg.kv_boundaries(getattr(hf_config, "feather_kv_boundaries", None), num_layers)
+    pool = KVPool.build(num_layers, boundaries, 32, int(total) + 1, 0,
+                        LayoutRule.of(hf_config))  # the gateway's CPU block size
+    (image,) = pool.images(answer["prompt_token_ids"], hf_config.image_token_index, [size])
+    assert image == layout
+    report, usage = answer["feather"], answer["usage"]
+    held = usage["prompt_tokens"] + usage["completion_tokens"] - 1  # the last token's KV is never written
+    kept = [stage["kept"] for stage in report["images"][0]["stages"]]
+    config = pcfg.PRESETS["feather"]
+    used = report["kv_blocks"]["used"]
+    assert request_blocks(pool, config, [image], held, kept=kept) == used
+    assert used <= request_blocks(pool, config, [image], held) < request_blocks(pool, config, [image.num_tokens], held)
