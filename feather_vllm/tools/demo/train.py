@@ -22,10 +22,13 @@ warm-up. The shipped pruning-aware model is the standard one fine-tuned so
 of them one question about one of the objects, half two-turn chats (turn 1
 asks about one object, the assistant answers, turn 2 asks about the other;
 the loss is on both answers and their end tokens). Meant for a model that
-`evaluate --multi-turn` can measure with; fine-tuning the standard weights
-so (600 steps at --pairs 0.5, then 500 at 0.9) did not teach it to tell
-the objects apart by colour and shape: README, "Conversations about one
-image".
+`evaluate --multi-turn` can measure with. `--probe W` adds a loss (a
+linear probe, not saved) that reads the asked object's colour and shape
+from the last prompt token's hidden state after `--probe-layer` layers;
+`--attend W` a loss on that token's attention, in that layer (every layer
+from it on with `--attend-all`), to the asked object's centre patches.
+None of these has yet taught this model to tell the two objects apart
+by colour and shape (README, "Conversations about one image").
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ import numpy as np
 import torch
 
 from feather_vllm.pruning import PRESETS, Stage, last_token_image_attention, select_stage
-from feather_vllm.tools.demo.scenes import CELLS, make_pair, make_scene
+from feather_vllm.tools.demo.scenes import CELLS, COLOURS, SHAPES, make_pair, make_scene
 
 
 def _init_vision_positions(model) -> None:
@@ -196,9 +199,40 @@ def _dropping_forward(model, inputs, rng: np.random.Generator,
     return model.lm_head(hidden)
 
 
+def object_patches(centre: tuple[int, int], side: int, patch: int) -> torch.Tensor:
+    """The patches of a side x side raster (row-major, bool) whose centres
+    lie within 1.5 patches of an object's centre in both axes (3 x 3, or up
+    to 4 x 4 where it sits on a patch border): inside every object the
+    scenes draw (half-side >= 32 px)."""
+    centres = torch.arange(side) * patch + patch / 2
+    x, y = centre
+    return (((centres[None, :] - x).abs() <= 1.5 * patch) & ((centres[:, None] - y).abs() <= 1.5 * patch)).flatten()
+
+
+def _attention_loss(model, layers: range, ids: torch.Tensor, hidden_states, last: torch.Tensor,
+                    asked) -> torch.Tensor:
+    """-log of the attention (RoPE'd, mean over heads, over the image
+    tokens) that each sample's last prompt token pays to the patches at the
+    asked object's centre (`object_patches`), averaged over decoder `layers`."""
+    lm = model.model.language_model
+    vision = model.config.vision_config
+    positions = torch.arange(ids.shape[1])[None]
+    cos_sin = lm.rotary_emb(hidden_states[0][:1], position_ids=positions)
+    losses = []
+    for b, scene in enumerate(asked):
+        rows = torch.nonzero(ids[b] == model.config.image_token_index).flatten()
+        near = object_patches(scene.centre, vision.image_size // vision.patch_size, vision.patch_size)
+        for layer in layers:
+            attention = _criterion_scores(lm.layers[layer], hidden_states[layer][b], cos_sin, int(last[b]), rows,
+                                          rope=True)
+            losses.append(-torch.log(attention[near].sum() + 1e-6))
+    return torch.stack(losses).mean()
+
+
 def train(out: Path, steps: int, seed: int, pruning_aware: bool, threads: int, batch_size: int = 8,
           lr: float = 3e-3, save_every: int = 0, init: Path | None = None, drop_share: float = 0.5,
-          criterion: str = "random", jitter: float = 0.5, pairs: float = 0.0) -> dict:
+          criterion: str = "random", jitter: float = 0.5, pairs: float = 0.0, probe: float = 0.0,
+          probe_layer: int = 4, attend: float = 0.0, attend_all: bool = False) -> dict:
     from tqdm import tqdm
     from transformers import AutoProcessor
 
@@ -228,8 +262,14 @@ def train(out: Path, steps: int, seed: int, pruning_aware: bool, threads: int, b
             model.model.multi_modal_projector.linear_1.weight.normal_(0.0, 0.25)
     tokenizer = processor.tokenizer
     answer_ids = [tokenizer.convert_tokens_to_ids(c) for c in CELLS]
+    # A probe (trained, never saved) reads the asked object's colour and
+    # shape from the last prompt token after `probe_layer` layers: the
+    # question must reach the token that will look for the object.
+    names = [*COLOURS, *SHAPES]
+    reader = torch.nn.Linear(model.config.text_config.hidden_size, len(names)) if probe else None
+    watch = bool(probe or attend)  # the forward returns the hidden states
     decay, no_decay = [], []
-    for name, param in model.named_parameters():
+    for name, param in [*model.named_parameters(), *(reader.named_parameters(prefix="probe") if reader else [])]:
         (no_decay if "embed" in name or "norm" in name or name.endswith("bias") else decay).append(param)
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98))
@@ -252,25 +292,43 @@ def train(out: Path, steps: int, seed: int, pruning_aware: bool, threads: int, b
         t = min(1.0, step / (curriculum * steps)) if curriculum else 1.0
         lo, hi = int(110 + (64 - 110) * t), int(170 + (112 - 170) * t)
         two_objects = bool(pairs) and rng.random() < pairs
+        states = None
         if two_objects and rng.random() < 0.5:
-            inputs, positions, targets = _pair_batch(processor, [make_pair(rng, (lo, hi)) for _ in range(batch_size)],
-                                                     answer_ids, tokenizer.eos_token_id)
-            logits = model(**inputs).logits.gather(
-                1, positions[..., None].expand(-1, -1, model.config.text_config.vocab_size))
+            chats = [make_pair(rng, (lo, hi)) for _ in range(batch_size)]
+            inputs, positions, targets = _pair_batch(processor, chats, answer_ids, tokenizer.eos_token_id)
+            result = model(**inputs, output_hidden_states=watch)
+            logits = result.logits.gather(1, positions[..., None].expand(-1, -1, model.config.text_config.vocab_size))
+            if watch:  # turn 2's question, at its last prompt token
+                states, last, asked = result.hidden_states, positions[:, 2], [c.objects[1] for c in chats]
         else:
             # One question; with two objects, about one of them at random.
-            scenes = [make_pair(rng, (lo, hi)).objects[int(rng.integers(2))] if two_objects
-                      else make_scene(rng, (lo, hi)) for _ in range(batch_size)]
-            inputs, targets = _batch(processor, scenes, answer_ids, tokenizer.eos_token_id)
+            asked = [make_pair(rng, (lo, hi)).objects[int(rng.integers(2))] if two_objects
+                     else make_scene(rng, (lo, hi)) for _ in range(batch_size)]
+            inputs, targets = _batch(processor, asked, answer_ids, tokenizer.eos_token_id)
             if pruning_aware and rng.random() < drop_share:
                 logits = _dropping_forward(model, inputs, rng, lambda r: _drop_schedule(r, jitter),
                                            criterion=criterion)
             else:
-                logits = model(**inputs, logits_to_keep=2).logits
+                result = model(**inputs, logits_to_keep=2, output_hidden_states=watch)
+                logits = result.logits
+                if watch:
+                    states = result.hidden_states
+                    last = torch.full((batch_size,), inputs["input_ids"].shape[1] - 2)
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        layers = range(probe_layer, model.config.text_config.num_hidden_layers if attend_all else probe_layer + 1)
+        if states is not None and attend:
+            loss = loss + attend * _attention_loss(model, layers, inputs["input_ids"], states, last, asked)
+        if states is not None and reader is not None:
+            colour = torch.tensor([names.index(s.colour) for s in asked])
+            shape = torch.tensor([names.index(s.shape) for s in asked]) - len(COLOURS)
+            for layer in layers:  # the question stays readable in every layer the attention loss covers
+                read = reader(states[layer][torch.arange(batch_size), last])
+                loss = loss + probe / len(layers) * (
+                    torch.nn.functional.cross_entropy(read[:, :len(COLOURS)], colour)
+                    + torch.nn.functional.cross_entropy(read[:, len(COLOURS):], shape))
         optimizer.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], 1.0)
         optimizer.step()
         scheduler.step()
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
@@ -281,7 +339,7 @@ def train(out: Path, steps: int, seed: int, pruning_aware: bool, threads: int, b
     save_model(model, out)
     return {"steps": steps, "final_loss": running, "pruning_aware": pruning_aware, "seed": seed,
             "init": str(init) if init else None, "drop_share": drop_share, "criterion": criterion, "jitter": jitter,
-            "pairs": pairs}
+            "pairs": pairs, "probe": probe, "probe_layer": probe_layer, "attend": attend, "attend_all": attend_all}
 
 
 def _fresh_model(out: Path, seed: int):
@@ -306,12 +364,22 @@ def main(argv: list[str] | None = None) -> None:
                         help="how dropped tokens are chosen (attention: as serving chooses)")
     parser.add_argument("--pairs", type=float, default=0.0,
                         help="share of batches on two-object scenes (half of them two-turn chats)")
+    parser.add_argument("--probe", type=float, default=0.0,
+                        help="weight of a loss that reads the asked object's colour and shape from the last "
+                             "prompt token (a probe, not saved)")
+    parser.add_argument("--probe-layer", type=int, default=4, help="the probe reads the output of this many layers")
+    parser.add_argument("--attend", type=float, default=0.0,
+                        help="weight of a loss on the last prompt token's attention, in layer --probe-layer, "
+                             "to the asked object")
+    parser.add_argument("--attend-all", action="store_true",
+                        help="--attend in every layer from --probe-layer on")
     parser.add_argument("--jitter", type=float, default=0.5,
                         help="keep fractions scaled by a random factor in [1 - j, 1 + j] (0: the presets)")
     args = parser.parse_args(argv)
     summary = train(args.out, args.steps, args.seed, args.pruning_aware, args.threads,
                     lr=args.lr, save_every=args.save_every, init=args.init, drop_share=args.drop_share,
-                    criterion=args.criterion, jitter=args.jitter, pairs=args.pairs)
+                    criterion=args.criterion, jitter=args.jitter, pairs=args.pairs, probe=args.probe,
+                    probe_layer=args.probe_layer, attend=args.attend, attend_all=args.attend_all)
     print(f"saved to {args.out}: {summary}")
 
 
