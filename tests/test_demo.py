@@ -90,6 +90,41 @@ def test_dropping_forward_without_cuts_is_the_models_forward():
     assert not torch.equal(log[0, 8], log[1, 8])  # random per sample
 
 
+def test_blind_forward_hides_the_image_from_the_answering_row_only():
+    """`--blind`'s forward: with no row blinded it is the model's forward
+    (logits and every layer's input); with the last prompt token blinded in
+    every layer but one, only that row's and the rows after it change, and
+    in that one layer it still sees the image (its output differs from
+    seeing it nowhere); by default every text row after the image is
+    blinded (the question's first token changes too)."""
+    import torch
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from feather_vllm.tools.demo.train import _batch, _blind_forward
+
+    processor = AutoProcessor.from_pretrained(WEIGHTS_DIR)
+    model = LlavaForConditionalGeneration.from_pretrained(WEIGHTS_DIR).float().eval()
+    tokenizer = processor.tokenizer
+    inputs, _ = _batch(processor, held_out(2), [tokenizer.convert_tokens_to_ids(c) for c in CELLS],
+                       tokenizer.eos_token_id)
+    length = inputs["input_ids"].shape[1]
+    answering = torch.full((2, 1), length - 2)
+    with torch.no_grad():
+        expected = model(**inputs, output_hidden_states=True)
+        open_logits, open_states = _blind_forward(model, inputs, 8, torch.zeros(2, 0, dtype=torch.long))
+        blind_logits, _ = _blind_forward(model, inputs, 8, answering)
+        nowhere, _ = _blind_forward(model, inputs, -1, answering)
+        all_text, _ = _blind_forward(model, inputs, 8)
+    assert torch.allclose(open_logits, expected.logits, atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(open_states, expected.hidden_states[:-1]))
+    assert torch.allclose(blind_logits[:, :-2], expected.logits[:, :-2], atol=1e-5)
+    assert not torch.allclose(blind_logits[:, -2], expected.logits[:, -2], atol=1e-3)
+    assert not torch.allclose(blind_logits[:, -2], nowhere[:, -2], atol=1e-3)
+    after_image = int((inputs["input_ids"][0] == model.config.image_token_index).nonzero().max()) + 1
+    assert torch.allclose(all_text[:, :after_image], expected.logits[:, :after_image], atol=1e-5)
+    assert not torch.allclose(all_text[:, after_image], expected.logits[:, after_image], atol=1e-3)
+
+
 @pytest.mark.parametrize("preset", ["fastv", "feather"])
 def test_attention_criterion_drops_what_serving_drops(preset):
     """With `criterion="attention"` training keeps, per sample, the tokens
@@ -228,15 +263,15 @@ def test_attention_target_patches_lie_on_the_asked_object():
 
 
 def test_two_object_recipe_is_reproducible(tmp_path):
-    """`--pairs 1 --probe --attend --attend-all` from trained weights: same
-    seed, same weights, they moved, and the probe is not saved."""
+    """`--pairs 1 --probe --attend --attend-all --blind 1` from trained
+    weights: same seed, same weights, they moved, and the probe is not saved."""
     from safetensors.torch import load_file
 
     from feather_vllm.tools.demo.train import train
 
     for name in ("a", "b"):
         train(tmp_path / name, steps=2, seed=3, pruning_aware=False, threads=1, batch_size=2, init=WEIGHTS_DIR,
-              pairs=1.0, probe=1.0, attend=1.0, attend_all=True)
+              pairs=1.0, probe=1.0, attend=1.0, attend_all=True, blind=1.0)
     a, b, start = (load_file(d / "model.safetensors") for d in (tmp_path / "a", tmp_path / "b", WEIGHTS_DIR))
     assert a.keys() == b.keys() == start.keys() and all((a[k] == b[k]).all() for k in a)
     assert any(not (a[k] == start[k]).all() for k in a)

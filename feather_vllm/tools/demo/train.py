@@ -24,9 +24,12 @@ asks about one object, the assistant answers, turn 2 asks about the other;
 the loss is on both answers and their end tokens). Meant for a model that
 `evaluate --multi-turn` can measure with. `--probe W` adds a loss (a
 linear probe, not saved) that reads the asked object's colour and shape
-from the last prompt token's hidden state after `--probe-layer` layers;
-`--attend W` a loss on that token's attention, in that layer (every layer
-from it on with `--attend-all`), to the asked object's centre patches.
+from the last prompt token's input to layer `--bind-layer`; `--attend W`
+a loss on that token's attention, in that layer (every layer from it on
+with `--attend-all`), to the asked object's centre patches; `--blind
+SHARE` hides the image from the text after it in every other layer in a
+share of the two-object batches, so that the answer has to come from
+that layer.
 None of these has yet taught this model to tell the two objects apart
 by colour and shape (README, "Conversations about one image").
 """
@@ -136,6 +139,49 @@ def _criterion_scores(layer, hidden: torch.Tensor, cos_sin, last: int, image_row
     return last_token_image_attention(q[0, :, last], k[0, :, image_rows].transpose(0, 1), attn.scaling)
 
 
+def _embedded(model, inputs):
+    """The decoder's input: the token embeddings with the image features in
+    the image tokens' places; which tokens are image tokens, the positions
+    and RoPE's (cos, sin)."""
+    inner = model.model
+    ids = inputs["input_ids"]
+    embeds = inner.get_input_embeddings()(ids)
+    feats = inner.get_image_features(pixel_values=inputs["pixel_values"],
+                                     vision_feature_layer=model.config.vision_feature_layer,
+                                     vision_feature_select_strategy=model.config.vision_feature_select_strategy,
+                                     return_dict=True).pooler_output
+    feats = torch.cat(list(feats), 0).to(embeds.dtype)
+    is_image = ids == model.config.image_token_index
+    embeds = embeds.masked_scatter(is_image[..., None].expand_as(embeds), feats)
+    positions = torch.arange(ids.shape[1])[None].expand(ids.shape[0], -1)
+    return embeds, is_image, positions, inner.language_model.rotary_emb(embeds, position_ids=positions)
+
+
+def _blind_forward(model, inputs, seeing: int, rows: torch.Tensor | None = None):
+    """The model's forward, decoder layer by layer, in which `rows` (per
+    sample; default: every text token after the first image token) see no
+    image token in any layer but `seeing`, so that what the text learns of
+    the image, and so the answer, has to come from that layer's look at it.
+    Returns the logits at every position and each layer's input (as
+    transformers' `hidden_states`)."""
+    lm = model.model.language_model
+    embeds, is_image, positions, cos_sin = _embedded(model, inputs)
+    batch, length = is_image.shape
+    causal = torch.full((length, length), float("-inf")).triu(1)
+    blind = causal[None].repeat(batch, 1, 1)
+    for b in range(batch):
+        image = torch.nonzero(is_image[b]).flatten()
+        blinded = torch.nonzero(~is_image[b] & (positions[b] > image[0])).flatten() if rows is None else rows[b]
+        blind[b, blinded[:, None], image[None, :]] = float("-inf")
+    hidden, states = embeds, []
+    for index, layer in enumerate(lm.layers):
+        states.append(hidden)
+        mask = causal[None, None].expand(batch, 1, length, length) if index == seeing else blind[:, None]
+        out = layer(hidden, attention_mask=mask, position_ids=positions, position_embeddings=cos_sin)
+        hidden = out[0] if isinstance(out, tuple) else out
+    return model.lm_head(lm.norm(hidden)), states
+
+
 def _dropping_forward(model, inputs, rng: np.random.Generator,
                       schedule: Callable[[np.random.Generator], tuple[Stage, ...]] = _drop_schedule,
                       kept_log: dict[tuple[int, int], torch.Tensor] | None = None, criterion: str = "random"):
@@ -148,20 +194,9 @@ def _dropping_forward(model, inputs, rng: np.random.Generator,
     gives a sample's stages (default: a jittered preset); `kept_log`, when
     given, receives each (sample, layer)'s survivors. With random scores the
     order of random draws is that of the standard recipe's first run."""
-    inner = model.model
-    lm = inner.language_model
-    ids = inputs["input_ids"]
-    embeds = inner.get_input_embeddings()(ids)
-    feats = inner.get_image_features(pixel_values=inputs["pixel_values"],
-                                     vision_feature_layer=model.config.vision_feature_layer,
-                                     vision_feature_select_strategy=model.config.vision_feature_select_strategy,
-                                     return_dict=True).pooler_output
-    feats = torch.cat(list(feats), 0).to(embeds.dtype)
-    is_image = ids == model.config.image_token_index
-    embeds = embeds.masked_scatter(is_image[..., None].expand_as(embeds), feats)
-    batch, length = ids.shape
-    positions = torch.arange(length)[None].expand(batch, -1)
-    cos_sin = lm.rotary_emb(embeds, position_ids=positions)
+    lm = model.model.language_model
+    embeds, is_image, positions, cos_sin = _embedded(model, inputs)
+    batch, length = is_image.shape
     causal = torch.full((length, length), float("-inf")).triu(1)
     dropped = torch.zeros(batch, length, dtype=torch.bool)
     image_rows = [torch.nonzero(is_image[b]).flatten() for b in range(batch)]
@@ -232,7 +267,7 @@ def _attention_loss(model, layers: range, ids: torch.Tensor, hidden_states, last
 def train(out: Path, steps: int, seed: int, pruning_aware: bool, threads: int, batch_size: int = 8,
           lr: float = 3e-3, save_every: int = 0, init: Path | None = None, drop_share: float = 0.5,
           criterion: str = "random", jitter: float = 0.5, pairs: float = 0.0, probe: float = 0.0,
-          probe_layer: int = 4, attend: float = 0.0, attend_all: bool = False) -> dict:
+          bind_layer: int = 4, attend: float = 0.0, attend_all: bool = False, blind: float = 0.0) -> dict:
     from tqdm import tqdm
     from transformers import AutoProcessor
 
@@ -263,11 +298,11 @@ def train(out: Path, steps: int, seed: int, pruning_aware: bool, threads: int, b
     tokenizer = processor.tokenizer
     answer_ids = [tokenizer.convert_tokens_to_ids(c) for c in CELLS]
     # A probe (trained, never saved) reads the asked object's colour and
-    # shape from the last prompt token after `probe_layer` layers: the
+    # shape from the last prompt token after `bind_layer` layers: the
     # question must reach the token that will look for the object.
     names = [*COLOURS, *SHAPES]
     reader = torch.nn.Linear(model.config.text_config.hidden_size, len(names)) if probe else None
-    watch = bool(probe or attend)  # the forward returns the hidden states
+    watch = bool(probe or attend)  # the losses read each layer's input
     decay, no_decay = [], []
     for name, param in [*model.named_parameters(), *(reader.named_parameters(prefix="probe") if reader else [])]:
         (no_decay if "embed" in name or "norm" in name or name.endswith("bias") else decay).append(param)
@@ -292,30 +327,37 @@ def train(out: Path, steps: int, seed: int, pruning_aware: bool, threads: int, b
         t = min(1.0, step / (curriculum * steps)) if curriculum else 1.0
         lo, hi = int(110 + (64 - 110) * t), int(170 + (112 - 170) * t)
         two_objects = bool(pairs) and rng.random() < pairs
-        states = None
+        blinded = bool(blind) and two_objects and rng.random() < blind
+
+        def forward(inputs):
+            """Logits at every position and, if a loss reads them, each layer's input."""
+            if blinded:
+                return _blind_forward(model, inputs, bind_layer)
+            result = model(**inputs, output_hidden_states=watch)
+            return result.logits, result.hidden_states if watch else None
+
         if two_objects and rng.random() < 0.5:
             chats = [make_pair(rng, (lo, hi)) for _ in range(batch_size)]
             inputs, positions, targets = _pair_batch(processor, chats, answer_ids, tokenizer.eos_token_id)
-            result = model(**inputs, output_hidden_states=watch)
-            logits = result.logits.gather(1, positions[..., None].expand(-1, -1, model.config.text_config.vocab_size))
-            if watch:  # turn 2's question, at its last prompt token
-                states, last, asked = result.hidden_states, positions[:, 2], [c.objects[1] for c in chats]
+            logits, states = forward(inputs)
+            logits = logits.gather(1, positions[..., None].expand(-1, -1, model.config.text_config.vocab_size))
+            last, asked = positions[:, 2], [c.objects[1] for c in chats]  # turn 2's question, at its last token
         else:
             # One question; with two objects, about one of them at random.
             asked = [make_pair(rng, (lo, hi)).objects[int(rng.integers(2))] if two_objects
                      else make_scene(rng, (lo, hi)) for _ in range(batch_size)]
             inputs, targets = _batch(processor, asked, answer_ids, tokenizer.eos_token_id)
+            last = torch.full((batch_size,), inputs["input_ids"].shape[1] - 2)
             if pruning_aware and rng.random() < drop_share:
-                logits = _dropping_forward(model, inputs, rng, lambda r: _drop_schedule(r, jitter),
-                                           criterion=criterion)
+                logits, states = _dropping_forward(model, inputs, rng, lambda r: _drop_schedule(r, jitter),
+                                                   criterion=criterion), None
+            elif not watch and not blinded:
+                logits, states = model(**inputs, logits_to_keep=2).logits, None
             else:
-                result = model(**inputs, logits_to_keep=2, output_hidden_states=watch)
-                logits = result.logits
-                if watch:
-                    states = result.hidden_states
-                    last = torch.full((batch_size,), inputs["input_ids"].shape[1] - 2)
+                logits, states = forward(inputs)
+                logits = logits[:, -2:]
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
-        layers = range(probe_layer, model.config.text_config.num_hidden_layers if attend_all else probe_layer + 1)
+        layers = range(bind_layer, model.config.text_config.num_hidden_layers if attend_all else bind_layer + 1)
         if states is not None and attend:
             loss = loss + attend * _attention_loss(model, layers, inputs["input_ids"], states, last, asked)
         if states is not None and reader is not None:
@@ -339,7 +381,8 @@ def train(out: Path, steps: int, seed: int, pruning_aware: bool, threads: int, b
     save_model(model, out)
     return {"steps": steps, "final_loss": running, "pruning_aware": pruning_aware, "seed": seed,
             "init": str(init) if init else None, "drop_share": drop_share, "criterion": criterion, "jitter": jitter,
-            "pairs": pairs, "probe": probe, "probe_layer": probe_layer, "attend": attend, "attend_all": attend_all}
+            "pairs": pairs, "probe": probe, "bind_layer": bind_layer, "attend": attend, "attend_all": attend_all,
+            "blind": blind}
 
 
 def _fresh_model(out: Path, seed: int):
@@ -367,19 +410,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--probe", type=float, default=0.0,
                         help="weight of a loss that reads the asked object's colour and shape from the last "
                              "prompt token (a probe, not saved)")
-    parser.add_argument("--probe-layer", type=int, default=4, help="the probe reads the output of this many layers")
+    parser.add_argument("--bind-layer", type=int, default=4,
+                        help="the decoder layer whose input --probe reads, whose attention --attend trains and in "
+                             "which alone --blind batches see the image")
     parser.add_argument("--attend", type=float, default=0.0,
-                        help="weight of a loss on the last prompt token's attention, in layer --probe-layer, "
+                        help="weight of a loss on the last prompt token's attention, in layer --bind-layer, "
                              "to the asked object")
     parser.add_argument("--attend-all", action="store_true",
-                        help="--attend in every layer from --probe-layer on")
+                        help="--attend in every layer from --bind-layer on")
+    parser.add_argument("--blind", type=float, default=0.0,
+                        help="share of two-object batches in which the text after the image sees the image only "
+                             "in layer --bind-layer")
     parser.add_argument("--jitter", type=float, default=0.5,
                         help="keep fractions scaled by a random factor in [1 - j, 1 + j] (0: the presets)")
     args = parser.parse_args(argv)
     summary = train(args.out, args.steps, args.seed, args.pruning_aware, args.threads,
                     lr=args.lr, save_every=args.save_every, init=args.init, drop_share=args.drop_share,
                     criterion=args.criterion, jitter=args.jitter, pairs=args.pairs, probe=args.probe,
-                    probe_layer=args.probe_layer, attend=args.attend, attend_all=args.attend_all)
+                    bind_layer=args.bind_layer, attend=args.attend, attend_all=args.attend_all,
+                    blind=args.blind)
     print(f"saved to {args.out}: {summary}")
 
 
