@@ -55,12 +55,11 @@ class KVPool:
     num_blocks: int  # usable blocks: vLLM's pool less its null block
     num_layers: int
     stages: tuple[tuple[int, int], ...]  # per KV stage: (its first decoder layer, the KV groups it spans)
-    tokens_per_image: int  # LLaVA: one token per vision patch, the same for every image
-    rule: LayoutRule | None = None  # the model's image-token layout (an anyres image's depends on its size)
+    rule: LayoutRule  # the model's image-token layout (an anyres image's depends on its size)
 
     @classmethod
     def build(cls, num_layers: int, boundaries: Sequence[int], block_size: int, num_gpu_blocks: int,
-              tokens_per_image: int, rule: LayoutRule | None = None) -> KVPool:
+              rule: LayoutRule) -> KVPool:
         """The pool of an engine with these stage `boundaries` (decoder
         layers where a KV stage starts) and `num_gpu_blocks` (vLLM's count)."""
         starts = [0, *boundaries]
@@ -68,7 +67,7 @@ class KVPool:
         unit = min(sizes)  # vLLM groups every stage in groups of the smallest stage's layer count
         return cls(block_size=block_size, num_blocks=max(num_gpu_blocks - 1, 0), num_layers=num_layers,
                    stages=tuple((start, -(-size // unit)) for start, size in zip(starts, sizes)),
-                   tokens_per_image=tokens_per_image, rule=rule)
+                   rule=rule)
 
     @classmethod
     def of_engine(cls, engine: Any) -> KVPool:
@@ -76,22 +75,26 @@ class KVPool:
         config = engine.vllm_config
         hf_config = config.model_config.hf_config
         num_layers = hf_config.text_config.num_hidden_layers
-        rule = LayoutRule.of(hf_config)
         boundaries = pcfg.kv_boundaries(getattr(hf_config, "feather_kv_boundaries", None), num_layers)
-        # LLaVA-1.5's images have one token count; an anyres image's depends on its size (0: unknown).
-        per_image = 0 if rule.needs_image_size else (rule.vision_image_size // rule.patch_size) ** 2
         return cls.build(num_layers, boundaries, config.cache_config.block_size,
-                         config.cache_config.num_gpu_blocks or 0, per_image, rule)
+                         config.cache_config.num_gpu_blocks or 0, LayoutRule.of(hf_config))
+
+    @property
+    def tokens_per_image(self) -> int:
+        """LLaVA-1.5: one token per vision patch, the same for every image;
+        0 for anyres models (an image's count depends on its size)."""
+        return 0 if self.rule.needs_image_size else self.rule.layout(None).num_tokens
 
     def image_lengths(self, prompt_ids: Sequence[int], image_token_id: int) -> list[int]:
         """Image placeholder tokens of each image in a prompt (adjacent images
         form one run of placeholders: split by the fixed count per image)."""
+        per_image = self.tokens_per_image
         lengths = []
         for token, run in itertools.groupby(prompt_ids):
             if token == image_token_id:
                 n = sum(1 for _ in run)
-                if self.tokens_per_image and n % self.tokens_per_image == 0:
-                    lengths += [self.tokens_per_image] * (n // self.tokens_per_image)
+                if per_image and n % per_image == 0:
+                    lengths += [per_image] * (n // per_image)
                 else:
                     lengths.append(n)
         return lengths
@@ -102,7 +105,7 @@ class KVPool:
         width) give layouts whose tokens are the prompt's image tokens (as
         the scheduler lays each image out); else their token counts."""
         lengths = self.image_lengths(prompt_ids, image_token_id)
-        if self.rule is None or not image_sizes:
+        if not image_sizes:
             return list(lengths)
         layouts = [self.rule.layout(size) for size in image_sizes]
         if any(layout is None for layout in layouts) or sum(l.num_tokens for l in layouts) != sum(lengths):

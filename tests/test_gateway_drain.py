@@ -258,6 +258,7 @@ def test_second_sigterm_aborts_running_and_queued_requests_then_exits_0(tiny_che
     demand gauges count their prompts' blocks at their presets."""
     from feather_vllm.pruning import config as pcfg
     from loadtest.generator import LoadConfig, chat_body, synthetic_image_url
+    from feather_vllm.pruning.layout import LayoutRule
     from server.kv_demand import KVPool, request_blocks
 
     server = ServerProcess(tiny_checkpoint, "--served-model-name", "tiny", "--max-num-seqs", "1")
@@ -281,7 +282,8 @@ def test_second_sigterm_aborts_running_and_queued_requests_then_exits_0(tiny_che
     assert not running.finish_reasons  # the two still wait behind it
     assert values["feather_requests_waiting"] == 2
     total = int(values["feather_kv_total_blocks"])
-    pool = KVPool.build(32, pcfg.kv_boundaries(None, 32), 32, total + 1, 576)  # the gateway's CPU block size
+    # The gateway's CPU block size (32); the tiny checkpoint's 336-pixel, 14-pixel-patch tower.
+    pool = KVPool.build(32, pcfg.kv_boundaries(None, 32), 32, total + 1, LayoutRule("llava", 336, 14))
     # Their prompts at the stages' upper bounds: 8 groups x 19 blocks unpruned; feather 2 x 19 + 2 x 10 + 4 x 1.
     expected = [request_blocks(pool, pcfg.PRESETS[p], [576], 591) for p in ("none", "feather")]
     assert expected == [152, 62]

@@ -179,8 +179,7 @@ def _assert_kv_demand_bounds_it(gateway, checkpoint, answer: dict, layout: Image
     num_layers = hf_config.text_config.num_hidden_layers
     total = float(httpx.get(gateway.url + "/metrics").text.split("\nfeather_kv_total_blocks ")[1].split()[0])
     boundaries = pcfg.kv_boundaries(getattr(hf_config, "feather_kv_boundaries", None), num_layers)
-    pool = KVPool.build(num_layers, boundaries, 32, int(total) + 1, 0,
-                        LayoutRule.of(hf_config))  # the gateway's CPU block size
+    pool = KVPool.build(num_layers, boundaries, 32, int(total) + 1, LayoutRule.of(hf_config))  # CPU block size
     (image,) = pool.images(answer["prompt_token_ids"], hf_config.image_token_index, [size])
     assert image == layout
     report, usage = answer["feather"], answer["usage"]

@@ -262,6 +262,7 @@ def test_kv_demand_block_model_matches_the_engine(server, preset):
     scheduler's reservation) no fewer."""
     from feather_vllm.pruning import config as pcfg
     from loadtest.generator import chat_body, synthetic_image_url
+    from feather_vllm.pruning.layout import LayoutRule
     from server.kv_demand import KVPool, request_blocks
 
     body = {**chat_body(LoadConfig(url=server.url, model="tiny", max_tokens=4), synthetic_image_url(336, 3), preset),
@@ -269,7 +270,8 @@ def test_kv_demand_block_model_matches_the_engine(server, preset):
     answer = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=120).json()
     report, usage = answer["feather"], answer["usage"]
     total = float(httpx.get(server.url + "/metrics").text.split("\nfeather_kv_total_blocks ")[1].split()[0])
-    pool = KVPool.build(32, pcfg.kv_boundaries(None, 32), 32, int(total) + 1, 576)  # the gateway's CPU block size
+    # The gateway's CPU block size (32); the tiny checkpoint's 336-pixel, 14-pixel-patch tower.
+    pool = KVPool.build(32, pcfg.kv_boundaries(None, 32), 32, int(total) + 1, LayoutRule("llava", 336, 14))
     config = pcfg.PRESETS[preset]
     held = usage["prompt_tokens"] + usage["completion_tokens"] - 1  # the last token's KV is never written
     kept = [stage["kept"] for stage in report["stages"]]

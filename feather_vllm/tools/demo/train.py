@@ -182,6 +182,15 @@ def _blind_forward(model, inputs, seeing: int, rows: torch.Tensor | None = None)
     return model.lm_head(lm.norm(hidden)), states
 
 
+def _forward(model, inputs, watch: bool, seeing: int | None):
+    """Logits at every position and, if `watch` (a loss reads them), each
+    layer's input; with `seeing`, `_blind_forward`'s."""
+    if seeing is not None:
+        return _blind_forward(model, inputs, seeing)
+    result = model(**inputs, output_hidden_states=watch)
+    return result.logits, result.hidden_states if watch else None
+
+
 def _dropping_forward(model, inputs, rng: np.random.Generator,
                       schedule: Callable[[np.random.Generator], tuple[Stage, ...]] = _drop_schedule,
                       kept_log: dict[tuple[int, int], torch.Tensor] | None = None, criterion: str = "random"):
@@ -328,18 +337,11 @@ def train(out: Path, steps: int, seed: int, pruning_aware: bool, threads: int, b
         lo, hi = int(110 + (64 - 110) * t), int(170 + (112 - 170) * t)
         two_objects = bool(pairs) and rng.random() < pairs
         blinded = bool(blind) and two_objects and rng.random() < blind
-
-        def forward(inputs):
-            """Logits at every position and, if a loss reads them, each layer's input."""
-            if blinded:
-                return _blind_forward(model, inputs, bind_layer)
-            result = model(**inputs, output_hidden_states=watch)
-            return result.logits, result.hidden_states if watch else None
-
+        seeing = bind_layer if blinded else None
         if two_objects and rng.random() < 0.5:
             chats = [make_pair(rng, (lo, hi)) for _ in range(batch_size)]
             inputs, positions, targets = _pair_batch(processor, chats, answer_ids, tokenizer.eos_token_id)
-            logits, states = forward(inputs)
+            logits, states = _forward(model, inputs, watch, seeing)
             logits = logits.gather(1, positions[..., None].expand(-1, -1, model.config.text_config.vocab_size))
             last, asked = positions[:, 2], [c.objects[1] for c in chats]  # turn 2's question, at its last token
         else:
@@ -354,7 +356,7 @@ def train(out: Path, steps: int, seed: int, pruning_aware: bool, threads: int, b
             elif not watch and not blinded:
                 logits, states = model(**inputs, logits_to_keep=2).logits, None
             else:
-                logits, states = forward(inputs)
+                logits, states = _forward(model, inputs, watch, seeing)
                 logits = logits[:, -2:]
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
         layers = range(bind_layer, model.config.text_config.num_hidden_layers if attend_all else bind_layer + 1)
