@@ -262,16 +262,44 @@ def test_attention_target_patches_lie_on_the_asked_object():
                 assert np.abs(colour - COLOURS[scene.colour]).max() < 40, (scene, row, col, colour)
 
 
+def test_place_loss_weighs_the_patch_read_by_its_variance():
+    """`--locate`'s loss: 1 - R^2 of the patch-place read, so that its weight
+    compares with the cross-entropies', plus the asked cell's cross-entropy.
+    Locators that read the mean place (n - 1) / n over n = 576 patches) and
+    no cell (ln 9) score their sum, whatever the hidden states."""
+    import math
+
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    from feather_vllm.tools.demo.train import _place_loss
+
+    model = LlavaForConditionalGeneration.from_pretrained(WEIGHTS_DIR, dtype=torch.float32)
+    hidden = model.config.text_config.hidden_size
+    ids = torch.full((2, 580), 1)
+    ids[:, 2:578] = model.config.image_token_index
+    states = [torch.randn(2, 580, hidden) for _ in range(6)]
+    locator = torch.nn.ModuleDict({"patch": torch.nn.Linear(hidden, 2), "cell": torch.nn.Linear(hidden, len(CELLS))})
+    with torch.no_grad():
+        for read in locator.values():
+            read.weight.zero_()
+            read.bias.zero_()
+        locator["patch"].bias.fill_(0.5)
+        loss = _place_loss(model, locator, 4, states, ids, torch.tensor([579, 579]), held_out(2))
+    assert loss.item() == pytest.approx(575 / 576 + math.log(9), rel=1e-5)
+
+
 def test_two_object_recipe_is_reproducible(tmp_path):
-    """`--pairs 1 --probe --attend --attend-all --blind 1` from trained
-    weights: same seed, same weights, they moved, and the probe is not saved."""
+    """`--pairs 1 --probe --attend --attend-all --blind 1 --locate` from
+    trained weights: same seed, same weights, they moved, and the probes are
+    not saved."""
     from safetensors.torch import load_file
 
     from feather_vllm.tools.demo.train import train
 
     for name in ("a", "b"):
         train(tmp_path / name, steps=2, seed=3, pruning_aware=False, threads=1, batch_size=2, init=WEIGHTS_DIR,
-              pairs=1.0, probe=1.0, attend=1.0, attend_all=True, blind=1.0)
+              pairs=1.0, probe=1.0, attend=1.0, attend_all=True, blind=1.0, locate=1.0)
     a, b, start = (load_file(d / "model.safetensors") for d in (tmp_path / "a", tmp_path / "b", WEIGHTS_DIR))
     assert a.keys() == b.keys() == start.keys() and all((a[k] == b[k]).all() for k in a)
     assert any(not (a[k] == start[k]).all() for k in a)

@@ -29,7 +29,9 @@ a loss on that token's attention, in that layer (every layer from it on
 with `--attend-all`), to the asked object's centre patches; `--blind
 SHARE` hides the image from the text after it in every other layer in a
 share of the two-object batches, so that the answer has to come from
-that layer.
+that layer; `--locate W` two more probes: each image token's patch place
+from that layer's keys and values, the asked object's cell from its
+output at the last prompt token.
 None of these has yet taught this model to tell the two objects apart
 by colour and shape (README, "Conversations about one image").
 """
@@ -273,10 +275,31 @@ def _attention_loss(model, layers: range, ids: torch.Tensor, hidden_states, last
     return torch.stack(losses).mean()
 
 
+def _place_loss(model, locator: torch.nn.ModuleDict, layer: int, states, ids: torch.Tensor,
+                last: torch.Tensor, asked) -> torch.Tensor:
+    """Where things are, as decoder `layer` must see it for an attention
+    that picks the asked object to answer with it (neither the one-object
+    model keeps it there): a linear read (`locator["patch"]`) of each image
+    token's patch row and column (0..1) from the layer's normed input, which
+    its keys and values are made of, as 1 - R^2; plus the cross-entropy of a
+    linear read (`locator["cell"]`) of the asked object's cell from the last
+    prompt token's output of the layer."""
+    vision = model.config.vision_config
+    side = vision.image_size // vision.patch_size
+    index = torch.arange(side * side)
+    where = torch.stack([index // side, index % side], dim=1).float() / (side - 1)
+    normed = model.model.language_model.layers[layer].input_layernorm(states[layer])
+    read = locator["patch"](normed[ids == model.config.image_token_index])  # image tokens, raster order
+    patch = torch.nn.functional.mse_loss(read, where.repeat(ids.shape[0], 1)) / where.var(dim=0).mean()
+    out = states[layer + 1][torch.arange(ids.shape[0]), last]
+    return patch + torch.nn.functional.cross_entropy(locator["cell"](out), torch.tensor([s.cell for s in asked]))
+
+
 def train(out: Path, steps: int, seed: int, pruning_aware: bool, threads: int, batch_size: int = 8,
           lr: float = 3e-3, save_every: int = 0, init: Path | None = None, drop_share: float = 0.5,
           criterion: str = "random", jitter: float = 0.5, pairs: float = 0.0, probe: float = 0.0,
-          bind_layer: int = 4, attend: float = 0.0, attend_all: bool = False, blind: float = 0.0) -> dict:
+          bind_layer: int = 4, attend: float = 0.0, attend_all: bool = False, blind: float = 0.0,
+          locate: float = 0.0) -> dict:
     from tqdm import tqdm
     from transformers import AutoProcessor
 
@@ -311,9 +334,15 @@ def train(out: Path, steps: int, seed: int, pruning_aware: bool, threads: int, b
     # question must reach the token that will look for the object.
     names = [*COLOURS, *SHAPES]
     reader = torch.nn.Linear(model.config.text_config.hidden_size, len(names)) if probe else None
-    watch = bool(probe or attend)  # the losses read each layer's input
+    # Two more (never saved) read where things are in the bind layer (`_place_loss`).
+    hidden = model.config.text_config.hidden_size
+    locator = torch.nn.ModuleDict({"patch": torch.nn.Linear(hidden, 2),
+                                   "cell": torch.nn.Linear(hidden, len(CELLS))}) if locate else None
+    watch = bool(probe or attend or locate)  # the losses read each layer's input
     decay, no_decay = [], []
-    for name, param in [*model.named_parameters(), *(reader.named_parameters(prefix="probe") if reader else [])]:
+    probes = [*(reader.named_parameters(prefix="probe") if reader else []),
+              *(locator.named_parameters(prefix="locator") if locator else [])]
+    for name, param in [*model.named_parameters(), *probes]:
         (no_decay if "embed" in name or "norm" in name or name.endswith("bias") else decay).append(param)
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98))
@@ -370,6 +399,8 @@ def train(out: Path, steps: int, seed: int, pruning_aware: bool, threads: int, b
                 loss = loss + probe / len(layers) * (
                     torch.nn.functional.cross_entropy(read[:, :len(COLOURS)], colour)
                     + torch.nn.functional.cross_entropy(read[:, len(COLOURS):], shape))
+        if states is not None and locator is not None:
+            loss = loss + locate * _place_loss(model, locator, bind_layer, states, inputs["input_ids"], last, asked)
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], 1.0)
@@ -384,7 +415,7 @@ def train(out: Path, steps: int, seed: int, pruning_aware: bool, threads: int, b
     return {"steps": steps, "final_loss": running, "pruning_aware": pruning_aware, "seed": seed,
             "init": str(init) if init else None, "drop_share": drop_share, "criterion": criterion, "jitter": jitter,
             "pairs": pairs, "probe": probe, "bind_layer": bind_layer, "attend": attend, "attend_all": attend_all,
-            "blind": blind}
+            "blind": blind, "locate": locate}
 
 
 def _fresh_model(out: Path, seed: int):
@@ -423,6 +454,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--blind", type=float, default=0.0,
                         help="share of two-object batches in which the text after the image sees the image only "
                              "in layer --bind-layer")
+    parser.add_argument("--locate", type=float, default=0.0,
+                        help="weight of a loss that reads each image token's patch row and column from layer "
+                             "--bind-layer's normed input and the asked object's cell from its output at the last "
+                             "prompt token (probes, not saved)")
     parser.add_argument("--jitter", type=float, default=0.5,
                         help="keep fractions scaled by a random factor in [1 - j, 1 + j] (0: the presets)")
     args = parser.parse_args(argv)
@@ -430,7 +465,7 @@ def main(argv: list[str] | None = None) -> None:
                     lr=args.lr, save_every=args.save_every, init=args.init, drop_share=args.drop_share,
                     criterion=args.criterion, jitter=args.jitter, pairs=args.pairs, probe=args.probe,
                     bind_layer=args.bind_layer, attend=args.attend, attend_all=args.attend_all,
-                    blind=args.blind)
+                    blind=args.blind, locate=args.locate)
     print(f"saved to {args.out}: {summary}")
 
 
