@@ -9,8 +9,14 @@ from __future__ import annotations
 import math
 
 from feather_vllm.kv.plan import PruningReport
-from feather_vllm.pruning.layout import NEWLINE, ImageLayout, region_kept_counts, region_kept_indices, region_stats
-from feather_vllm.pruning.stats import mean_row, quadrant_coverage
+from feather_vllm.pruning.layout import (
+    NEWLINE,
+    QUADRANTS,
+    ImageLayout,
+    region_kept_counts,
+    region_kept_indices,
+    region_stats,
+)
 from server.schemas import (
     FallbackReport,
     FeatherReport,
@@ -22,20 +28,18 @@ from server.schemas import (
     StageTotal,
 )
 
-QUADRANTS = ("top_left", "top_right", "bottom_left", "bottom_right")
-
-
 def _finite(value: float) -> float | None:
     return None if math.isnan(value) else value
 
 
 def _stage_report(layer: int, kept: list[int], layout: ImageLayout, return_kept: bool) -> StageReport:
     indices = kept if return_kept else None
-    if layout.is_square:  # one raster: its statistics on the image itself
-        n = layout.num_tokens
-        return StageReport(layer=layer, kept=len(kept), mean_row=mean_row(kept, n) if kept else None,
-                           quadrant_coverage=quadrant_coverage(kept, n) if kept else None, kept_indices=indices)
     stats = region_stats(kept, layout)
+    if layout.is_square:  # one raster: its statistics on the image itself
+        (image,) = stats.values()
+        return StageReport(layer=layer, kept=len(kept), mean_row=_finite(image["mean_row"]),
+                           quadrant_coverage={q: _finite(image[q]) for q in QUADRANTS} if kept else None,
+                           kept_indices=indices)
     maps = region_kept_indices(kept, layout) if return_kept else {}
     regions = [RegionReport(name=r.name, rows=r.rows, cols=r.cols, kept=int(stats[r.name]["kept"]),
                             mean_row=_finite(stats[r.name]["mean_row"]),

@@ -17,11 +17,10 @@ from feather_vllm.pruning.cost import (
     kv_ratio,
     layer_token_counts,
 )
-from feather_vllm.pruning.layout import LayoutRule
+from feather_vllm.pruning.layout import ImageLayout, LayoutRule, region_stats
 from feather_vllm.pruning.schedule import FallbackReason, chunk_end, decide
 from feather_vllm.pruning.scoring import last_token_image_attention
 from feather_vllm.pruning.selection import NonSquareGridError, select_stage, uniform_grid
-from feather_vllm.pruning.stats import mean_row, quadrant_coverage
 
 PAPER_TOKENS = 729  # 27 x 27, Prismatic SigLIP 384px
 
@@ -214,13 +213,20 @@ def test_layer_counts():
 
 # -- statistics ------------------------------------------------------------------
 
-def test_mean_row_and_quadrants():
-    bottom_row = list(range(552, 576))
-    assert mean_row(bottom_row, 576) == 1.0
-    assert mean_row(list(range(24)), 576) == 0.0
-    assert mean_row(uniform_grid(576, 3).tolist(), 576) == pytest.approx(21 / 2 / 23)
-    cov = quadrant_coverage(bottom_row, 576)
-    assert cov["top_left"] == 0 and cov["bottom_left"] == pytest.approx(12 / 144)
+@pytest.mark.parametrize(("kept", "mean_row"), [
+    pytest.param(list(range(552, 576)), 1.0, id="bottom-row"),
+    pytest.param(list(range(24)), 0.0, id="top-row"),
+    pytest.param(uniform_grid(576, 3).tolist(), 21 / 2 / 23, id="grid-stride-3"),
+])
+def test_mean_row_of_a_square_image(kept, mean_row):
+    assert region_stats(kept, ImageLayout.square(24))["image"]["mean_row"] == pytest.approx(mean_row)
+
+
+def test_quadrant_coverage_of_a_square_image():
+    stats = region_stats(list(range(552, 576)), ImageLayout.square(24))["image"]
+    assert stats["kept"] == 24 and stats["tokens"] == 576
+    assert stats["top_left"] == stats["top_right"] == 0
+    assert stats["bottom_left"] == stats["bottom_right"] == pytest.approx(12 / 144)
 
 
 # -- package surface ---------------------------------------------------------------

@@ -28,7 +28,6 @@ from feather_vllm.pruning.layout import (
     select_stage_layout,
 )
 from feather_vllm.pruning.selection import select_stage, uniform_grid
-from feather_vllm.pruning.stats import mean_row, quadrant_coverage
 
 # (height, width): NeXT tokens, NeXT tile map (rows, cols), OneVision tokens,
 # OneVision tile map (rows, cols), values from vLLM 0.32's processor info.
@@ -367,16 +366,6 @@ def test_selection_errors():
 
 
 # -- reports ----------------------------------------------------------------------
-
-def test_region_stats_on_a_square_equal_stats_py():
-    gen = torch.Generator().manual_seed(3)
-    kept = torch.randperm(576, generator=gen)[:150].sort().values.tolist()
-    stats = region_stats(kept, ImageLayout.square(24))["image"]
-    assert stats["kept"] == 150 and stats["tokens"] == 576
-    assert stats["mean_row"] == pytest.approx(mean_row(kept, 576))
-    for quadrant, value in quadrant_coverage(kept, 576).items():
-        assert stats[quadrant] == pytest.approx(value)
-
 
 def test_region_stats_per_region():
     stats = region_stats([0, 2, 4, 6, 8, 9, 10, 11, 13, 15, 17, 18], SMALL)

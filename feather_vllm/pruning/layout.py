@@ -497,7 +497,7 @@ def region_kept_maps(kept: Sequence[int] | torch.Tensor, layout: ImageLayout) ->
 
 def region_kept_indices(kept: Sequence[int] | torch.Tensor, layout: ImageLayout) -> dict[str, list[int]]:
     """Kept raster tokens per region as `row * cols + col` in the region's
-    own raster (the index stats.py takes for a square region)."""
+    own raster (a square region's index is the image's)."""
     return {name: m.flatten().nonzero().flatten().tolist() for name, m in region_kept_maps(kept, layout).items()}
 
 
@@ -509,11 +509,15 @@ def region_kept_counts(kept: Sequence[int] | torch.Tensor, layout: ImageLayout) 
     return counts
 
 
+QUADRANTS = ("top_left", "top_right", "bottom_left", "bottom_right")
+
+
 def region_stats(kept: Sequence[int] | torch.Tensor, layout: ImageLayout) -> dict[str, dict[str, float]]:
     """Per region: kept and total raster tokens, mean kept row (0 = top row,
     1 = bottom row, NaN when none is kept) and the kept fraction of each
-    quadrant (rows < rows/2 are top, cols < cols/2 left). On a square region
-    these equal stats.mean_row and stats.quadrant_coverage."""
+    quadrant (`QUADRANTS`; rows < rows/2 are top, cols < cols/2 left).
+    FastV's RoPE-biased criterion pushes the mean row towards 1 (bottom rows
+    sit next to the text in raster order); uniform coverage gives 0.5."""
     out: dict[str, dict[str, float]] = {}
     maps = region_kept_maps(kept, layout)
     for region in layout.regions:
@@ -527,8 +531,7 @@ def region_stats(kept: Sequence[int] | torch.Tensor, layout: ImageLayout) -> dic
             entry["mean_row"] = float((kept_rows / max(rows - 1, 1)).mean()) if rows > 1 else 0.0
         top = torch.arange(rows).unsqueeze(1) < rows / 2
         left = torch.arange(cols).unsqueeze(0) < cols / 2
-        for name, rsel, csel in (("top_left", top, left), ("top_right", top, ~left),
-                                 ("bottom_left", ~top, left), ("bottom_right", ~top, ~left)):
+        for name, rsel, csel in zip(QUADRANTS, (top, top, ~top, ~top), (left, ~left, left, ~left)):
             cell = rsel & csel
             total = int(cell.sum())
             entry[name] = int((kept_map & cell).sum()) / total if total else float("nan")
