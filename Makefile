@@ -5,7 +5,7 @@ DEMO_MODEL ?= feather_vllm/demo/weights
 PORT ?= 8000
 HOST ?= 127.0.0.1
 
-.PHONY: setup serve test seams checkpoints bench demo-train demo-train-pruning-aware clean
+.PHONY: setup serve test seams checkpoints bench demo-train demo-train-pruning-aware demo-train-two-object clean
 
 setup:
 	@bash scripts/setup.sh
@@ -36,6 +36,15 @@ PRUNING_AWARE_MODEL ?= feather_vllm/demo/weights_pruning_aware
 demo-train-pruning-aware: setup
 	$(PY) -m feather_vllm.tools.demo.train --out $(PRUNING_AWARE_MODEL) --init $(DEMO_MODEL) --pruning-aware \
 	  --criterion attention --drop-share 0.75 --jitter 0 --lr 1e-3 --steps 1000 --seed 1 --threads 2
+
+# The two-object variant that `evaluate --multi-turn` measures reuse with:
+# from scratch, 60% of the batches on two-object scenes (half of them
+# two-turn chats), with the probes that make layer 4 find the asked object
+# (about 40 min on 2 cores).
+TWO_OBJECT_MODEL ?= feather_vllm/demo/weights_two_object
+demo-train-two-object: setup
+	$(PY) -m feather_vllm.tools.demo.train --out $(TWO_OBJECT_MODEL) --pairs 0.6 --probe 1 --attend 1 --locate 2 \
+	  --steps 2300 --seed 31 --threads 2
 
 # The serving benchmark: pruned vs unpruned, and vs vLLM's own server.
 bench: setup

@@ -1,9 +1,9 @@
 """Synthetic localization scenes: one coloured shape on a grey background;
 the answer is the cell of a 3x3 grid that holds the shape's centre.
 Two-object scenes (`make_pair`; `held_out_pairs` for multi-turn evaluation)
-follow the same rules with two shapes; the shipped demo models are trained
-on one-object scenes only (`train --pairs` also draws pairs, from its
-training seed, never the held-out one)."""
+follow the same rules with two shapes; the standard and pruning-aware
+demos are trained on one-object scenes only, the two-object demo (`train
+--pairs`) on both, drawn from its training seed, never the held-out one."""
 
 from __future__ import annotations
 
