@@ -64,38 +64,29 @@ def test_pruning_aware_weights_localize_under_feather_pruning():
 
 def test_two_object_weights_answer_about_the_object_asked_for():
     """The two-object demo (`make demo-train-two-object`), unpruned, greedy
-    over the cells, through transformers, on 40 held-out two-object scenes:
-    turn 1 about one object and turn 2 (turn 1's answer in the history)
-    about the other are each answered with the asked object's cell, rarely
-    with the other's. The standard demo names either: 48% / 41% on turn 1."""
+    over the cells, through transformers, on 40 held-out two-object scenes
+    rendered as training renders them (`_pair_batch`): turn 1 about one
+    object and turn 2 (turn 1's answer in the history) about the other are
+    each answered with the asked object's cell, rarely with the other's.
+    The standard demo names either: 48% / 41% on turn 1."""
     import torch
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     from feather_vllm.tools.demo import TWO_OBJECT_WEIGHTS_DIR
     from feather_vllm.tools.demo.scenes import held_out_pairs
+    from feather_vllm.tools.demo.train import _pair_batch
 
     processor = AutoProcessor.from_pretrained(TWO_OBJECT_WEIGHTS_DIR)
     model = LlavaForConditionalGeneration.from_pretrained(TWO_OBJECT_WEIGHTS_DIR, dtype=torch.float32).eval()
     cell_ids = processor.tokenizer.convert_tokens_to_ids(list(CELLS))
-
-    def answer(messages, image) -> int:
-        text = processor.apply_chat_template(messages, add_generation_prompt=True)
-        with torch.no_grad():
-            logits = model(**processor(images=[image], text=[text], return_tensors="pt"), logits_to_keep=1).logits
-        return int(logits[0, -1, cell_ids].argmax())
-
-    right, other = [0, 0], [0, 0]
     pairs = held_out_pairs(40)
-    for pair in pairs:
-        first, second = pair.objects
-        chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": first.question}]}]
-        for turn, asked, unasked in ((0, first, second), (1, second, first)):
-            if turn:
-                chat += [{"role": "assistant", "content": first.answer},
-                         {"role": "user", "content": [{"type": "text", "text": second.question}]}]
-            cell = answer(chat, pair.image)
-            right[turn] += cell == asked.cell
-            other[turn] += cell == unasked.cell
+    inputs, positions, _ = _pair_batch(processor, pairs, cell_ids, processor.tokenizer.eos_token_id)
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    # Each turn's answer is read where it is predicted: the last token of its question.
+    answered = logits[torch.arange(len(pairs))[:, None], positions[:, [0, 2]]][..., cell_ids].argmax(-1)
+    asked = torch.tensor([[p.objects[0].cell, p.objects[1].cell] for p in pairs])
+    right, other = (answered == asked).sum(0), (answered == asked.flip(1)).sum(0)
     assert min(right) >= 0.75 * len(pairs) and max(other) <= 0.15 * len(pairs), (right, other)
 
 
@@ -302,7 +293,7 @@ def test_attention_target_patches_lie_on_the_asked_object():
 def test_place_loss_weighs_the_patch_read_by_its_variance():
     """`--locate`'s loss: 1 - R^2 of the patch-place read, so that its weight
     compares with the cross-entropies', plus the asked cell's cross-entropy.
-    Locators that read the mean place (n - 1) / n over n = 576 patches) and
+    Locators that read the mean place ((n - 1) / n over n = 576 patches) and
     no cell (ln 9) score their sum, whatever the hidden states."""
     import math
 

@@ -334,9 +334,9 @@ def train(out: Path, steps: int, seed: int, pruning_aware: bool, threads: int, b
     # shape from the last prompt token after `bind_layer` layers: the
     # question must reach the token that will look for the object.
     names = [*COLOURS, *SHAPES]
-    reader = torch.nn.Linear(model.config.text_config.hidden_size, len(names)) if probe else None
-    # Two more (never saved) read where things are in the bind layer (`_place_loss`).
     hidden = model.config.text_config.hidden_size
+    reader = torch.nn.Linear(hidden, len(names)) if probe else None
+    # Two more (never saved) read where things are in the bind layer (`_place_loss`).
     locator = torch.nn.ModuleDict({"patch": torch.nn.Linear(hidden, 2),
                                    "cell": torch.nn.Linear(hidden, len(CELLS))}) if locate else None
     watch = bool(probe or attend or locate)  # the losses read each layer's input
