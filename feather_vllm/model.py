@@ -74,6 +74,8 @@ class _Cutting:
     images: tuple[ImageSpan, ...]
     stages: list[pcfg.Stage]  # stages still to cut in this step
     kept: list[tuple[int, list[torch.Tensor]]]  # (cut layer, kept indices per image), done so far
+    # cut layer -> per image, what an earlier turn kept there, kept here too (follow_up "keep_both")
+    also: dict[int, list[torch.Tensor]] = dataclasses.field(default_factory=dict)
 
     def present(self, layer: int) -> list[torch.Tensor]:
         """Per image, its tokens present in `layer` (0-based within the image)."""
@@ -95,7 +97,9 @@ class _Cutting:
             return None
         plan = req.pruning.plan
         if req.cuts_now:
-            return cls(plan.images, list(plan.config.stages), [])
+            also = {stage.layer: [torch.tensor(k, dtype=torch.long) for k in stage.per_image]
+                    for stage in plan.unite.stages} if plan.unite is not None else {}
+            return cls(plan.images, list(plan.config.stages), [], also)
         if req.pruning.kept is None:
             return None
         return cls(plan.images, [], [(stage.layer, [torch.tensor(k, dtype=torch.long) for k in stage.per_image])
@@ -180,10 +184,14 @@ class FeatherPruning:
                     stage = next(s for s in cutting.stages if s.layer == idx + 1)
                     # Each image keeps its own top fraction (and grid) of its own tokens.
                     kept = []
-                    for image, before, image_scores in zip(cutting.images, cutting.present(idx), scores[i]):
+                    also = cutting.also.get(idx + 1, [None] * len(cutting.images))
+                    for image, before, image_scores, earlier in zip(cutting.images, cutting.present(idx),
+                                                                    scores[i], also):
                         after = self._same_on_every_rank(
                             select_stage_layout(image_scores, before, stage, image.layout), image.length,
                             rows.device)
+                        if earlier is not None:  # all present: a subset of its previous stage's, kept here
+                            after = torch.unique(torch.cat([after, earlier]))
                         kept.append(after)
                         dropped = before[~torch.isin(before, after)]
                         dropped_rows = req.row_start + image.offset + dropped - req.num_computed

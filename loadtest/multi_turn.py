@@ -1,6 +1,7 @@
-"""Multi-turn chats about one image: what each turn costs per preset.
+"""Multi-turn chats about one image: what each turn costs per setting.
 
 python -m loadtest.multi_turn [--model DIR] [--out results/] [--rounds 5] [--max-tokens 32] [--seed N]
+    [--settings none,fastv,fastv+reuse,feather,pyramiddrop]
 python -m loadtest.multi_turn --url http://127.0.0.1:8000 [--served-model-name NAME] [--api-key KEY]
 
 Starts the gateway on the `bench` checkpoint (built if absent) with the
@@ -9,9 +10,11 @@ vLLM's default, as a chat service runs it; or, with --url, uses a running
 server. Each conversation is 3 turns about one fresh image: turn 1 the
 image and a question, turn k the whole history (earlier questions and the
 replies they got) and a new question. Conversations run one at a time,
-presets interleaved round by round (none, fastv, feather, pyramiddrop) so
-that machine noise hits all alike, after one unrecorded warm-up
-conversation per preset. Per preset and turn:
+settings interleaved round by round (default: none, fastv, feather,
+pyramiddrop, each with its preset's follow-up policy; "fastv+reuse" is
+fastv with `"follow_up": "reuse"`) so that machine noise hits all alike,
+after one unrecorded warm-up conversation per setting. Per setting and
+turn:
   - TTFT (streamed: sending to the first content chunk), median, and its
     ratio to `none`'s at the same turn;
   - KV held: the gateway's report (`kv_blocks.used` / `unpruned`) and the
@@ -22,7 +25,8 @@ conversation per preset. Per preset and turn:
     (`vllm:prefix_cache_hits` during the turn);
   - turns the report says were served from a pruned image's cache (its
     `reused`; a report without the field counts as not reused), and of
-    those, how many kept turn 1's kept set (`reused.kept_from`).
+    those, how many kept turn 1's kept set (`reused.kept_from`); turns
+    whose cut kept an earlier turn's kept set too (`united`).
 Prints the table and writes multi_turn.json to --out.
 """
 
@@ -63,9 +67,17 @@ async def prefix_caching(client: httpx.AsyncClient) -> bool | None:
     return None
 
 
+def feather_setting(name: str) -> dict[str, str]:
+    """The `feather` field a setting name stands for: "preset" or
+    "preset+follow_up"."""
+    preset, _, follow_up = name.partition("+")
+    return {"preset": preset, "follow_up": follow_up} if follow_up else {"preset": preset}
+
+
 async def conversation(client: httpx.AsyncClient, model: str, preset: str, image_url: str, max_tokens: int,
                        questions: tuple[str, ...] = QUESTIONS) -> list[dict[str, Any]]:
-    """One conversation, turn after turn; per turn what it cost."""
+    """One conversation under setting `preset` (`feather_setting`), turn
+    after turn; per turn what it cost."""
     messages: list[dict[str, Any]] = []
     turns = []
     for k, question in enumerate(questions):
@@ -76,7 +88,7 @@ async def conversation(client: httpx.AsyncClient, model: str, preset: str, image
         body = {"model": model, "messages": list(messages), "max_tokens": max_tokens, "temperature": 0,
                 "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
                 "return_token_ids": True,  # a chunk per token, text or not: the gauge's count
-                "feather": {"preset": preset}}
+                "feather": feather_setting(preset)}
         hits = await _counter(client, "vllm:prefix_cache_hits")
         reply = await stream_chat(client, body, gauge_after=GAUGE_AFTER)
         hits = await _counter(client, "vllm:prefix_cache_hits") - hits
@@ -86,7 +98,7 @@ async def conversation(client: httpx.AsyncClient, model: str, preset: str, image
         turns.append({"id": reply.id, "ttft_s": reply.ttft, "prompt_tokens": reply.usage["prompt_tokens"],
                       "prefix_cache_hit_tokens": hits, "kv_blocks": report.get("kv_blocks"),
                       "kv_usage_perc": reply.kv_usage, "reused": report.get("reused"),
-                      "fallback": report.get("fallback")})
+                      "united": report.get("united"), "fallback": report.get("fallback")})
         messages.append({"role": "assistant", "content": reply.text})
     return turns
 
@@ -142,6 +154,7 @@ def summarize(conversations: list[dict[str, Any]]) -> dict[str, list[dict[str, A
                 # reused turns whose kept set the report says turn 1 decided
                 "kept_from_turn1": sum(bool(t["reused"]) and t["reused"].get("kept_from") == run[0]["id"]
                                        for t, run in zip(turns, runs)),
+                "united": sum(bool(t.get("united")) for t in turns),
                 "fallbacks": sum(bool(t["fallback"]) for t in turns)})
     base = out.get("none")
     for turns in out.values():
@@ -156,19 +169,19 @@ def report(summary: dict[str, list[dict[str, Any]]]) -> str:
     def num(value: float | None, fmt: str) -> str:
         return "-" if value is None else format(value, fmt)
 
-    lines = [f"{'preset':<12} {'turn':>4} {'prompt tok':>10} {'TTFT ms':>8} {'x none':>7}   "
+    lines = [f"{'setting':<17} {'turn':>4} {'prompt tok':>10} {'TTFT ms':>8} {'x none':>7}   "
              f"{'KV blocks used/unpruned':>23} {'KV gauge %':>10} {'x none':>7}   "
-             f"{'prefix-cache hits':>17} {'pruned reuse':>12} {'kept from t1':>12}"]
+             f"{'prefix-cache hits':>17} {'pruned reuse':>12} {'kept from t1':>12} {'kept both':>9}"]
     for preset, turns in summary.items():
         for k, t in enumerate(turns):
             blocks = f"{num(t['kv_blocks_used'], '.0f')}/{num(t['kv_blocks_unpruned'], '.0f')}"
             ttft = None if t["ttft_s"] is None else 1000 * t["ttft_s"]
             gauge = None if t["kv_usage_perc"] is None else 100 * t["kv_usage_perc"]
-            lines.append(f"{preset:<12} {k + 1:>4} {num(t['prompt_tokens'], '.0f'):>10} {num(ttft, '.0f'):>8} "
+            lines.append(f"{preset:<17} {k + 1:>4} {num(t['prompt_tokens'], '.0f'):>10} {num(ttft, '.0f'):>8} "
                          f"{num(t['ttft_s_x_none'], '.2f'):>7}   {blocks:>23} {num(gauge, '.3f'):>10} "
                          f"{num(t['kv_usage_perc_x_none'], '.2f'):>7}   "
                          f"{num(t['prefix_cache_hit_tokens'], '.0f'):>17} {'{}/{}'.format(t['reused'], t['n']):>12}"
-                         f" {t['kept_from_turn1']:>12}")
+                         f" {t['kept_from_turn1']:>12} {t['united']:>9}")
     if not any(t["reused"] for turns in summary.values() for t in turns):
         lines.append("no turn was served from a pruned image's cache (no `reused` in the reports): follow-up turns "
                      "re-prefill their image (unpruned prefix caching aside)")
@@ -183,6 +196,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--api-key")
     parser.add_argument("--out", type=Path, default=Path("results"))
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--settings", default=",".join(PRESETS),
+                        help="comma-separated: a preset, or preset+follow_up (reuse, reselect, keep_both)")
     parser.add_argument("--max-tokens", type=int, default=32,
                         help=f"per turn (more than {GAUGE_AFTER}: the KV gauge is read while the turn decodes)")
     parser.add_argument("--seed", type=int, help="first image seed (default: random, so that no image is "
@@ -214,7 +229,7 @@ def main(argv: list[str] | None = None) -> None:
         if server is not None:
             server.wait()
         conversations, caching = asyncio.run(measure(url, served, args.rounds, args.max_tokens, args.seed,
-                                                     args.api_key))
+                                                     args.api_key, args.settings.split(",")))
     finally:
         if server is not None:
             server.stop()

@@ -160,6 +160,8 @@ class Call:
             if report.reused:
                 metrics.REUSED.labels(self.preset).inc()
                 metrics.REUSED_TOKENS.labels(self.preset).inc(report.reused.tokens)
+            if report.united:
+                metrics.UNITED.labels(self.preset).inc()
 
     def engine_report(self, final: Any) -> FeatherReport | None:
         """The engine's report of a finished request (None before it finished)."""

@@ -45,6 +45,8 @@ REUSED = Counter("feather_pruned_kv_reuses", "Follow-up turns that reused an ear
                  ["preset"])
 REUSED_TOKENS = Counter("feather_pruned_kv_reused_tokens", "Prompt tokens those turns took from the prefix cache",
                         ["preset"])
+UNITED = Counter("feather_pruned_kept_both", "Follow-up turns whose cut kept an earlier turn's kept image tokens too "
+                 "(follow_up keep_both)", ["preset"])
 RUNNING = Gauge("feather_requests_running", "Requests generating tokens")
 DRAINING = Gauge("feather_draining", "1 while the gateway drains for shutdown (new requests refused, admitted "
                  "ones finishing), else 0")

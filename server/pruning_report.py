@@ -26,6 +26,7 @@ from server.schemas import (
     ReusedReport,
     StageReport,
     StageTotal,
+    UnitedReport,
 )
 
 def _finite(value: float) -> float | None:
@@ -68,4 +69,5 @@ def build_report(report: PruningReport, return_kept: bool = False) -> FeatherRep
                                                   held_per_group=list(report.kv_blocks_held)),
                          fallback=fallback,
                          reused=ReusedReport(tokens=report.reused.tokens, kept_from=report.reused.kept_from)
-                         if report.reused else None)
+                         if report.reused else None,
+                         united=UnitedReport(kept_from=report.united.kept_from) if report.united else None)

@@ -75,9 +75,11 @@ class FeatherSettings(_Strict):
     # to draw kept-token maps; off by default, the lists are long.
     return_kept: StrictBool = False
     # A follow-up turn about an image an earlier turn of the conversation
-    # pruned reuses that turn's pruned KV and kept set (false, the default),
-    # or prunes again for this turn's question at full cost (true).
-    reselect: StrictBool = False
+    # pruned: "reuse" that turn's pruned KV and kept set, "reselect" (prune
+    # again for this turn's question, at full cost) or "keep_both" (prune
+    # again and keep that turn's kept tokens too); unset: the preset's.
+    follow_up: Literal["reuse", "reselect", "keep_both"] | None = None
+    reselect: StrictBool = False  # true: follow_up "reselect"
 
 
 MAX_STOP_SEQUENCES = 16
@@ -243,6 +245,12 @@ class ReusedReport(BaseModel):
     kept_from: str  # the engine request id of the turn whose cut decided the kept set
 
 
+class UnitedReport(BaseModel):
+    """A follow-up turn whose cut kept an earlier turn's kept tokens too."""
+
+    kept_from: str  # the engine request id of that turn
+
+
 class ImageReport(BaseModel):
     """What pruning did to one image (each image keeps its own share)."""
 
@@ -258,6 +266,7 @@ class FeatherReport(BaseModel):
     kv_blocks: KVBlocksReport
     fallback: FallbackReport | None = None
     reused: ReusedReport | None = None  # kept set and KV from an earlier turn (no cut in this request)
+    united: UnitedReport | None = None  # this request's cut kept an earlier turn's kept set too
 
 
 class ToolCallOut(BaseModel):

@@ -90,13 +90,15 @@ def _score(layer, hidden: torch.Tensor, cos, sin, last: int, image_rows: torch.T
 
 @torch.no_grad()
 def _forward(model, embeds: torch.Tensor, images: list[tuple[int, ImageLayout]], prompt_len: int,
-             config: PruningConfig, kept: dict[int, list[torch.Tensor]] | None, cache: _PerLayerKV | None = None):
+             config: PruningConfig, kept: dict[int, list[torch.Tensor]] | None, cache: _PerLayerKV | None = None,
+             also: dict[int, list[torch.Tensor]] | None = None):
     """Pruned forward of one sequence from position 0. `images` are the
     (start, layout) of each image's tokens. With `kept` None the stages are
     decided here (prompt pass), each image on its own (its own scores, top
-    fraction and grid); otherwise the given kept sets (per cut layer, per
-    image) are applied. Returns (last-position logits, kept sets, tokens
-    present in each layer)."""
+    fraction and grid), each stage keeping `also` (per cut layer, per image)
+    on top; otherwise the given kept sets (per cut layer, per image) are
+    applied. Returns (last-position logits, kept sets, tokens present in
+    each layer)."""
     lm = model.model.language_model
     seq_len = embeds.shape[1]
     decide = kept is None
@@ -124,11 +126,14 @@ def _forward(model, embeds: torch.Tensor, images: list[tuple[int, ImageLayout]],
             last = int(torch.searchsorted(rows, torch.tensor(prompt_len - 1)))
             stage = stages[index + 1]
             kept[index + 1] = []
-            for (start, layout), image_present in zip(images, present):
+            for i, ((start, layout), image_present) in enumerate(zip(images, present)):
                 # All the image's present tokens, newlines included, share one softmax.
                 image_rows = torch.searchsorted(rows, image_present + start)
                 scores = _score(layer, hidden, cos, sin, last, image_rows, stage.criterion == "rope")
-                kept[index + 1].append(select_stage_layout(scores, image_present, stage, layout))
+                selected = select_stage_layout(scores, image_present, stage, layout)
+                if also is not None:
+                    selected = torch.unique(torch.cat([selected, also[index + 1][i]]))
+                kept[index + 1].append(selected)
         out = layer(hidden, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
                     use_cache=cache is not None, position_embeddings=(cos, sin))
         hidden = out[0] if isinstance(out, tuple) else out
@@ -200,14 +205,23 @@ def _check_newlines(model, embeds: torch.Tensor, images: list[tuple[int, ImageLa
                                  f"transformers' {torch.nonzero(found).flatten().tolist()}")
 
 
+def _by_layer(config: PruningConfig, sets: list[list[list[int]]] | None) -> dict[int, list[torch.Tensor]] | None:
+    """Kept sets given per stage and image, keyed by cut layer."""
+    return None if sets is None else {stage.layer: [torch.tensor(k, dtype=torch.long) for k in per_image]
+                                      for stage, per_image in zip(config.stages, sets)}
+
+
 @torch.no_grad()
 def reference_generate(model, input_ids: torch.Tensor, pixel_values: torch.Tensor, config: PruningConfig,
                        max_new_tokens: int, decode: Literal["cache", "recompute"] = "cache",
-                       kept: list[list[list[int]]] | None = None, image_sizes: torch.Tensor | None = None) -> dict:
+                       kept: list[list[list[int]]] | None = None, image_sizes: torch.Tensor | None = None,
+                       also: list[list[list[int]]] | None = None) -> dict:
     """Greedy pruned generation of one prompt (batch of 1).
 
     `kept` (per stage, per image, as returned) forces the kept sets instead
     of deciding them: a later turn that reuses an earlier turn's selection.
+    `also` (the same shape) is kept at each stage on top of the stage's own
+    selection: a later turn that keeps both.
 
     `pixel_values` holds one image per image-token run of the prompt (NeXT:
     its tiles, with `image_sizes` as the processor gives them).
@@ -222,9 +236,8 @@ def reference_generate(model, input_ids: torch.Tensor, pixel_values: torch.Tenso
     embeds = _embed(model, input_ids, pixel_values, image_sizes)
     _check_newlines(model, embeds, images)
     cache = _PerLayerKV() if decode == "cache" else None
-    forced = None if kept is None else {stage.layer: [torch.tensor(k, dtype=torch.long) for k in per_image]
-                                        for stage, per_image in zip(config.stages, kept)}
-    logits, kept, layer_tokens = _forward(model, embeds, images, prompt_len, config, forced, cache)
+    logits, kept, layer_tokens = _forward(model, embeds, images, prompt_len, config, _by_layer(config, kept), cache,
+                                          _by_layer(config, also))
     tokens: list[int] = []
     logprobs: list[float] = []
     for step in range(max_new_tokens):

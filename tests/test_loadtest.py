@@ -21,15 +21,20 @@ def server(tiny_checkpoint):
     proc.stop()
 
 
-def _ttft_count(url: str) -> float:
+def _metric_total(url: str, sample: str, **labels: str) -> float:
+    """The gateway's samples named `sample` (with `labels`), summed."""
     from prometheus_client.parser import text_string_to_metric_families
 
     total = 0.0
     for family in text_string_to_metric_families(httpx.get(url + "/metrics").text):
         for s in family.samples:
-            if s.name == "feather_time_to_first_token_seconds_count":
+            if s.name == sample and labels.items() <= s.labels.items():
                 total += s.value
     return total
+
+
+def _ttft_count(url: str) -> float:
+    return _metric_total(url, "feather_time_to_first_token_seconds_count")
 
 
 def test_closed_loop_with_preset_mix(server, tmp_path):
@@ -111,9 +116,10 @@ def test_evaluate_builtin_scenes_through_gateway(server, tmp_path):
 
 def test_evaluate_multi_turn_through_gateway(server, tmp_path, capsys):
     """--multi-turn on 4 two-object scenes: each setting's turn 1 once, then
-    turn 2 about the other object under reuse and (where the gateway takes
-    the field) reselect; scores, paired differences and reuse counts agree
-    with the answers; the unpruned baseline is stated."""
+    turn 2 about the other object under each follow-up policy (reuse,
+    reselect, keep_both); scores, paired differences and what the reports
+    say was reused or kept too agree with the answers; the unpruned
+    baseline is stated."""
     from feather_vllm.tools.demo.scenes import held_out_pairs
     from feather_vllm.tools.evaluate import main
 
@@ -124,9 +130,10 @@ def test_evaluate_multi_turn_through_gateway(server, tmp_path, capsys):
     main(["--url", server.url, "--model", "tiny", "--multi-turn", "--scenes", "4", "--presets", "none,feather",
           "--json", str(out)])
     data = json.loads(out.read_text())
-    names = ["none", "feather", "feather+reselect"] if data["reselect"] else ["none", "feather"]
-    assert data["mode"] == "multi-turn" and data["items"] == 4 and list(data["report"]) == names
-    assert data["settings"]["feather"] == {"preset": "feather"}
+    names = ["none", "feather+reuse", "feather+reselect", "feather+keep_both"]
+    assert data["mode"] == "multi-turn" and data["items"] == 4 and data["follow_ups"] is True
+    assert list(data["report"]) == names
+    assert data["settings"]["feather+keep_both"] == {"preset": "feather", "follow_up": "keep_both"}
     assert data["questions"] == [[o.question for o in p.objects] for p in held_out_pairs(4, data["seed"])]
     answers, report = data["answers"], data["report"]
     for name in names:
@@ -137,19 +144,22 @@ def test_evaluate_multi_turn_through_gateway(server, tmp_path, capsys):
             assert entry["other_object"] == sum(r["other"] for r in turns) / 4
             assert not any(r["correct"] and r["other"] for r in turns)
             assert entry["reused"] == sum(bool(r["reused"]) for r in turns)
-            if t == 1:
-                assert entry["kept_from_turn1"] == sum(
-                    bool(c[1]["reused"]) and c[1]["reused"]["kept_from"] == c[0]["id"] for c in answers[name])
+            assert entry["united"] == sum(bool(r["united"]) for r in turns)
             if name != "none":
                 none = [c[t]["correct"] for c in answers["none"]]
                 assert entry["vs_none"]["difference"] == pytest.approx(entry["accuracy"] - sum(none) / 4)
-        assert all(c[0]["reused"] is None for c in answers[name])  # a first turn has nothing to reuse
-    if data["reselect"]:
-        # One turn 1 per setting: the reuse and reselect follow-ups continue the same one.
-        assert [c[0] for c in answers["feather"]] == [c[0] for c in answers["feather+reselect"]]
-        t2 = [report[n]["turns"][1]["accuracy"] for n in ("feather", "feather+reselect")]
-        assert report["feather"]["reuse_vs_reselect"]["difference"] == pytest.approx(t2[0] - t2[1])
-        assert report["feather+reselect"]["turns"][1]["reused"] == 0  # pruned again, nothing reused
+        assert all(c[0]["reused"] is None and c[0]["united"] is None for c in answers[name])  # nothing before turn 1
+    # One turn 1 per setting: every follow-up continues the same one.
+    assert len({json.dumps([c[0] for c in answers[n]]) for n in names[1:]}) == 1
+    # What each policy did, by the reports: reuse took turn 1's kept set and
+    # KV, reselect cut afresh, keep_both cut keeping turn 1's kept set.
+    follow = {n: report[n]["turns"][1] for n in names[1:]}
+    assert follow["feather+reuse"]["reused"] == follow["feather+reuse"]["kept_from_turn1"] == 4
+    assert follow["feather+reselect"]["reused"] == follow["feather+reselect"]["united"] == 0
+    assert follow["feather+keep_both"]["united"] == follow["feather+keep_both"]["kept_from_turn1"] == 4
+    t2 = {n: e["accuracy"] for n, e in follow.items()}
+    for name in ("feather+reuse", "feather+keep_both"):
+        assert report[name]["vs_reselect"]["difference"] == pytest.approx(t2[name] - t2["feather+reselect"])
     assert isinstance(data["unpruned"]["weak"], bool)
     printed = capsys.readouterr().out
     assert "unpruned on two-object scenes: turn 1" in printed and data["unpruned"]["text"] in printed
@@ -162,6 +172,9 @@ def test_multi_turn_benchmark_against_running_gateway(server, tmp_path, capsys):
     follow-ups find the first turn's prompt in the prefix cache."""
     from loadtest.multi_turn import main
 
+    follow_ups = ("feather_pruned_kv_reuses_total", "feather_pruned_kept_both_total")
+    presets = ("fastv", "feather", "pyramiddrop")
+    before = {(m, p): _metric_total(server.url, m, preset=p) for m in follow_ups for p in presets}
     main(["--url", server.url, "--served-model-name", "tiny", "--rounds", "1", "--max-tokens", "32",
           "--out", str(tmp_path), "--seed", "100000"])  # images no other test sends
     data = json.loads((tmp_path / "multi_turn.json").read_text())
@@ -182,10 +195,14 @@ def test_multi_turn_benchmark_against_running_gateway(server, tmp_path, capsys):
             else:
                 assert t["kv_blocks"]["used"] < t["kv_blocks"]["unpruned"]
         assert turns[0]["prefix_cache_hit_tokens"] == 0 and turns[0]["reused"] is None  # a fresh image
-        # Follow-ups reuse turn 1's pruned image and kept set (FastV's too: its cut
-        # lies inside the first KV stage of the default layout).
+        # Feather's follow-ups reuse turn 1's pruned image and kept set; fastv's
+        # and pyramiddrop's (their presets' policy: keep_both) cut again, each
+        # keeping the turn before's kept set too.
         reused = [bool(t["reused"]) and t["reused"]["kept_from"] == turns[0]["id"] for t in turns[1:]]
-        assert reused == [c["preset"] != "none"] * 2
+        assert reused == [c["preset"] == "feather"] * 2
+        united = [t["united"]["kept_from"] if t["united"] else None for t in turns]
+        assert united == ([None, turns[0]["id"], turns[1]["id"]] if c["preset"] in ("fastv", "pyramiddrop")
+                          else [None] * 3)
     assert any(t["kv_usage_perc"] for c in conversations for t in c["turns"])
     none = conversations[0]["turns"]
     assert none[1]["prefix_cache_hit_tokens"] >= 576 and none[2]["prefix_cache_hit_tokens"] >= 576
@@ -197,7 +214,12 @@ def test_multi_turn_benchmark_against_running_gateway(server, tmp_path, capsys):
         for k, (t, m) in enumerate(zip(turns, measured)):
             assert t["ttft_s"] == m["ttft_s"] and t["kv_blocks_used"] == m["kv_blocks"]["used"]
             assert t["reused"] == t["kept_from_turn1"] == bool(m["reused"])
+            assert t["united"] == bool(m["united"])
             assert t["ttft_s_x_none"] == pytest.approx(m["ttft_s"] / summary["none"][k]["ttft_s"])
+    # The gateway counts each policy's follow-ups: the recorded round's and its warm-up's.
+    for (name, preset), value in before.items():
+        key = "reused" if name == "feather_pruned_kv_reuses_total" else "united"
+        assert _metric_total(server.url, name, preset=preset) - value == 2 * sum(t[key] for t in summary[preset])
     printed = capsys.readouterr().out
     assert printed.count("\n") >= 13 and "pyramiddrop" in printed and "TTFT ms" in printed
 

@@ -8,7 +8,9 @@ per preset, turn 3 long enough to be prefilled in two chunks; every turn's
 tokens equal the independent transformers reference run on the same prompt
 with turn 1's kept sets forced; so does a conversation whose cut falls
 inside a KV stage. Then what must not reuse: other settings, another
-image, another cache salt (API key), another first question, `reselect`."""
+image, another cache salt (API key), another first question, `reselect`
+(nor keep another conversation's kept set). Last, follow_up "keep_both":
+each turn cuts again, keeping the previous turn's kept sets as well."""
 
 from __future__ import annotations
 
@@ -34,6 +36,8 @@ LONG = "Then tell me again, with every detail of the picture you can name. " * 2
 
 
 TURNS = ["Where is the red square?", "And the blue circle?", LONG]
+SHORT_TURNS = TURNS[:2] + ["And the green one?"]  # a cutting turn's text after the image fits one step
+KEEPING_BOTH = ["fastv", "pyramiddrop"]  # one cut inside a KV stage and one cut, three stages
 
 
 def _prompt(text: str, image, salt: str | None = None) -> dict:
@@ -50,9 +54,11 @@ def _params(feather, max_tokens: int = MAX_TOKENS):
 
 
 def _image(i: int):
+    """A distinct image per index (< 9): the samples, flipped, mirrored."""
     from PIL import ImageOps
 
-    return sample_images()[i] if i < 3 else ImageOps.flip(sample_images()[i - 3])
+    return (sample_images()[i % 3], ImageOps.flip(sample_images()[i % 3]),
+            ImageOps.mirror(sample_images()[i % 3]))[i // 3]
 
 
 def _converse(llm, feather, image, questions, salt=None, preempt_turn: int | None = None,
@@ -94,6 +100,11 @@ def _run_preempted(llm, prompt, params, request_id):
     raise AssertionError("the request did not finish")
 
 
+def _reusing(preset: str) -> dict:
+    """`preset`, its follow-ups reusing (the feather preset's default)."""
+    return {"preset": preset, "follow_up": "reuse"}
+
+
 @pytest.fixture(scope="module")
 def engine(tiny_checkpoint):
     llm = make_llm(tiny_checkpoint, block_size=BLOCK, enable_prefix_caching=True, enable_chunked_prefill=True,
@@ -109,9 +120,12 @@ def conversations(engine):
     """Per preset, a 3-turn conversation on an image of its own; one more
     with feather whose turn 2 is preempted while decoding and resumed; two
     turns with a cut inside a KV stage."""
-    out = {preset: _converse(engine, preset, _image(i), TURNS) for i, preset in enumerate(REUSING)}
+    out = {preset: _converse(engine, _reusing(preset), _image(i), TURNS) for i, preset in enumerate(REUSING)}
     out["preempted"] = _converse(engine, "feather", _image(3), TURNS, preempt_turn=1)
-    out["split"] = _converse(engine, SPLIT, _image(4), TURNS[:2])
+    out["split"] = _converse(engine, {**SPLIT, "follow_up": "reuse"}, _image(4), TURNS[:2])
+    for i, preset in enumerate(KEEPING_BOTH):
+        out[f"{preset}+keep_both"] = _converse(engine, {"preset": preset, "follow_up": "keep_both"},
+                                               _image(6 + i), SHORT_TURNS)
     return out
 
 
@@ -189,6 +203,35 @@ def test_a_one_token_turn_1_is_reused(engine):
     assert report.reused is not None and report.reused.tokens == len(outs[0].prompt_token_ids)
 
 
+KEEP_BOTH_CASES = [(preset, turn) for preset in KEEPING_BOTH for turn in (1, 2)]
+
+
+@pytest.mark.parametrize("preset,turn", KEEP_BOTH_CASES, ids=[f"{p}-turn{t + 1}" for p, t in KEEP_BOTH_CASES])
+def test_keep_both_cuts_again_and_keeps_the_last_turns_kept_set(hf, conversations, preset, turn):
+    """follow_up "keep_both": turns 2 and 3 cut again (nothing of the image
+    from the cache), each stage keeping its own selection and what the
+    previous turn kept there; tokens and kept sets equal the reference
+    that selects for the same prompt and keeps the previous turn's too."""
+    processor, model = hf
+    outs = conversations[f"{preset}+keep_both"]
+    previous, report = report_of(outs[turn - 1]), report_of(outs[turn])
+    assert report.reused is None and report.united is not None
+    assert report.united.kept_from == outs[turn - 1].request_id
+    image_token = processor.tokenizer.convert_tokens_to_ids("<image>")
+    assert outs[turn].num_cached_tokens <= outs[turn].prompt_token_ids.index(image_token)
+    earlier = [[list(k) for k in stage.per_image] for stage in previous.stages]
+    pixels = processor.image_processor(images=_image(6 + KEEPING_BOTH.index(preset)),
+                                       return_tensors="pt")["pixel_values"]
+    want = reference_generate(model, torch.tensor([outs[turn].prompt_token_ids]), pixels, PRESETS[preset],
+                              MAX_TOKENS, also=earlier)
+    assert [[list(k) for k in stage.per_image] for stage in report.stages] == want["kept"]
+    assert list(outs[turn].outputs[0].token_ids) == want["token_ids"]
+    # The first cut keeps exactly what this prompt alone selects and what the previous turn kept.
+    own = reference_generate(model, torch.tensor([outs[turn].prompt_token_ids]), pixels, PRESETS[preset], 1)
+    assert set(report.stages[0].per_image[0]) == set(own["kept"][0][0]) | set(earlier[0][0])
+    assert report.stages[0].total > previous.stages[0].total  # the new question added tokens
+
+
 ISOLATION = {
     "other-settings": dict(feather="pyramiddrop"),
     "other-image": dict(image=5),
@@ -196,19 +239,24 @@ ISOLATION = {
     "other-first-question": dict(first_question="Where is the green circle?"),
     "reselect": dict(feather={"preset": "feather", "reselect": True}),
 }
+# The changes that name no settings, under each policy that takes an earlier turn's selection.
+CROSSING = [(case, policy) for case in ISOLATION for policy in ("reuse", "keep_both")
+            if policy == "reuse" or "feather" not in ISOLATION[case]]
 
 
-@pytest.mark.parametrize("case", ISOLATION)
-def test_reuse_never_crosses(engine, conversations, case):
+@pytest.mark.parametrize("case,policy", CROSSING, ids=[f"{c}-{p}" for c, p in CROSSING])
+def test_reuse_never_crosses(engine, conversations, case, policy):
     """Feather's turn 2 again, changed in one respect: it takes nothing
-    from the image on out of the cache, and cuts for itself."""
+    from the image on out of the cache, and cuts for itself; under
+    keep_both, it keeps no other conversation's kept set."""
     change = ISOLATION[case]
     turn_2 = conversations["feather"][1]
     question = TURNS[0]
     text = turn_2.prompt.replace(question, change.get("first_question", question))
     prompt = _prompt(text, _image(change.get("image", REUSING.index("feather"))), change.get("salt"))
-    out = engine.generate(prompt, _params(change.get("feather", "feather")), use_tqdm=False)[0]
+    out = engine.generate(prompt, _params(change.get("feather", {"preset": "feather", "follow_up": policy})),
+                          use_tqdm=False)[0]
     report = report_of(out)
-    assert report.reused is None and report.stages
+    assert report.reused is None and report.united is None and report.stages
     image_token = engine.llm_engine.model_config.hf_config.image_token_index
     assert out.num_cached_tokens <= out.prompt_token_ids.index(image_token)

@@ -124,8 +124,8 @@ def test_a_resume_that_falls_back_runs_unpruned(tiny_checkpoint, monkeypatch):
 
     decide = scheduler_hook._decide
 
-    def falls_back_on_resume(spec, request, *args):
-        decided = decide(spec, request, *args)
+    def falls_back_on_resume(manager, spec, request, *args):
+        decided = decide(manager, spec, request, *args)
         if request.num_preemptions and decided.plan is not None:
             decided.plan, decided.fallback = None, FallbackReason.PROMPT_SPLIT
         return decided

@@ -52,6 +52,9 @@ def test_presets_are_the_papers():
     ({"preset": "fastest"}, "preset"),
     ({"preset": 3}, "preset"),
     ({"mode": "fast"}, "feather"),
+    ({"preset": "feather", "follow_up": "both"}, "follow_up"),
+    ({"preset": "feather", "reselect": "yes"}, "reselect"),
+    ({"preset": "feather", "reselect": True, "follow_up": "keep_both"}, "reselect"),
     ("fastest", "preset"),
     (7, "feather"),
 ])
@@ -68,6 +71,25 @@ def test_explicit_stages_and_defaults():
     assert pcfg.resolve(None, PRESETS["feather"]) is PRESETS["feather"]
     assert pcfg.resolve({"preset": "fastv"}) is PRESETS["fastv"]
     assert pcfg.resolve(PRESETS["feather"].to_dict()) == PRESETS["feather"]
+
+
+@pytest.mark.parametrize("spec, follow_up", [
+    ({"preset": "feather"}, "reuse"),
+    ({"preset": "fastv"}, "keep_both"),
+    ({"preset": "pyramiddrop"}, "keep_both"),
+    ({"stages": [{"layer": 3, "keep": 0.25}]}, "keep_both"),
+    ({"preset": "fastv", "follow_up": "reuse"}, "reuse"),
+    ({"preset": "feather", "follow_up": "keep_both"}, "keep_both"),
+    ({"preset": "feather", "reselect": True}, "reselect"),
+    ({"preset": "feather", "reselect": True, "follow_up": "reselect"}, "reselect"),
+    ({"preset": "feather", "reselect": False}, "reuse"),
+], ids=["feather", "fastv", "pyramiddrop", "stages", "reuse", "keep_both", "reselect", "both-spellings",
+        "reselect-false"])
+def test_follow_up_policy(spec, follow_up):
+    """The request's follow-up policy, else its preset's (feather reuses,
+    the others keep both); explicit stages keep both; `"reselect": true`
+    spells "reselect"."""
+    assert pcfg.resolve(spec).follow_up == follow_up
 
 
 # -- criterion -----------------------------------------------------------------

@@ -76,6 +76,10 @@ def _bad_inputs(scene_url: str, local_dir) -> list[tuple[str, dict | str, int, s
          400, "feather.stages[1].layer"),
         ("unknown criterion", with_(feather={"stages": [{"layer": 8, "keep": 0.5, "criterion": "magic"}]}), 400,
          "feather.stages[0].criterion"),
+        ("unknown follow-up policy", with_(feather={"preset": "feather", "follow_up": "both"}), 400,
+         "feather.follow_up"),
+        ("reselect contradicting follow_up", with_(feather={"preset": "feather", "reselect": True,
+                                                            "follow_up": "keep_both"}), 400, "feather.reselect"),
         ("too many images", with_(messages=[{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": scene_url}},
             {"type": "image_url", "image_url": {"url": scene_url}}, {"type": "text", "text": "hi"}]}]),

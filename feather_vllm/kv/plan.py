@@ -63,6 +63,9 @@ class PrunePlan:
     # An earlier turn's kept set, whose pruned KV this request found in the
     # prefix cache: no cut, every token it computes lies after its images.
     reuse: "KeptTokens | None" = None
+    # An earlier turn's kept set that this cut keeps as well, at each stage
+    # (follow_up "keep_both"): the stage keeps its own selection and these.
+    unite: "KeptTokens | None" = None
 
     @property
     def first_offset(self) -> int:
@@ -125,6 +128,13 @@ class Reused:
 
 
 @dataclasses.dataclass(frozen=True)
+class United:
+    """A follow-up turn whose cut kept an earlier turn's kept set as well."""
+
+    kept_from: str  # the request whose kept set it kept
+
+
+@dataclasses.dataclass(frozen=True)
 class PruningReport:
     """What pruning did to one finished request, as the engine saw it."""
 
@@ -136,6 +146,7 @@ class PruningReport:
     kv_blocks_unpruned: tuple[int, ...] = ()  # per group, the same tokens unpruned
     reused: Reused | None = None
     layouts: tuple[ImageLayout, ...] = ()  # per image, how its tokens are laid out (when it was pruned)
+    united: United | None = None
 
     @property
     def image_tokens_total(self) -> int:
@@ -157,6 +168,7 @@ class PruningReport:
                 "kv_blocks_held": list(self.kv_blocks_held),
                 "kv_blocks_unpruned": list(self.kv_blocks_unpruned),
                 "reused": dataclasses.asdict(self.reused) if self.reused else None,
+                "united": dataclasses.asdict(self.united) if self.united else None,
                 "layouts": [{"model": layout.model,
                              "regions": [[r.name, r.rows, r.cols, r.newline] for r in layout.regions]}
                             for layout in self.layouts]}
@@ -170,6 +182,7 @@ class PruningReport:
                    kv_blocks_held=tuple(data["kv_blocks_held"]),
                    kv_blocks_unpruned=tuple(data["kv_blocks_unpruned"]),
                    reused=Reused(**data["reused"]) if data.get("reused") else None,
+                   united=United(**data["united"]) if data.get("united") else None,
                    layouts=tuple(ImageLayout.from_rasters(*(tuple(r) for r in layout["regions"]),
                                                           model=layout["model"])
                                  for layout in data.get("layouts", ())))

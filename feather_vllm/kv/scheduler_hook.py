@@ -41,6 +41,7 @@ from feather_vllm.kv.plan import (
     PrunePlan,
     PruningReport,
     Reused,
+    United,
     requested_config,
 )
 from feather_vllm.kv.reuse import (
@@ -71,6 +72,7 @@ class RequestPruning:
     fallback: FallbackReason | None = None
     kept: KeptTokens | None = None  # from the worker after the cutting step, or the reused turn's
     reused: Reused | None = None
+    united: United | None = None  # the earlier turn whose kept set its cut keeps as well
 
 
 def image_ranges(request: Any) -> list[tuple[int, int]]:
@@ -111,7 +113,7 @@ def _asks_pruning(spec: StagedFullAttentionSpec, request: Any) -> bool:
     return isinstance(settings, PruningConfig) and settings.enabled and bool(image_ranges(request))
 
 
-def _decide(spec: StagedFullAttentionSpec, request: Any, num_new_tokens: int,
+def _decide(manager: KVCacheManager, spec: StagedFullAttentionSpec, request: Any, num_new_tokens: int,
             num_computed: int) -> RequestPruning:
     ranges = image_ranges(request)
     image_tokens = tuple(length for _, length in ranges)
@@ -126,11 +128,30 @@ def _decide(spec: StagedFullAttentionSpec, request: Any, num_new_tokens: int,
     if not decision.prune:
         pruning.fallback = decision.reason
         return pruning
-    # Each image keeps its own share: the stage bounds add up over images.
-    per_image = [layout_kept_per_stage_max(settings, layout) for layout in layouts]
+    earlier = _earlier_decision(manager, settings, request) if settings.follow_up == "keep_both" else None
+    # Each image keeps its own share (and an earlier turn's kept tokens, when
+    # it keeps both): the stage bounds add up over images.
+    per_image = [layout_kept_per_stage_max(settings, layout,
+                                           [len(stage.per_image[i]) for stage in earlier.kept.stages]
+                                           if earlier is not None else ())
+                 for i, layout in enumerate(layouts)]
+    if earlier is not None:
+        pruning.united = United(earlier.request_id)
     pruning.plan = PrunePlan(settings, tuple(ImageSpan(o, n, layout) for (o, n), layout in zip(ranges, layouts)),
-                             tuple(sum(stage) for stage in zip(*per_image)), life=request.num_preemptions)
+                             tuple(sum(stage) for stage in zip(*per_image)), life=request.num_preemptions,
+                             unite=earlier.kept if earlier is not None else None)
     return pruning
+
+
+def _earlier_decision(manager: KVCacheManager, settings: PruningConfig, request: Any) -> Decision | None:
+    """The latest recorded cut of an earlier turn of the conversation
+    `request` continues (its kept set, whether or not its KV is still
+    cached), for a keep_both cut. Earlier: a shorter prompt (the same
+    prompt cut again, e.g. under reselect, is this turn, not an earlier one)."""
+    if not manager.enable_caching:
+        return None
+    return next((d for d in manager._feather_decisions.candidates(settings, request)
+                 if d.prompt_len < request.num_prompt_tokens), None)
 
 
 def _reuse(spec: StagedFullAttentionSpec, request: Any, hit: Hit) -> RequestPruning:
@@ -146,9 +167,9 @@ def _reuse(spec: StagedFullAttentionSpec, request: Any, hit: Hit) -> RequestPrun
 
 def _find_reuse(manager: KVCacheManager, spec: StagedFullAttentionSpec, request: Any) -> Hit | None:
     """An earlier turn's pruned KV that `request` may take (the default for
-    a request that asks for pruning; `reselect` asks for a new cut)."""
+    a request whose follow-up policy is "reuse"; the others cut again)."""
     settings = _settings(spec, request)
-    if settings.reselect or not manager.enable_caching or not manager.prefix_cache_lookup_enabled(request):
+    if settings.follow_up != "reuse" or not manager.enable_caching or not manager.prefix_cache_lookup_enabled(request):
         return None
     managers = manager.coordinator.single_type_managers
     for decision in manager._feather_decisions.candidates(settings, request):
@@ -246,7 +267,8 @@ def _report(scheduler: Any, request: Any) -> PruningReport:
         preset=pruning.config.name, image_tokens=pruning.image_tokens,
         stages=pruning.kept.stages if pruning.kept else (),
         layouts=tuple(image.layout for image in pruning.plan.images) if pruning.plan else (),
-        fallback=pruning.fallback, kv_blocks_held=held, kv_blocks_unpruned=unpruned, reused=pruning.reused)
+        fallback=pruning.fallback, kv_blocks_held=held, kv_blocks_unpruned=unpruned, reused=pruning.reused,
+        united=pruning.united)
 
 
 def install() -> None:
@@ -270,7 +292,7 @@ def install() -> None:
             if hit is not None and computed == hit.tokens:
                 decided = _reuse(spec, request, hit)
             elif _reaches_image(request, num_new_tokens, computed):
-                decided = _decide(spec, request, num_new_tokens, computed)
+                decided = _decide(self, spec, request, num_new_tokens, computed)
             if decided is not None and decided.plan is not None:
                 for manager in _stage_managers(self):
                     manager.track(request.request_id, decided.plan,

@@ -15,6 +15,14 @@ from typing import Any, Literal
 
 Criterion = Literal["rope", "rope_free"]
 CRITERIA: tuple[str, ...] = ("rope", "rope_free")
+# What a follow-up turn about an image an earlier turn pruned does with that
+# turn's selection (made for that turn's question):
+# - "reuse": takes its pruned KV and kept set from the prefix cache; no cut.
+# - "reselect": prunes again for this turn's prompt, at full cost.
+# - "keep_both": prunes again at full cost and keeps, at every stage, what
+#   this prompt's criterion selects and what the earlier turn kept.
+FollowUp = Literal["reuse", "reselect", "keep_both"]
+FOLLOW_UPS: tuple[str, ...] = ("reuse", "reselect", "keep_both")
 
 
 class PruningConfigError(ValueError):
@@ -48,10 +56,12 @@ class PruningConfig:
 
     stages: tuple[Stage, ...] = ()
     name: str = "custom"
-    # A follow-up turn about an image an earlier turn pruned: False reuses
-    # that turn's pruned KV (and its kept set); True prunes again for this
-    # prompt, at full cost. A policy, not part of what is kept.
-    reselect: bool = False
+    # A policy for follow-up turns (FollowUp), not part of what is kept. By
+    # default a follow-up keeps both selections: reusing turn 1's costs
+    # answers where the cut precedes the layer in which the model finds
+    # what the new question asks about (README, "What reuse costs in
+    # answers"). The feather preset reuses: measured, it loses none.
+    follow_up: FollowUp = "keep_both"
 
     @property
     def enabled(self) -> bool:
@@ -92,12 +102,12 @@ class PruningConfig:
             stride = stage.grid_stride
             if stride is not None and (isinstance(stride, bool) or not isinstance(stride, int) or stride < 1):
                 raise PruningConfigError(f"{where}.grid_stride", f"must be a positive integer, got {stride!r}")
-        if not isinstance(self.reselect, bool):
-            raise PruningConfigError("reselect", f"must be true or false, got {self.reselect!r}")
+        if self.follow_up not in FOLLOW_UPS:
+            raise PruningConfigError("follow_up", f"must be one of {list(FOLLOW_UPS)}, got {self.follow_up!r}")
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        return {"preset": self.name, "stages": [s.to_dict() for s in self.stages], "reselect": self.reselect}
+        return {"preset": self.name, "stages": [s.to_dict() for s in self.stages], "follow_up": self.follow_up}
 
     @classmethod
     def from_stages(cls, stages: Sequence[Mapping[str, Any] | Stage], name: str = "custom") -> "PruningConfig":
@@ -124,7 +134,7 @@ PRESETS: dict[str, PruningConfig] = {
     "fastv": PruningConfig((Stage(3, 0.25, "rope"),), "fastv"),
     # FEATHER: RoPE-free criterion, stride-3 grid in stage 1, two cuts.
     "feather": PruningConfig(
-        (Stage(8, 0.30, "rope_free", 3), Stage(16, 0.09, "rope_free")), "feather"),
+        (Stage(8, 0.30, "rope_free", 3), Stage(16, 0.09, "rope_free")), "feather", follow_up="reuse"),
     # PyramidDrop: halve at 8, 16 and 24, RoPE criterion, no grid.
     "pyramiddrop": PruningConfig(
         (Stage(8, 0.5, "rope"), Stage(16, 0.5, "rope"), Stage(24, 0.5, "rope")), "pyramiddrop"),
@@ -133,11 +143,14 @@ PRESETS: dict[str, PruningConfig] = {
 
 def resolve(spec: "str | Mapping[str, Any] | PruningConfig | None",
             default: "PruningConfig | None" = None) -> PruningConfig:
-    """Turn a preset name, a {"preset", "stages", "reselect"} mapping or a
+    """Turn a preset name, a {"preset", "stages", "follow_up"} mapping or a
     config into a validated PruningConfig. None means `default` (or no
     pruning).
 
     Explicit `stages` win over `preset`; the preset then only names the run.
+    `follow_up` sets the follow-up policy (else the preset's; explicit
+    stages: "keep_both"); `"reselect": true` is another spelling of
+    `"follow_up": "reselect"`.
     """
     if spec is None:
         return default if default is not None else PRESETS["none"]
@@ -149,14 +162,26 @@ def resolve(spec: "str | Mapping[str, Any] | PruningConfig | None",
         return PRESETS[spec]
     if not isinstance(spec, Mapping):
         raise PruningConfigError("feather", "must be a preset name or an object with 'preset' and/or 'stages'")
-    unknown = set(spec) - {"preset", "stages", "reselect"}
+    unknown = set(spec) - {"preset", "stages", "follow_up", "reselect"}
     if unknown:
         raise PruningConfigError("feather", f"unknown keys {sorted(unknown)}")
+    follow_up = _follow_up(spec)
+    config = _resolve_stages(spec, default)
+    return dataclasses.replace(config, follow_up=follow_up).validate() \
+        if follow_up is not None and config.enabled else config
+
+
+def _follow_up(spec: Mapping[str, Any]) -> str | None:
+    """The mapping's follow-up policy, None where it names none."""
     reselect = spec.get("reselect", False)
     if not isinstance(reselect, bool):
         raise PruningConfigError("reselect", f"must be true or false, got {reselect!r}")
-    config = _resolve_stages(spec, default)
-    return dataclasses.replace(config, reselect=True) if reselect and config.enabled else config
+    follow_up = spec.get("follow_up")
+    if follow_up is not None and follow_up not in FOLLOW_UPS:
+        raise PruningConfigError("follow_up", f"must be one of {list(FOLLOW_UPS)}, got {follow_up!r}")
+    if reselect and follow_up not in (None, "reselect"):
+        raise PruningConfigError("reselect", f"contradicts follow_up {follow_up!r}")
+    return "reselect" if reselect else follow_up
 
 
 def _resolve_stages(spec: Mapping[str, Any], default: "PruningConfig | None") -> PruningConfig:

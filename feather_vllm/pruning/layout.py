@@ -452,31 +452,36 @@ def select_stage_layout(scores: torch.Tensor, present: torch.Tensor, stage: Stag
     return torch.unique(torch.cat(kept))  # sorted ascending
 
 
-def layout_kept_per_stage_bounds(config: PruningConfig, layout: ImageLayout) -> list[LayoutStageBound]:
+def layout_kept_per_stage_bounds(config: PruningConfig, layout: ImageLayout,
+                                 also: Sequence[int] = ()) -> list[LayoutStageBound]:
     """Kept tokens after each stage: raster tokens (min, max) and newlines.
 
     The raster bounds follow cost.kept_per_stage_bounds with the layout's
     raster tokens and its per-region grid size; the newlines are all kept
     at every stage, so a stage holds at most top-k + grid + newlines. On a
-    square layout (no newlines) the totals equal kept_per_stage_bounds."""
+    square layout (no newlines) the totals equal kept_per_stage_bounds.
+    `also[s]`: tokens stage s keeps on top of its own selection (an earlier
+    turn's, follow_up "keep_both"), which also enter the next stage."""
     lo = hi = layout.num_image_tokens
     out = []
-    for stage in config.stages:
+    for s, stage in enumerate(config.stages):
         k_lo, k_hi = stage_keep_count(lo, stage), stage_keep_count(hi, stage)
         if stage.grid_stride:
             grid = layout.grid_size(stage.grid_stride)
             lo, hi = k_lo, min(hi, k_hi + min(grid, hi))
         else:
             lo, hi = k_lo, k_hi
+        hi += also[s] if s < len(also) else 0
         # An image with fewer raster tokens than the top-k floor of 1 keeps them all.
         lo, hi = min(lo, layout.num_image_tokens), min(hi, layout.num_image_tokens)
         out.append(LayoutStageBound(lo, hi, layout.num_newlines))
     return out
 
 
-def layout_kept_per_stage_max(config: PruningConfig, layout: ImageLayout) -> list[int]:
-    """Most tokens (raster + newlines) each stage can keep: a KV reservation."""
-    return [b.hi for b in layout_kept_per_stage_bounds(config, layout)]
+def layout_kept_per_stage_max(config: PruningConfig, layout: ImageLayout, also: Sequence[int] = ()) -> list[int]:
+    """Most tokens (raster + newlines) each stage can keep: a KV reservation
+    (`also` as in `layout_kept_per_stage_bounds`)."""
+    return [b.hi for b in layout_kept_per_stage_bounds(config, layout, also)]
 
 
 # -- per-region reports ---------------------------------------------------------

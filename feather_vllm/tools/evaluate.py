@@ -5,7 +5,7 @@ python -m feather_vllm.tools.evaluate --url http://127.0.0.1:8000 --model demo \
     [--presets none,fastv,feather,pyramiddrop] [--stages '[{"layer": 8, "keep": 0.2}]'] \\
     [--scenes 200 --seed 12345 | --jsonl refs.jsonl] [--json out.json] [--png out.png]
 python -m feather_vllm.tools.evaluate --url ... --model demo --multi-turn \\
-    [--presets ...] [--scenes 200 --pair-seed 54321] [--no-reselect] [--json out.json]
+    [--presets ...] [--scenes 200 --pair-seed 54321] [--no-follow-ups] [--json out.json]
 
 Built-in task: held-out synthetic scenes ("Where is the {colour} {shape}?",
 answer: the 3x3-grid cell). The reply is correct when the first cell name
@@ -30,18 +30,18 @@ two-object scenes (`held_out_pairs`: different colours, different shapes,
 different cells); turn 1 asks "Where is the {colour} {shape}?" about one
 object, turn 2 (turn 1 with the image, the reply turn 1 got, then the new
 question as text) about the other. Each setting's turn 1 is asked once and
-turn 2 follows it: under `none`, under each pruned setting as the endpoint
-serves a follow-up by default (feather-vllm's gateway may reuse turn 1's
-pruned KV and so turn 1's kept set, chosen for the other object), and under
-the same setting with `"reselect": true` (pruned again for the new
-question), skipped if the endpoint refuses the field. Per setting and turn:
-accuracy with its standard error and how often the reply names the other
-object's cell; for turn 2 the paired difference to `none` and, per pruned
-setting, reuse vs reselect, and how many turns the report says were served
-from a pruned cache (its `reused`; absent counts as not reused). The output
-also says how the model does unpruned on two-object scenes: the demo model
-is trained on one-object scenes, and where it cannot tell the two objects
-apart the differences between settings mean little.
+turn 2 follows it: under `none`, and under each pruned setting with each
+follow-up policy (`"follow_up"`: "reuse" turn 1's pruned KV and so its
+kept set, chosen for the other object; "reselect", pruned again for the new
+question; "keep_both", pruned again keeping turn 1's kept set too), or as
+the endpoint serves a follow-up where it refuses the field. Per setting and
+turn: accuracy with its standard error and how often the reply names the
+other object's cell; for turn 2 the paired difference to `none` and to the
+same setting's reselect, and how many turns the report says were served
+from a pruned cache (its `reused`) or kept turn 1's kept set (`united`).
+The output also says how the model does unpruned on two-object scenes: a
+model that cannot tell the two objects apart makes the differences between
+settings mean little.
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ from typing import Any
 import httpx
 from PIL import Image
 
+from feather_vllm.pruning.config import FOLLOW_UPS
 from feather_vllm.tools.demo.scenes import CELLS, ROWS, held_out, held_out_pairs
 
 REFCOCO_PROMPT = "Please provide the bounding box coordinate of the region this sentence describes: {}"
@@ -332,7 +333,8 @@ def plot(report: dict[str, Any], path: Path, title: str, maps: list[dict[str, An
 
 # -- multi-turn: a follow-up question about the same image --------------------
 
-RESELECT = "+reselect"  # a pruned setting's name + this: the same with "reselect": true on turn 2
+# A pruned setting's name + "+" + a follow-up policy (FOLLOW_UPS, the
+# `feather.follow_up` field) names the setting with that policy on turn 2.
 # Unpruned accuracy on two-object scenes below which the multi-turn figures
 # are called weak: a model that finds an object, but not the one asked
 # for, scores about 50%.
@@ -350,24 +352,31 @@ def _pruned(setting: dict[str, Any] | None) -> bool:
     return setting is not None and (bool(setting.get("stages")) or setting.get("preset") not in (None, "none"))
 
 
-def multi_turn_settings(settings: dict[str, dict | None], reselect: bool) -> dict[str, dict | None]:
-    """Turn-2 settings: each of `settings` and, after each pruned one (with
-    `reselect`), the same with "reselect": true."""
+def multi_turn_settings(settings: dict[str, dict | None], follow_ups: bool) -> dict[str, dict | None]:
+    """Turn-2 settings: each unpruned one as is; each pruned one with each
+    follow-up policy (`follow_ups`), else as the endpoint serves it."""
     out: dict[str, dict | None] = {}
     for name, setting in settings.items():
-        out[name] = setting
-        if reselect and _pruned(setting):
-            out[name + RESELECT] = {**setting, "reselect": True}  # type: ignore[dict-item]
+        if follow_ups and _pruned(setting):
+            for policy in FOLLOW_UPS:
+                out[f"{name}+{policy}"] = {**setting, "follow_up": policy}  # type: ignore[dict-item]
+        else:
+            out[name] = setting
     return out
 
 
-async def _accepts_reselect(client: httpx.AsyncClient, model: str) -> bool:
-    """Whether the endpoint takes `"reselect": true` (one text-only token;
-    a 400 or 422 that names the field refuses it)."""
+def _turn_1_setting(name: str) -> str:
+    """The setting a turn-2 setting's turn 1 ran under."""
+    return name.split("+")[0]
+
+
+async def _accepts_follow_up(client: httpx.AsyncClient, model: str) -> bool:
+    """Whether the endpoint takes `"follow_up"` (one text-only token; a
+    400 or 422 that names the field refuses it)."""
     response = await client.post("/v1/chat/completions", json={
         "model": model, "max_tokens": 1, "temperature": 0, "messages": [{"role": "user", "content": "Hello"}],
-        "feather": {"preset": "feather", "reselect": True}})
-    if response.status_code in (400, 422) and "reselect" in response.text:
+        "feather": {"preset": "feather", "follow_up": "keep_both"}})
+    if response.status_code in (400, 422) and "follow_up" in response.text:
         return False
     response.raise_for_status()
     return True
@@ -375,10 +384,11 @@ async def _accepts_reselect(client: httpx.AsyncClient, model: str) -> bool:
 
 def _turn(answer: dict[str, Any], turn: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
     """One turn's answer scored: right cell, or the other object's cell;
-    and the report's `reused` (absent: None)."""
+    and the report's `reused` and `united` (absent: None)."""
     cell = parse_cell(answer["reply"])
+    report = answer["feather"] or {}
     return {"reply": answer["reply"], "id": answer["id"], "correct": cell == turn["cell"],
-            "other": cell == other["cell"], "reused": (answer["feather"] or {}).get("reused")}
+            "other": cell == other["cell"], "reused": report.get("reused"), "united": report.get("united")}
 
 
 async def _conversation(client: httpx.AsyncClient, model: str, item: dict[str, Any], first: dict | None,
@@ -399,22 +409,22 @@ async def _conversation(client: httpx.AsyncClient, model: str, item: dict[str, A
 
 async def evaluate_multi_turn(url: str, model: str, items: list[dict[str, Any]], settings: dict[str, dict | None],
                               concurrency: int = 4, max_tokens: int = 8, api_key: str | None = None,
-                              reselect: bool = True) -> tuple[dict[str, list], bool]:
+                              follow_ups: bool = True) -> tuple[dict[str, list], bool]:
     """Both turns per turn-2 setting (`multi_turn_settings`), item order
-    preserved; and whether the "+reselect" settings ran (not where
-    `reselect` is False or the endpoint refuses the field). Conversations
+    preserved; and whether the follow-up policies ran (not where
+    `follow_ups` is False or the endpoint refuses the field). Conversations
     run `concurrency` at a time, each turn after the one before; a
-    setting's reuse follow-up is asked right after its turn 1, its
-    reselect follow-up after that."""
+    setting's follow-ups are asked after its turn 1, one after another
+    (reuse first, then reselect, then keep_both)."""
     from tqdm import tqdm
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     semaphore = asyncio.Semaphore(concurrency)
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=300) as client:
-        if reselect and any(_pruned(s) for s in settings.values()):
-            reselect = await _accepts_reselect(client, model)
-        follow_ups = multi_turn_settings(settings, reselect)
-        bar = tqdm(total=len(items) * (len(settings) + len(follow_ups)), desc="evaluating", unit="req")
+        if follow_ups and any(_pruned(s) for s in settings.values()):
+            follow_ups = await _accepts_follow_up(client, model)
+        turn_2 = multi_turn_settings(settings, follow_ups)
+        bar = tqdm(total=len(items) * (len(settings) + len(turn_2)), desc="evaluating", unit="req")
 
         async def one(item, first, policies):
             async with semaphore:
@@ -424,18 +434,19 @@ async def evaluate_multi_turn(url: str, model: str, items: list[dict[str, Any]],
 
         out: dict[str, list] = {}
         for name, setting in settings.items():
-            policies = {n: s for n, s in follow_ups.items() if n in (name, name + RESELECT)}
+            policies = {n: s for n, s in turn_2.items() if _turn_1_setting(n) == name}
             results = await asyncio.gather(*(one(item, setting, policies) for item in items))
             for n in policies:
                 out[n] = [r[n] for r in results]
     bar.close()
-    return out, reselect
+    return out, follow_ups
 
 
 def summarize_multi_turn(answers: dict[str, list[list[dict[str, Any]]]]) -> dict[str, Any]:
     """Per setting and turn: accuracy ± s.e., share naming the other
     object's cell, paired difference to `none`, turns served from a pruned
-    cache; per reuse setting, turn 2's paired difference to its reselect."""
+    cache; per reuse and keep_both setting, turn 2's paired difference to
+    the same setting's reselect."""
     report: dict[str, Any] = {}
     for name, conversations in answers.items():
         turns = []
@@ -447,22 +458,22 @@ def summarize_multi_turn(answers: dict[str, list[list[dict[str, Any]]]]) -> dict
             entry: dict[str, Any] = {
                 "accuracy": acc, "se": se, "n": len(correct),
                 "other_object": sum(r["other"] for r in results) / len(results),
-                "reused": len(reused),
+                "reused": len(reused), "united": sum(bool(r["united"]) for r in results),
                 "reused_tokens_mean": (sum(r.get("tokens", 0) for r in reused) / len(reused)) if reused else None}
-            if t == 1:  # follow-ups whose kept set the report says turn 1 decided
-                entry["kept_from_turn1"] = sum(bool(c[1]["reused"]) and c[1]["reused"].get("kept_from") == c[0]["id"]
-                                               for c in conversations)
+            if t == 1:  # follow-ups that reused or kept too, by the report, what turn 1 kept
+                entry["kept_from_turn1"] = sum(any((c[1][k] or {}).get("kept_from") == c[0]["id"]
+                                                   for k in ("reused", "united")) for c in conversations)
             base = answers.get("none")
             if base is not None and name != "none":
                 diff, diff_se = _mean_se([c - float(b[t]["correct"]) for c, b in zip(correct, base)])
                 entry["vs_none"] = {"difference": diff, "se": diff_se}
             turns.append(entry)
         report[name] = {"turns": turns}
-        reselected = answers.get(name + RESELECT)
-        if reselected is not None:
+        reselected = answers.get(_turn_1_setting(name) + "+reselect")
+        if reselected is not None and reselected is not conversations:
             diff, diff_se = _mean_se([float(a[1]["correct"]) - float(b[1]["correct"])
                                       for a, b in zip(conversations, reselected)])
-            report[name]["reuse_vs_reselect"] = {"difference": diff, "se": diff_se}
+            report[name]["vs_reselect"] = {"difference": diff, "se": diff_se}
     return report
 
 
@@ -488,23 +499,23 @@ def unpruned_note(report: dict[str, Any]) -> dict[str, Any]:
     return {"weak": weak, "text": text}
 
 
-def print_multi_turn(report: dict[str, Any], reselect: bool) -> None:
-    print(f"{'setting':<22} {'turn 1':>13} {'turn 2':>13} {'t2 vs none':>14} {'t2 reuse-reselect':>18} "
-          f"{'other obj t1/t2':>16} {'reused t1/t2':>15}")
+def print_multi_turn(report: dict[str, Any], follow_ups: bool) -> None:
+    print(f"{'setting':<24} {'turn 1':>13} {'turn 2':>13} {'t2 vs none':>14} {'t2 vs reselect':>15} "
+          f"{'other obj t1/t2':>16} {'reused/united t2':>17}")
     for name, e in report.items():
         t1, t2 = e["turns"]
-        vs, rr = t2.get("vs_none"), e.get("reuse_vs_reselect")
-        print(f"{name:<22} {100 * t1['accuracy']:>6.1f} ± {100 * t1['se']:>4.1f}"
+        vs, rr = t2.get("vs_none"), e.get("vs_reselect")
+        print(f"{name:<24} {100 * t1['accuracy']:>6.1f} ± {100 * t1['se']:>4.1f}"
               f" {100 * t2['accuracy']:>6.1f} ± {100 * t2['se']:>4.1f}"
               f" {'' if vs is None else '{:+6.1f} ± {:4.1f}'.format(100 * vs['difference'], 100 * vs['se']):>14}"
-              f" {'' if rr is None else '{:+6.1f} ± {:4.1f}'.format(100 * rr['difference'], 100 * rr['se']):>18}"
+              f" {'' if rr is None else '{:+6.1f} ± {:4.1f}'.format(100 * rr['difference'], 100 * rr['se']):>15}"
               f" {'{:.0f}% / {:.0f}%'.format(100 * t1['other_object'], 100 * t2['other_object']):>16}"
-              f" {'{}/{} {}/{}'.format(t1['reused'], t1['n'], t2['reused'], t2['n']):>15}")
+              f" {'{}/{} of {}'.format(t2['reused'], t2['united'], t2['n']):>17}")
     print(unpruned_note(report)["text"])
-    reuse = [name for name in report if name + RESELECT in report]
-    if not reselect:
-        print("no +reselect settings: the endpoint refuses \"reselect\" (or --no-reselect), so reuse is not "
-              "compared with re-pruning")
+    if not follow_ups:
+        print("no follow-up policies: the endpoint refuses \"follow_up\" (or --no-follow-ups), so each pruned "
+              "setting's turn 2 is as the endpoint serves it")
+    reuse = [name for name in report if name.endswith("+reuse")]
     if reuse and not any(report[name]["turns"][1]["reused"] for name in reuse):
         print("no turn 2 was served from a pruned cache (no `reused` in the reports): the endpoint does not reuse, "
               "so the reuse settings measure re-pruning for the new question")
@@ -529,9 +540,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-pruning-field", action="store_true",
                         help="send no `feather` field (servers that do not know it); evaluates one setting")
     parser.add_argument("--multi-turn", action="store_true",
-                        help="two-turn chats about two-object scenes: reuse of turn 1's pruned KV vs reselect")
+                        help="two-turn chats about two-object scenes: the follow-up policies (reuse, reselect, "
+                             "keep_both)")
     parser.add_argument("--pair-seed", type=int, default=54321, help="--multi-turn: held-out two-object scenes")
-    parser.add_argument("--no-reselect", action="store_true", help="--multi-turn: no +reselect settings")
+    parser.add_argument("--no-follow-ups", action="store_true",
+                        help="--multi-turn: no follow-up policies (each pruned setting's turn 2 as served)")
     args = parser.parse_args(argv)
     if args.no_pruning_field:
         settings: dict[str, dict | None] = {"none": None}
@@ -563,15 +576,15 @@ def main(argv: list[str] | None = None) -> None:
 
 def _multi_turn(args: argparse.Namespace, settings: dict[str, dict | None]) -> None:
     items = pair_items(args.scenes, args.pair_seed)
-    answers, reselect = asyncio.run(evaluate_multi_turn(args.url, args.model, items, settings, args.concurrency,
-                                                        args.max_tokens, args.api_key, not args.no_reselect))
+    answers, follow_ups = asyncio.run(evaluate_multi_turn(args.url, args.model, items, settings, args.concurrency,
+                                                          args.max_tokens, args.api_key, not args.no_follow_ups))
     report = summarize_multi_turn(answers)
-    print_multi_turn(report, reselect)
+    print_multi_turn(report, follow_ups)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
             "mode": "multi-turn", "items": len(items), "seed": args.pair_seed,
-            "settings": multi_turn_settings(settings, reselect), "reselect": reselect, "report": report,
+            "settings": multi_turn_settings(settings, follow_ups), "follow_ups": follow_ups, "report": report,
             "unpruned": unpruned_note(report),
             "questions": [[t["question"] for t in item["turns"]] for item in items],
             "answers": answers}, indent=2))
