@@ -306,6 +306,27 @@ def test_square_layout_equals_select_stage(side, preset, seed):
         kept_per_stage_bounds(PRESETS[preset], n)
 
 
+@pytest.mark.parametrize("preset", ["fastv", "feather", "pyramiddrop"])
+@pytest.mark.parametrize("seed", range(4))
+def test_keeping_an_earlier_selection_stays_within_the_bounds(preset, seed):
+    """keep_both: each stage keeps its own selection and an earlier turn's
+    kept tokens (a chain of nested sets), which also enter the next stage;
+    the stage bounds with `also` (the KV reservation) cover every stage."""
+    gen = torch.Generator().manual_seed(seed)
+    config, layout = PRESETS[preset], ImageLayout.square(24)
+    earlier, present = [], torch.arange(576)
+    for stage in config.stages:  # the earlier turn's own cut, on other scores
+        present = select_stage_layout(torch.rand(present.numel(), generator=gen), present, stage, layout)
+        earlier.append(present)
+    bounds = layout_kept_per_stage_bounds(config, layout, [e.numel() for e in earlier])
+    present = torch.arange(576)
+    for stage, theirs, bound in zip(config.stages, earlier, bounds):
+        mine = select_stage_layout(torch.rand(present.numel(), generator=gen), present, stage, layout)
+        present = torch.unique(torch.cat([mine, theirs]))
+        assert bound.lo <= present.numel() <= bound.hi
+    assert bounds[0].hi > layout_kept_per_stage_bounds(config, layout)[0].hi
+
+
 def test_square_layout_unsorted_survivors_equal_select_stage():
     gen = torch.Generator().manual_seed(5)
     survivors = torch.randperm(576, generator=gen)[:300]
