@@ -10,7 +10,8 @@ with turn 1's kept sets forced; so does a conversation whose cut falls
 inside a KV stage. Then what must not reuse: other settings, another
 image, another cache salt (API key), another first question, `reselect`
 (nor keep another conversation's kept set). Last, follow_up "keep_both":
-each turn cuts again, keeping the previous turn's kept sets as well."""
+each turn cuts again, keeping the previous turn's kept sets as well, and
+reuses where no step can hold its cut."""
 
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ LONG = "Then tell me again, with every detail of the picture you can name. " * 2
 
 
 TURNS = ["Where is the red square?", "And the blue circle?", LONG]
-SHORT_TURNS = TURNS[:2] + ["And the green one?"]  # a cutting turn's text after the image fits one step
+SHORT_TURNS = TURNS[:2] + ["And the green one?"]  # their text after the image fits one step: keep_both cuts
 KEEPING_BOTH = ["fastv", "pyramiddrop"]  # one cut inside a KV stage and one cut, three stages
 
 
@@ -125,7 +126,7 @@ def conversations(engine):
     out["split"] = _converse(engine, {**SPLIT, "follow_up": "reuse"}, _image(4), TURNS[:2])
     for i, preset in enumerate(KEEPING_BOTH):
         out[f"{preset}+keep_both"] = _converse(engine, {"preset": preset, "follow_up": "keep_both"},
-                                               _image(6 + i), SHORT_TURNS)
+                                               _image(6 + i), SHORT_TURNS + [LONG])
     return out
 
 
@@ -230,6 +231,43 @@ def test_keep_both_cuts_again_and_keeps_the_last_turns_kept_set(hf, conversation
     own = reference_generate(model, torch.tensor([outs[turn].prompt_token_ids]), pixels, PRESETS[preset], 1)
     assert set(report.stages[0].per_image[0]) == set(own["kept"][0][0]) | set(earlier[0][0])
     assert report.stages[0].total > previous.stages[0].total  # the new question added tokens
+
+
+@pytest.mark.parametrize("preset", KEEPING_BOTH)
+def test_keep_both_reuses_where_no_step_holds_a_cut(hf, conversations, preset):
+    """keep_both's turn 4 (LONG: its text after the image exceeds any
+    step) cannot cut: it reuses turn 3's pruned KV and kept set (not the
+    unpruned fallback a cut would get), equal to the reference with them."""
+    processor, model = hf
+    outs = conversations[f"{preset}+keep_both"]
+    third, fourth = report_of(outs[2]), report_of(outs[3])
+    assert fourth.fallback is None and fourth.united is None
+    assert fourth.reused is not None and fourth.reused.kept_from == outs[2].request_id
+    assert fourth.stages == third.stages and outs[3].num_cached_tokens >= len(outs[2].prompt_token_ids)
+    pixels = processor.image_processor(images=_image(6 + KEEPING_BOTH.index(preset)),
+                                       return_tensors="pt")["pixel_values"]
+    want = reference_generate(model, torch.tensor([outs[3].prompt_token_ids]), pixels, PRESETS[preset], MAX_TOKENS,
+                              kept=[[list(k) for k in stage.per_image] for stage in third.stages])
+    assert list(outs[3].outputs[0].token_ids) == want["token_ids"]
+
+
+def test_a_cut_whose_bound_is_the_whole_image_is_never_read_unpruned(engine):
+    """A stage whose reservation bound is the whole image (top 80% united
+    with every second row and column: 460 + 144 > 576) may still drop
+    tokens: its blocks are compacted, never offered under the full token
+    sequence's hashes, so the same prompt unpruned takes nothing from the
+    image on and equals its own unpruned run."""
+    from feather_vllm.pruning.layout import ImageLayout, layout_kept_per_stage_max
+    from feather_vllm.pruning.config import resolve
+
+    wide = {"stages": [{"layer": 8, "keep": 0.8, "grid_stride": 2}]}
+    assert layout_kept_per_stage_max(resolve(wide), ImageLayout.square(24)) == [576]
+    prompt = _prompt("<s>USER: <image>\nWhere is the red square?\nASSISTANT:", _image(8))
+    pruned = engine.generate(prompt, _params(wide), use_tqdm=False)[0]
+    assert report_of(pruned).stages[0].total < 576  # it dropped tokens
+    unpruned = engine.generate(prompt, _params("none"), use_tqdm=False)[0]
+    image_token = engine.llm_engine.model_config.hf_config.image_token_index
+    assert unpruned.num_cached_tokens <= unpruned.prompt_token_ids.index(image_token)
 
 
 ISOLATION = {

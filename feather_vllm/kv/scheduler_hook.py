@@ -166,10 +166,13 @@ def _reuse(spec: StagedFullAttentionSpec, request: Any, hit: Hit) -> RequestPrun
 
 
 def _find_reuse(manager: KVCacheManager, spec: StagedFullAttentionSpec, request: Any) -> Hit | None:
-    """An earlier turn's pruned KV that `request` may take (the default for
-    a request whose follow-up policy is "reuse"; the others cut again)."""
+    """An earlier turn's pruned KV that `request` may take: under the
+    "reuse" policy, and under "keep_both" where no step can hold its
+    images and the rest of its prompt (a cut would fall back to unpruned:
+    turn 1's selection is the better half of both). "reselect" cuts again."""
     settings = _settings(spec, request)
-    if settings.follow_up != "reuse" or not manager.enable_caching or not manager.prefix_cache_lookup_enabled(request):
+    cuts = settings.follow_up == "reselect" or (settings.follow_up == "keep_both" and _cut_fits(manager, request))
+    if cuts or not manager.enable_caching or not manager.prefix_cache_lookup_enabled(request):
         return None
     managers = manager.coordinator.single_type_managers
     for decision in manager._feather_decisions.candidates(settings, request):
@@ -207,6 +210,15 @@ def _max_chunk(scheduler: Any, request: Any) -> int:
     limit = scheduler.max_num_scheduled_tokens
     threshold = scheduler.scheduler_config.long_prefill_token_threshold
     return min(limit, threshold) if threshold > 0 else limit
+
+
+def _cut_fits(manager: KVCacheManager, request: Any) -> bool:
+    """Whether some step can hold `request`'s images and the rest of its
+    prompt (what its cut needs, `chunk_end`); True where no scheduler has
+    said its budgets yet."""
+    scheduler = getattr(manager, "_feather_scheduler", None)
+    rest = request.num_prompt_tokens - image_ranges(request)[0][0]
+    return scheduler is None or rest <= _max_chunk(scheduler, request)
 
 
 def _staged_spec(manager: KVCacheManager) -> StagedFullAttentionSpec | None:
@@ -353,6 +365,8 @@ def install() -> None:
 
     @functools.wraps(original_schedule)
     def schedule(self, *args, **kwargs):
+        if _staged_spec(self.kv_cache_manager) is not None:
+            self.kv_cache_manager._feather_scheduler = self  # its step budgets, for the prefix-cache lookup
         output = original_schedule(self, *args, **kwargs)
         if _staged_spec(self.kv_cache_manager) is not None:
             output.feather_plans = self.kv_cache_manager._feather_new_plans

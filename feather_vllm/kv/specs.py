@@ -20,7 +20,7 @@ from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheSpec
 from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
-from feather_vllm.kv.plan import PrunePlan
+from feather_vllm.kv.plan import PrunePlan, in_effect
 from feather_vllm.kv.reuse import CompactChain
 from feather_vllm.pruning.layout import LayoutRule
 
@@ -95,7 +95,11 @@ class StagedFullAttentionManager(FullAttentionManager):
         self.tracked[request_id] = _Tracked(
             dropped=plan.dropped_at(spec.feather_first_layer), image_end=image_end,
             first_offset=plan.first_offset,
-            compacted=bool(plan.dropped_at(spec.feather_end_layer - 1)),  # its last layer drops the most
+            # Whether a cut takes effect by its last layer, not whether the
+            # reservation counts on drops there: a stage's bound may be the
+            # whole image (a wide grid, or keep_both's union) and its cut
+            # still drop tokens.
+            compacted=in_effect(plan.config.cut_layers, spec.feather_end_layer - 1) is not None,
             chain=chain)
 
     def follow(self, request_id: str, chain: CompactChain) -> None:
