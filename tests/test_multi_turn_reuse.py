@@ -118,9 +118,10 @@ def engine(tiny_checkpoint):
 
 @pytest.fixture(scope="module")
 def conversations(engine):
-    """Per preset, a 3-turn conversation on an image of its own; one more
-    with feather whose turn 2 is preempted while decoding and resumed; two
-    turns with a cut inside a KV stage."""
+    """Per preset, a 3-turn conversation on an image of its own, reusing;
+    one more with feather whose turn 2 is preempted while decoding and
+    resumed; two turns with a cut inside a KV stage; 4 turns of fastv and of
+    pyramiddrop keeping both selections."""
     out = {preset: _converse(engine, _reusing(preset), _image(i), TURNS) for i, preset in enumerate(REUSING)}
     out["preempted"] = _converse(engine, "feather", _image(3), TURNS, preempt_turn=1)
     out["split"] = _converse(engine, {**SPLIT, "follow_up": "reuse"}, _image(4), TURNS[:2])
@@ -256,9 +257,9 @@ def test_a_cut_whose_bound_is_the_whole_image_is_never_read_unpruned(engine):
     with every second row and column: 460 + 144 > 576) may still drop
     tokens: its blocks are compacted, never offered under the full token
     sequence's hashes, so the same prompt unpruned takes nothing from the
-    image on and equals its own unpruned run."""
-    from feather_vllm.pruning.layout import ImageLayout, layout_kept_per_stage_max
+    image on (it took 576 tokens when such a stage counted as uncompacted)."""
     from feather_vllm.pruning.config import resolve
+    from feather_vllm.pruning.layout import ImageLayout, layout_kept_per_stage_max
 
     wide = {"stages": [{"layer": 8, "keep": 0.8, "grid_stride": 2}]}
     assert layout_kept_per_stage_max(resolve(wide), ImageLayout.square(24)) == [576]
