@@ -6,8 +6,8 @@
 - `KeptTokens`: what the worker's cutting prefill kept, per stage and
   image. It returns to the scheduler in the step's runner output.
 - `PruningReport`: what the finished request got (plan or fallback, kept
-  tokens, KV blocks each group really held, the earlier turn it reused),
-  attached to its output.
+  tokens, KV blocks each group really held, the earlier turn it reused or
+  whose kept set its cut kept too), attached to its output.
 
 No vLLM import here: the gateway and tools read reports without vLLM.
 """
