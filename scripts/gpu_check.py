@@ -552,13 +552,14 @@ def follow_up_turns(run: Run) -> dict[str, Any]:
         ref = reference_generate(model, torch.tensor([two.prompt_token_ids]), pixels, resolve(preset), MAX_TOKENS,
                                  **forced)
         got = [[list(k) for k in stage.per_image] for stage in second.stages]
-        by = second.reused if policy == "reuse" else second.united
+        by = second.reused if policy == "reuse" else second.united  # what the report says turn 2 did
         tokens_equal = list(two.outputs[0].token_ids) == ref["token_ids"]
+        from_turn1 = by is not None and by.kept_from == one.request_id
         figures[preset] = {"policy": policy, "turn2_prompt_tokens": len(two.prompt_token_ids),
                            "turn2_cached_tokens": two.num_cached_tokens, "tokens_equal": tokens_equal,
-                           "kept_sets_equal": got == ref["kept"], "kept_from_turn1": bool(by)
-                           and by.kept_from == one.request_id, "kept_per_stage": [s.total for s in second.stages]}
-        if not (tokens_equal and got == ref["kept"] and figures[preset]["kept_from_turn1"]):
+                           "kept_sets_equal": got == ref["kept"], "kept_from_turn1": from_turn1,
+                           "kept_per_stage": [s.total for s in second.stages]}
+        if not (tokens_equal and got == ref["kept"] and from_turn1):
             problems.append(f"{preset} ({policy}): {figures[preset]}")
     del model
     return {"ok": not problems, "dtype": "float32", "eager": True, "prefix_caching": True,
