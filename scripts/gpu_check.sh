@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU check (scripts/gpu_check.py): one JSON object on stdout, logs on
-# stderr, exit status non-zero if any check failed.
+# The GPU check (scripts/feather_gpu_check): one JSON object on stdout, logs
+# on stderr, exit status non-zero if any check failed.
 #   bash scripts/gpu_check.sh [--device cuda|cpu] [--out FILE]
 # Uses the repository's .venv when there is one, else python3.
 set -uo pipefail
@@ -10,5 +10,5 @@ if [ -x "$ROOT/.venv/bin/python" ]; then
 else
     PY=python3
 fi
-"$PY" "$ROOT/scripts/gpu_check.py" "$@"
+PYTHONPATH="$ROOT/scripts${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m feather_gpu_check "$@"
 exit $?
