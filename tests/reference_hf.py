@@ -253,3 +253,67 @@ def reference_generate(model, input_ids: torch.Tensor, pixel_values: torch.Tenso
         logprobs.append(float(torch.log_softmax(logits, -1)[token]))
     return {"token_ids": tokens, "logprobs": logprobs,
             "kept": [[k.tolist() for k in kept[s.layer]] for s in config.stages], "layer_tokens": layer_tokens}
+
+
+@torch.no_grad()
+def reference_add_back(model, input_ids: torch.Tensor, pixel_values: torch.Tensor, config: PruningConfig,
+                       max_new_tokens: int, kept: list[list[list[int]]], history_end: int, add: int) -> dict:
+    """Greedy generation of a follow-up turn that reuses an earlier turn's
+    pruned KV and adds back image tokens for its own question: the cheap
+    "keep both" that docs/multi_turn_reuse.md defines (not built in the
+    engine). One image.
+
+    `kept`: the earlier turn's kept sets (per stage, per image); the prompt
+    before `history_end` is that turn's (its KV as it computed it).
+    Layers before the first cut run the whole sequence. In the layer before
+    it, the last prompt token's criterion ranks the image tokens the
+    earlier turn dropped there (softmax over them): the top `add` (A) are
+    added back. From the first cut on the sequence is [prefix, the earlier
+    kept image tokens, history, A, the rest of the prompt], in that order,
+    causal, at original positions; later cuts keep their earlier kept set
+    and A. Returns token_ids, kept (per stage: earlier kept set and A) and
+    added (A, ascending)."""
+    images = _image_spans(model, input_ids, pixel_values.shape[0], config, None)
+    if len(images) != 1:
+        raise ValueError("reference_add_back takes one image")
+    (start, layout), = images
+    prompt_len = input_ids.shape[1]
+    lm = model.model.language_model
+    hidden = _embed(model, input_ids, pixel_values, None)
+    rows = torch.arange(prompt_len)
+    stages = {s.layer: (s, torch.tensor(per_image[0], dtype=torch.long)) for s, per_image in zip(config.stages, kept)}
+    first = config.stages[0].layer
+    added = torch.empty(0, dtype=torch.long)
+    cache = _PerLayerKV()
+    for index, layer in enumerate(lm.layers):
+        if index in stages:
+            keep_image = torch.unique(torch.cat([stages[index][1], added])) + start
+            is_image = (rows >= start) & (rows < start + layout.num_tokens)
+            keep = ~is_image | torch.isin(rows, keep_image)
+            if index == first:  # reorder: A after the history
+                order = torch.cat([rows[keep & (rows < history_end) & ~torch.isin(rows, added + start)],
+                                   added + start, rows[keep & (rows >= history_end)]])
+                hidden, rows = hidden[:, order], order  # rows were all of them, in order
+            else:
+                hidden, rows = hidden[:, keep], rows[keep]
+        position_ids = rows.unsqueeze(0)
+        cos, sin = lm.rotary_emb(hidden, position_ids=position_ids)
+        n = rows.numel()
+        mask = torch.full((n, n), torch.finfo(hidden.dtype).min, dtype=hidden.dtype).triu(1)[None, None]
+        if index + 1 == first:
+            stage, earlier = stages[first]
+            dropped = torch.tensor([t for t in range(layout.num_tokens) if t not in set(earlier.tolist())])
+            scores = _score(layer, hidden, cos, sin, prompt_len - 1, dropped + start, stage.criterion == "rope")
+            order = torch.sort(scores.float(), descending=True, stable=True).indices
+            added = torch.sort(dropped[order[:add]]).values
+        out = layer(hidden, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
+                    use_cache=True, position_embeddings=(cos, sin))
+        hidden = out[0] if isinstance(out, tuple) else out
+    logits = model.lm_head(lm.norm(hidden)[:, -1])[0].float()
+    tokens: list[int] = []
+    for step in range(max_new_tokens):
+        if step:
+            logits = _decode_step(model, tokens[-1], prompt_len + step - 1, cache)
+        tokens.append(int(torch.argmax(logits)))
+    return {"token_ids": tokens, "added": added.tolist(),
+            "kept": [[sorted(set(k[0]) | set(added.tolist()))] for k in kept]}

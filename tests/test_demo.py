@@ -389,3 +389,29 @@ def test_pruned_answers_follow_the_json_schema(demo_gateway, constraint):
         answer = json.loads(choice["message"]["content"])
         jsonschema.validate(answer, CELL_SCHEMA)
         assert choice["message"]["content"] == json.dumps(answer, separators=(",", ":"))  # no whitespace
+
+
+def test_add_back_accuracy_script(tmp_path):
+    """scripts/add_back_accuracy.py on 3 held-out pairs of the two-object
+    demo: every policy's turn 2 from one turn 1, scored against the other
+    object's cell, with paired differences to reselect."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from feather_vllm.tools.demo import TWO_OBJECT_WEIGHTS_DIR
+
+    out = tmp_path / "add_back.json"
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(root / "scripts" / "add_back_accuracy.py"), "--model",
+                           str(TWO_OBJECT_WEIGHTS_DIR), "--scenes", "3", "--presets", "fastv", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())["report"]["fastv"]
+    assert list(report) == ["none", "reuse", "reselect", "keep_both", "add_back"]
+    for name, entry in report.items():
+        assert entry["n"] == 3 and entry["accuracy"] in (0.0, 1 / 3, 2 / 3, 1.0)
+        if name not in ("none", "reselect"):
+            diff = entry["accuracy"] - report["reselect"]["accuracy"]
+            assert entry["vs_reselect"]["difference"] == pytest.approx(diff)
+    assert report["none"]["accuracy"] == 1.0  # the model answers all three unpruned

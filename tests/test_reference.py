@@ -21,7 +21,7 @@ from feather_vllm.pruning import (
     uniform_grid,
 )
 from tests.helpers import sample_images
-from tests.reference_hf import reference_generate
+from tests.reference_hf import reference_add_back, reference_generate
 
 MAX_TOKENS = 16
 NUM_IMAGE = 576
@@ -104,15 +104,9 @@ def test_kept_counts_match_the_cost_model(hf, inputs, preset):
     assert out["layer_tokens"] == layer_token_counts(config, 32, NUM_IMAGE, text, kept=counts)
 
 
-@pytest.mark.parametrize("num_images", [1, 2], ids=["one-image", "two-images"])
-@pytest.mark.parametrize("preset", ["fastv", "feather"])
-def test_first_cut_scores_come_from_the_layer_before(hf, inputs, two_image_inputs, preset, num_images):
-    """Recompute the first cut from transformers' own unpruned forward: the
-    hidden state entering layer L-1, its q/k projections, RoPE or not; with
-    two images, each image's own softmax, top fraction and grid."""
-    _, model = hf
-    inputs = inputs if num_images == 1 else two_image_inputs
-    stage = PRESETS[preset].stages[0]
+def _unpruned_qk(model, inputs, stage: Stage) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Queries and keys of the layer before `stage`'s cut in transformers'
+    own unpruned forward (RoPE'd when the criterion says so), and its scale."""
     lm = model.model.language_model
     with torch.no_grad():
         states = model(**inputs, output_hidden_states=True).hidden_states
@@ -124,12 +118,24 @@ def test_first_cut_scores_come_from_the_layer_before(hf, inputs, two_image_input
         if stage.criterion == "rope":
             cos, sin = lm.rotary_emb(x, position_ids=torch.arange(x.shape[1])[None])
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    return q, k, attn.scaling
+
+
+@pytest.mark.parametrize("num_images", [1, 2], ids=["one-image", "two-images"])
+@pytest.mark.parametrize("preset", ["fastv", "feather"])
+def test_first_cut_scores_come_from_the_layer_before(hf, inputs, two_image_inputs, preset, num_images):
+    """Recompute the first cut from transformers' own unpruned forward: the
+    hidden state entering layer L-1, its q/k projections, RoPE or not; with
+    two images, each image's own softmax, top fraction and grid."""
+    _, model = hf
+    inputs = inputs if num_images == 1 else two_image_inputs
+    stage = PRESETS[preset].stages[0]
+    q, k, scaling = _unpruned_qk(model, inputs, stage)
     positions = torch.nonzero(inputs["input_ids"][0] == model.config.image_token_index).flatten()
     assert positions.numel() == NUM_IMAGE * num_images
     expected = []
     for start in positions[::NUM_IMAGE].tolist():
-        scores = last_token_image_attention(q[0, :, -1], k[0, :, start:start + NUM_IMAGE].transpose(0, 1),
-                                            attn.scaling)
+        scores = last_token_image_attention(q[0, :, -1], k[0, :, start:start + NUM_IMAGE].transpose(0, 1), scaling)
         kept = set(torch.topk(scores, int(NUM_IMAGE * stage.keep)).indices.tolist())
         if stage.grid_stride:
             kept |= set(uniform_grid(NUM_IMAGE, stage.grid_stride).tolist())
@@ -161,3 +167,48 @@ def test_out_of_scope_layouts_and_settings_are_refused(hf, inputs):
     with pytest.raises(PruningConfigError) as err:
         _run(hf, inputs, PruningConfig((Stage(32, 0.5),)), max_new_tokens=1)
     assert err.value.field == "stages[0].layer"
+
+
+@pytest.fixture(scope="module")
+def follow_up(hf, inputs):
+    """A follow-up turn after `inputs` (its answer, a new question), and
+    where the first turn's prompt ends in it."""
+    processor, _ = hf
+    question = [{"type": "image"}, {"type": "text", "text": "Where is the red square?"}]
+    conversation = [{"role": "user", "content": question},
+                    {"role": "assistant", "content": [{"type": "text", "text": "top-left"}]},
+                    {"role": "user", "content": [{"type": "text", "text": "And the blue circle?"}]}]
+    text = processor.apply_chat_template(conversation, add_generation_prompt=True)
+    out = processor(images=sample_images()[1], text=text, return_tensors="pt")
+    history_end = inputs["input_ids"].shape[1]
+    assert torch.equal(out["input_ids"][0, :history_end], inputs["input_ids"][0])
+    return out, history_end
+
+
+@pytest.mark.parametrize("preset", ["fastv", "pyramiddrop"])
+def test_add_back_of_nothing_is_reuse(hf, inputs, follow_up, preset):
+    """Adding nothing back is the reuse reference: turn 1's kept sets forced."""
+    turn_1 = _run(hf, inputs, PRESETS[preset], max_new_tokens=1)["kept"]
+    turn_2, history_end = follow_up
+    reused = _run(hf, turn_2, PRESETS[preset], max_new_tokens=4, kept=turn_1)
+    none = reference_add_back(hf[1], turn_2["input_ids"], turn_2["pixel_values"], PRESETS[preset], 4, turn_1,
+                              history_end, add=0)
+    assert none["added"] == [] and none["kept"] == turn_1 and none["token_ids"] == reused["token_ids"]
+
+
+def test_add_back_adds_the_new_questions_top_dropped_tokens(hf, inputs, follow_up):
+    """The tokens added back are the top of those turn 1 dropped, by the
+    follow-up's criterion in the layer before the cut (transformers' own
+    unpruned forward: layers before the cut see the whole sequence), and
+    every stage keeps them."""
+    config = PRESETS["fastv"]
+    turn_1 = _run(hf, inputs, config, max_new_tokens=1)["kept"]
+    turn_2, history_end = follow_up
+    out = reference_add_back(hf[1], turn_2["input_ids"], turn_2["pixel_values"], config, 2, turn_1, history_end,
+                             add=40)
+    q, k, scaling = _unpruned_qk(hf[1], turn_2, config.stages[0])
+    start, _ = _image_span(hf[1], turn_2["input_ids"])
+    dropped = torch.tensor(sorted(set(range(NUM_IMAGE)) - set(turn_1[0][0])))
+    scores = last_token_image_attention(q[0, :, -1], k[0, :, start + dropped].transpose(0, 1), scaling)
+    assert out["added"] == sorted(dropped[torch.topk(scores, 40).indices].tolist())
+    assert out["kept"] == [[sorted(set(turn_1[0][0]) | set(out["added"]))]]
