@@ -20,7 +20,7 @@ from feather_vllm.kv.plan import report_of
 from feather_vllm.pruning.config import PRESETS, resolve
 from feather_vllm.pruning.layout import layout_kept_per_stage_bounds
 from tests.helpers import engine_parts, make_llm, shutdown
-from tests.reference_hf import reference_generate
+from tests.reference_hf import kept_lists, reference_generate
 
 MAX_TOKENS = 8
 BLOCK = 32
@@ -140,7 +140,7 @@ def follow_up_reference(model_class: Any, checkpoint: Path, cases: Cases, case: 
     sets forced."""
     processor, model = load_reference(model_class, checkpoint)
     inputs = processor.image_processor(images(cases, case), return_tensors="pt")
-    kept = [[list(k) for k in stage.per_image] for stage in turn1["report"].stages]
+    kept = kept_lists(turn1["report"].stages)
     return reference_generate(model, torch.tensor([turn2["prompt_token_ids"]]), inputs["pixel_values"],
                               resolve("feather"), MAX_TOKENS, kept=kept, image_sizes=inputs["image_sizes"])
 
@@ -165,7 +165,7 @@ def check_kept_sets(got: dict, ref: dict, preset: str) -> None:
     report = got["report"]
     assert report.fallback is None
     assert [stage.layer for stage in report.stages] == list(PRESETS[preset].cut_layers)
-    assert [[list(k) for k in stage.per_image] for stage in report.stages] == ref["kept"]
+    assert kept_lists(report.stages) == ref["kept"]
     assert got["token_ids"] == ref["token_ids"]
     assert max(abs(a - b) for a, b in zip(got["logprobs"], ref["logprobs"])) < 1e-3
 

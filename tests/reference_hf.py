@@ -26,7 +26,8 @@ prompt_len, prompt_len + 1, ... Two decode modes give the same result:
 from __future__ import annotations
 
 import math
-from typing import Literal
+from collections.abc import Sequence
+from typing import Any, Literal
 
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
@@ -203,6 +204,13 @@ def _check_newlines(model, embeds: torch.Tensor, images: list[tuple[int, ImageLa
         if not torch.equal(found, layout.newline_mask()):
             raise AssertionError(f"newline tokens of the layout {layout.newline_indices().tolist()} are not "
                                  f"transformers' {torch.nonzero(found).flatten().tolist()}")
+
+
+def kept_lists(stages: Sequence[Any]) -> list[list[list[int]]]:
+    """The kept sets of an engine report's stages (`StageKept`), per stage
+    and image, in the shape the reference takes (`kept`, `also`) and
+    returns (`kept`)."""
+    return [[list(k) for k in stage.per_image] for stage in stages]
 
 
 def _by_layer(config: PruningConfig, sets: list[list[list[int]]] | None) -> dict[int, list[torch.Tensor]] | None:

@@ -23,7 +23,7 @@ import torch
 from feather_vllm.kv.plan import report_of
 from feather_vllm.pruning.config import PRESETS
 from tests.helpers import engine_parts, make_llm, sample_images, shutdown
-from tests.reference_hf import reference_generate
+from tests.reference_hf import kept_lists, reference_generate
 
 BLOCK = 32
 BUDGET = 640  # the cut's step (image + question) fits; turn 3's new text does not
@@ -60,6 +60,11 @@ def _image(i: int):
 
     return (sample_images()[i % 3], ImageOps.flip(sample_images()[i % 3]),
             ImageOps.mirror(sample_images()[i % 3]))[i // 3]
+
+
+def _pixels(processor, image):
+    """The reference's pixel values of `image`."""
+    return processor.image_processor(images=image, return_tensors="pt")["pixel_values"]
 
 
 def _converse(llm, feather, image, questions, salt=None, preempt_turn: int | None = None,
@@ -142,8 +147,8 @@ def test_turns_equal_the_reference_with_turn_1_kept_sets(hf, conversations, name
     outs = conversations[name]
     preset = "feather" if name == "preempted" else name
     image = _image(3 if name == "preempted" else REUSING.index(name))
-    kept = [[list(k) for k in stage.per_image] for stage in report_of(outs[0]).stages]
-    pixels = processor.image_processor(images=image, return_tensors="pt")["pixel_values"]
+    kept = kept_lists(report_of(outs[0]).stages)
+    pixels = _pixels(processor, image)
     ids = torch.tensor([outs[turn].prompt_token_ids])
     want = reference_generate(model, ids, pixels, PRESETS[preset], MAX_TOKENS, kept=None if turn == 0 else kept)
     assert list(outs[turn].outputs[0].token_ids) == want["token_ids"]
@@ -189,8 +194,8 @@ def test_a_cut_inside_a_kv_stage_is_reused(hf, conversations):
     assert second.stages == first.stages
     assert outs[1].num_cached_tokens >= len(outs[0].prompt_token_ids)
     processor, model = hf
-    kept = [[list(k) for k in stage.per_image] for stage in first.stages]
-    pixels = processor.image_processor(images=_image(4), return_tensors="pt")["pixel_values"]
+    kept = kept_lists(first.stages)
+    pixels = _pixels(processor, _image(4))
     want = reference_generate(model, torch.tensor([outs[1].prompt_token_ids]), pixels, resolve(SPLIT), MAX_TOKENS,
                               kept=kept)
     assert list(outs[1].outputs[0].token_ids) == want["token_ids"]
@@ -221,12 +226,11 @@ def test_keep_both_cuts_again_and_keeps_the_last_turns_kept_set(hf, conversation
     assert report.united.kept_from == outs[turn - 1].request_id
     image_token = processor.tokenizer.convert_tokens_to_ids("<image>")
     assert outs[turn].num_cached_tokens <= outs[turn].prompt_token_ids.index(image_token)
-    earlier = [[list(k) for k in stage.per_image] for stage in previous.stages]
-    pixels = processor.image_processor(images=_image(6 + KEEPING_BOTH.index(preset)),
-                                       return_tensors="pt")["pixel_values"]
+    earlier = kept_lists(previous.stages)
+    pixels = _pixels(processor, _image(6 + KEEPING_BOTH.index(preset)))
     want = reference_generate(model, torch.tensor([outs[turn].prompt_token_ids]), pixels, PRESETS[preset],
                               MAX_TOKENS, also=earlier)
-    assert [[list(k) for k in stage.per_image] for stage in report.stages] == want["kept"]
+    assert kept_lists(report.stages) == want["kept"]
     assert list(outs[turn].outputs[0].token_ids) == want["token_ids"]
     # The first cut keeps exactly what this prompt alone selects and what the previous turn kept.
     own = reference_generate(model, torch.tensor([outs[turn].prompt_token_ids]), pixels, PRESETS[preset], 1)
@@ -245,10 +249,9 @@ def test_keep_both_reuses_where_no_step_holds_a_cut(hf, conversations, preset):
     assert fourth.fallback is None and fourth.united is None
     assert fourth.reused is not None and fourth.reused.kept_from == outs[2].request_id
     assert fourth.stages == third.stages and outs[3].num_cached_tokens >= len(outs[2].prompt_token_ids)
-    pixels = processor.image_processor(images=_image(6 + KEEPING_BOTH.index(preset)),
-                                       return_tensors="pt")["pixel_values"]
+    pixels = _pixels(processor, _image(6 + KEEPING_BOTH.index(preset)))
     want = reference_generate(model, torch.tensor([outs[3].prompt_token_ids]), pixels, PRESETS[preset], MAX_TOKENS,
-                              kept=[[list(k) for k in stage.per_image] for stage in third.stages])
+                              kept=kept_lists(third.stages))
     assert list(outs[3].outputs[0].token_ids) == want["token_ids"]
 
 

@@ -61,7 +61,7 @@ def kept_sets(llm) -> dict[str, Any]:
     from feather_vllm.kv.plan import report_of
     from feather_vllm.pruning.config import resolve
     from tests.helpers import sample_images
-    from tests.reference_hf import reference_generate
+    from tests.reference_hf import kept_lists, reference_generate
 
     cases = [(img, QUESTION) for img in sample_images()]
     presets = ["none", *PRUNED]
@@ -87,7 +87,7 @@ def kept_sets(llm) -> dict[str, Any]:
                 mismatches.append({"case": case, "fallback": None if report is None else report.fallback.value})
                 compared += len(ref)
                 continue
-            got = [[list(k) for k in stage.per_image] for stage in report.stages]
+            got = kept_lists(report.stages)
             layers_ok = [stage.layer for stage in report.stages] == list(config.cut_layers)
             counts.append([stage.total for stage in report.stages])
             for stage_index, ref_stage in enumerate(ref):

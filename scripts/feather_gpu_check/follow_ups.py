@@ -25,7 +25,7 @@ def follow_up_turns(run: Run) -> dict[str, Any]:
     from feather_vllm.kv.plan import report_of
     from feather_vllm.pruning.config import resolve
     from tests.helpers import sample_images
-    from tests.reference_hf import reference_generate
+    from tests.reference_hf import kept_lists, reference_generate
 
     llm = new_llm(run.exact_kwargs(prefix_caching=True))
     try:
@@ -49,11 +49,11 @@ def follow_up_turns(run: Run) -> dict[str, Any]:
     for preset, policy in FOLLOW_UP_POLICIES.items():
         one, two = turns[preset]
         first, second = report_of(one), report_of(two)
-        kept = [[list(k) for k in stage.per_image] for stage in first.stages]
+        kept = kept_lists(first.stages)
         forced = {"kept": kept} if policy == "reuse" else {"also": kept}
         ref = reference_generate(model, torch.tensor([two.prompt_token_ids]), pixels, resolve(preset), MAX_TOKENS,
                                  **forced)
-        got = [[list(k) for k in stage.per_image] for stage in second.stages]
+        got = kept_lists(second.stages)
         by = second.reused if policy == "reuse" else second.united  # what the report says turn 2 did
         tokens_equal = list(two.outputs[0].token_ids) == ref["token_ids"]
         from_turn1 = by is not None and by.kept_from == one.request_id
