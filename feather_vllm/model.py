@@ -97,13 +97,16 @@ class _Cutting:
             return None
         plan = req.pruning.plan
         if req.cuts_now:
-            also = {stage.layer: [torch.tensor(k, dtype=torch.long) for k in stage.per_image]
-                    for stage in plan.unite.stages} if plan.unite is not None else {}
+            also = dict(_kept_tensors(plan.unite)) if plan.unite is not None else {}
             return cls(plan.images, list(plan.config.stages), [], also)
         if req.pruning.kept is None:
             return None
-        return cls(plan.images, [], [(stage.layer, [torch.tensor(k, dtype=torch.long) for k in stage.per_image])
-                                     for stage in req.pruning.kept.stages])
+        return cls(plan.images, [], _kept_tensors(req.pruning.kept))
+
+
+def _kept_tensors(kept: KeptTokens) -> list[tuple[int, list[torch.Tensor]]]:
+    """(cut layer, kept indices per image) of each stage of `kept`."""
+    return [(stage.layer, [torch.tensor(k, dtype=torch.long) for k in stage.per_image]) for stage in kept.stages]
 
 
 class FeatherPruning:

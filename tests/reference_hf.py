@@ -89,6 +89,17 @@ def _score(layer, hidden: torch.Tensor, cos, sin, last: int, image_rows: torch.T
     return last_token_image_attention(q_last, k_img, attn.scaling)
 
 
+def _layer_inputs(lm, hidden: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, Any, Any, torch.Tensor]:
+    """A layer's position ids (each row's original position: RoPE as if
+    unpruned), RoPE's cos and sin, and the causal mask over the rows in
+    their order."""
+    position_ids = rows.unsqueeze(0)
+    cos, sin = lm.rotary_emb(hidden, position_ids=position_ids)
+    n = rows.numel()
+    mask = torch.full((n, n), torch.finfo(hidden.dtype).min, dtype=hidden.dtype).triu(1)[None, None]
+    return position_ids, cos, sin, mask
+
+
 @torch.no_grad()
 def _forward(model, embeds: torch.Tensor, images: list[tuple[int, ImageLayout]], prompt_len: int,
              config: PruningConfig, kept: dict[int, list[torch.Tensor]] | None, cache: _PerLayerKV | None = None,
@@ -117,12 +128,9 @@ def _forward(model, embeds: torch.Tensor, images: list[tuple[int, ImageLayout]],
             keep = ~torch.isin(rows, dropped)
             hidden, rows = hidden[:, keep], rows[keep]
         layer_tokens.append(rows.numel())
-        position_ids = rows.unsqueeze(0)  # original positions: RoPE as if unpruned
-        cos, sin = lm.rotary_emb(hidden, position_ids=position_ids)
-        n = rows.numel()
         # Rows are ascending original positions, so "causal" on the compacted
         # sequence is causal on the original one.
-        mask = torch.full((n, n), torch.finfo(hidden.dtype).min, dtype=hidden.dtype).triu(1)[None, None]
+        position_ids, cos, sin, mask = _layer_inputs(lm, hidden, rows)
         if decide and index + 1 in stages:
             last = int(torch.searchsorted(rows, torch.tensor(prompt_len - 1)))
             stage = stages[index + 1]
@@ -304,10 +312,7 @@ def reference_add_back(model, input_ids: torch.Tensor, pixel_values: torch.Tenso
                 hidden, rows = hidden[:, order], order  # rows were all of them, in order
             else:
                 hidden, rows = hidden[:, keep], rows[keep]
-        position_ids = rows.unsqueeze(0)
-        cos, sin = lm.rotary_emb(hidden, position_ids=position_ids)
-        n = rows.numel()
-        mask = torch.full((n, n), torch.finfo(hidden.dtype).min, dtype=hidden.dtype).triu(1)[None, None]
+        position_ids, cos, sin, mask = _layer_inputs(lm, hidden, rows)
         if index + 1 == first:
             stage, earlier = stages[first]
             dropped = torch.tensor([t for t in range(layout.num_tokens) if t not in set(earlier.tolist())])

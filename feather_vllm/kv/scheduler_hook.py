@@ -365,10 +365,11 @@ def install() -> None:
 
     @functools.wraps(original_schedule)
     def schedule(self, *args, **kwargs):
-        if _staged_spec(self.kv_cache_manager) is not None:
+        staged = _staged_spec(self.kv_cache_manager) is not None
+        if staged:
             self.kv_cache_manager._feather_scheduler = self  # its step budgets, for the prefix-cache lookup
         output = original_schedule(self, *args, **kwargs)
-        if _staged_spec(self.kv_cache_manager) is not None:
+        if staged:
             output.feather_plans = self.kv_cache_manager._feather_new_plans
             output.feather_trims = self.kv_cache_manager._feather_trims
             self.kv_cache_manager._feather_new_plans = {}
