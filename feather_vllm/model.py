@@ -91,17 +91,72 @@ class _Cutting:
             dropped.append(torch.nonzero(mask).flatten() + image.offset)
         return torch.cat(dropped)
 
+    def added(self, layer: int) -> int:
+        return 0
+
     @classmethod
-    def of(cls, req: kv_step.RequestSlice) -> "_Cutting | None":
+    def of(cls, req: kv_step.RequestSlice) -> "_Cutting | _AddingBack | None":
         if req.pruning is None:
             return None
         plan = req.pruning.plan
+        if req.adds_back:
+            return _AddingBack.of(req)
         if req.cuts_now:
             also = dict(_kept_tensors(plan.unite)) if plan.unite is not None else {}
             return cls(plan.images, list(plan.config.stages), [], also)
         if req.pruning.kept is None:
             return None
         return cls(plan.images, [], _kept_tensors(req.pruning.kept))
+
+
+@dataclasses.dataclass
+class _AddingBack:
+    """One request's step that reuses an earlier turn's pruned KV and adds
+    back image tokens that turn dropped (follow_up "add_back"): those
+    dropped at the first cut are recomputed through the layers before it
+    as probes (one-token queries at their positions over the cached KV),
+    the prompt's last token ranks them in the layer before the cut, and
+    from the cut on each image's top `add` follow the cached tokens, at
+    their own positions, before the request's own rows."""
+
+    images: tuple[ImageSpan, ...]
+    earlier: KeptTokens  # the earlier turn's kept sets, whose pruned KV it reads
+    stage: pcfg.Stage  # the first stage: its layer and criterion
+    add: tuple[int, ...]  # per image, how many to add back
+    candidates: list[torch.Tensor]  # per image, what `earlier` dropped at the first cut (0-based, ascending)
+    keys: torch.Tensor | None = None  # the probes' row keys
+    chosen: list[torch.Tensor] | None = None  # per image, the tokens added back (0-based, ascending)
+
+    def dropped_positions(self, layer: int) -> torch.Tensor:
+        """Absolute positions of the image tokens the earlier turn's KV lacks at `layer`."""
+        return torch.tensor(self.earlier.dropped_positions(layer, self.images), dtype=torch.long)
+
+    def added(self, layer: int) -> int:
+        """Added-back rows present in `layer`."""
+        return sum(c.numel() for c in self.chosen) if self.chosen is not None and layer >= self.stage.layer else 0
+
+    def probe_positions(self) -> torch.Tensor:
+        return torch.cat([c + image.offset for c, image in zip(self.candidates, self.images)])
+
+    def kept(self) -> KeptTokens:
+        """The earlier turn's kept sets with the added tokens, per stage."""
+        assert self.chosen is not None
+        return KeptTokens(tuple(
+            StageKept(stage.layer, tuple(tuple(sorted(set(kept) | set(chosen.tolist())))
+                                         for kept, chosen in zip(stage.per_image, self.chosen)))
+            for stage in self.earlier.stages))
+
+    @classmethod
+    def of(cls, req: kv_step.RequestSlice) -> "_AddingBack":
+        plan = req.pruning.plan
+        earlier = plan.reuse
+        first = earlier.stages[0]
+        candidates = []
+        for image, kept in zip(plan.images, first.per_image):
+            mask = torch.ones(image.length, dtype=torch.bool)
+            mask[list(kept)] = False
+            candidates.append(torch.nonzero(mask).flatten())
+        return cls(plan.images, earlier, plan.config.stages[0], plan.add, candidates)
 
 
 def _kept_tensors(kept: KeptTokens) -> list[tuple[int, list[torch.Tensor]]]:
@@ -159,29 +214,38 @@ class FeatherPruning:
 
     def _pruned_forward(self, input_ids, positions, inputs_embeds, batch):
         """The forward of a step in which some requests cut (their plans came
-        with it); the batch's other pruned requests read compact KV."""
+        with it) or add back; the batch's other pruned requests read compact KV."""
         lm = self.language_model.model
         hidden = inputs_embeds if inputs_embeds is not None else lm.embed_input_ids(input_ids)
+        total_rows = hidden.shape[0]
+        keys = kv_step.row_keys(torch.arange(total_rows, device=hidden.device))  # order of the current rows
+        states = [_Cutting.of(req) for req in batch.requests]
+        adders = [(i, a) for i, a in enumerate(states) if isinstance(a, _AddingBack)]
+        probes = []
+        if adders:
+            hidden, positions, keys, probes = self._with_probes(batch, adders, hidden, positions, keys)
         hidden, positions = self._layers.inputs(hidden, positions)
         residual = None
-        total_rows = hidden.shape[0]
-        rows = torch.arange(total_rows, device=hidden.device)  # original row of each current row
-        cuttings = [_Cutting.of(req) for req in batch.requests]
-        cuts = sorted({s.layer for c in cuttings if c is not None for s in c.stages} |
-                      {layer for c in cuttings if c is not None for layer, _ in c.kept})
+        cuttings = [(i, c) for i, c in enumerate(states) if isinstance(c, _Cutting)]
+        cuts = sorted({s.layer for _, c in cuttings for s in c.stages} |
+                      {layer for _, c in cuttings for layer, _ in c.kept} |
+                      {s.layer for _, a in adders for s in a.earlier.stages})
+        if probes:
+            self._retarget_attention(lm, batch, states, keys, positions, lm.start_layer,
+                                     next((c for c in cuts if c > lm.start_layer), lm.end_layer), probes)
 
         for idx in range(lm.start_layer, lm.end_layer):
-            scorers = [(i, c) for i, c in enumerate(cuttings)
-                       if c is not None and any(s.layer == idx + 1 for s in c.stages)]
-            if scorers:
+            scorers = [(i, c) for i, c in cuttings if any(s.layer == idx + 1 for s in c.stages)]
+            adding = [(i, a) for i, a in adders if a.stage.layer == idx + 1]
+            if scorers or adding:
                 hidden, residual, scores = self._layer_with_scores(
-                    idx, positions, hidden, residual, rows, batch, scorers)
+                    idx, positions, hidden, residual, keys, batch, scorers, adding)
             else:
                 hidden, residual, _, _ = self._layers(idx, positions, hidden, residual)
             if idx + 1 not in cuts or idx + 1 >= lm.end_layer:
                 continue
-            if scorers:
-                keep = torch.ones(rows.shape[0], dtype=torch.bool, device=rows.device)
+            if scorers or adding:
+                keep = torch.ones(keys.shape[0], dtype=torch.bool, device=keys.device)
                 for i, cutting in scorers:
                     req = batch.requests[i]
                     stage = next(s for s in cutting.stages if s.layer == idx + 1)
@@ -192,31 +256,80 @@ class FeatherPruning:
                                                                     scores[i], also):
                         after = self._same_on_every_rank(
                             select_stage_layout(image_scores, before, stage, image.layout), image.length,
-                            rows.device)
+                            keys.device)
                         if earlier is not None:  # all present: a subset of its previous stage's, kept here
                             after = torch.unique(torch.cat([after, earlier]))
                         kept.append(after)
                         dropped = before[~torch.isin(before, after)]
                         dropped_rows = req.row_start + image.offset + dropped - req.num_computed
-                        keep &= ~torch.isin(rows, dropped_rows.to(rows.device))
+                        keep &= ~torch.isin(keys, kv_step.row_keys(dropped_rows).to(keys.device))
                     cutting.kept.append((idx + 1, kept))
+                if adding:
+                    keys = self._add_back(batch, adding, scores, keys, keep)
+                    probes = [p for p in probes if not any(p.request == i for i, _ in adding)]
                 hidden, residual = hidden[keep], residual[keep]
-                positions, rows = positions[keep], rows[keep]
+                positions, keys = positions[keep], keys[keep]
+                if adding:  # added rows move before their request's own
+                    order = torch.argsort(keys, stable=True)
+                    hidden, residual, positions, keys = hidden[order], residual[order], positions[order], keys[order]
             next_cut = next((c for c in cuts if c > idx + 1), lm.end_layer)
-            self._retarget_attention(lm, batch, cuttings, rows, positions, idx + 1, next_cut)
+            self._retarget_attention(lm, batch, states, keys, positions, idx + 1, next_cut, probes)
 
-        for req, cutting in zip(batch.requests, cuttings):
-            if req.cuts_now and cutting is not None:
+        for req, state in zip(batch.requests, states):
+            if isinstance(state, _AddingBack):
+                req.pruning.kept = dataclasses.replace(state.kept(), life=req.pruning.plan.life)
+            elif req.cuts_now and state is not None:
                 req.pruning.kept = KeptTokens(tuple(StageKept(layer, tuple(tuple(k.tolist()) for k in kept))
-                                                    for layer, kept in cutting.kept), life=req.pruning.plan.life)
+                                                    for layer, kept in state.kept), life=req.pruning.plan.life)
 
         hidden, _ = lm.norm(hidden, residual)
-        if rows.shape[0] == total_rows:
+        if not adders and keys.shape[0] == total_rows:
             return hidden
-        # Logits are read at full-row indices: put survivors back in place.
+        # Logits are read at step-row indices: put the step's rows back in place.
         out = hidden.new_zeros((total_rows, hidden.shape[1]))
-        out[rows] = hidden
+        step_rows = kv_step.is_step_row(keys)
+        out[keys[step_rows] // kv_step.ROW_STRIDE] = hidden[step_rows]
         return out
+
+    def _with_probes(self, batch, adders, hidden, positions, keys):
+        """The step's rows headed by each adding request's probes: the image
+        tokens its earlier turn dropped at the first cut, from their
+        embeddings, at their positions, under negative keys."""
+        embeds, probe_positions, probes = [], [], []
+        for i, adding in adders:
+            req = batch.requests[i]
+            embeds += [e[c.to(e.device)] for e, c in zip(batch.image_embeds(req), adding.candidates)]
+            probe_positions.append(adding.probe_positions())
+            probes.append(kv_step.Probes(i, probe_positions[-1].numel()))
+        count = sum(p.count for p in probes)
+        probe_keys = torch.arange(-count, 0, device=keys.device)
+        at = 0
+        for (_, adding), p in zip(adders, probes):
+            adding.keys, at = probe_keys[at:at + p.count], at + p.count
+        return (torch.cat([*(e.to(hidden.dtype) for e in embeds), hidden]),
+                torch.cat([*(p.to(positions.device, positions.dtype) for p in probe_positions), positions]),
+                torch.cat([probe_keys, keys]), probes)
+
+    def _add_back(self, batch, adding, scores, keys, keep):
+        """Each adding request keeps its image's top `add` probes by score
+        (ties: the lower index) and drops the rest (`keep`); the kept ones
+        take keys just before the request's own rows. Returns the new keys."""
+        ordered, keys = keys, keys.clone()  # (the probes are found in the ordered keys)
+        for i, adding in adding:
+            chosen, mask = [], []
+            for candidates, image, count, image_scores in zip(adding.candidates, adding.images, adding.add,
+                                                              scores[i]):
+                order = torch.sort(image_scores.float(), descending=True, stable=True).indices
+                top = self._same_on_every_rank(candidates[order[:count]], image.length, keys.device)
+                chosen.append(top)
+                mask.append(torch.isin(candidates, top))
+            adding.chosen = chosen
+            mask = torch.cat(mask).to(keys.device)
+            at = torch.searchsorted(ordered, adding.keys)
+            keep[at[~mask]] = False
+            start = batch.requests[i].row_start * kv_step.ROW_STRIDE
+            keys[at[mask]] = start + torch.arange(int(mask.sum()), device=keys.device)
+        return keys
 
     def _same_on_every_rank(self, kept: torch.Tensor, image_len: int, device: torch.device) -> torch.Tensor:
         """Rank 0's selection on every tensor-parallel rank: ranks then keep
@@ -228,29 +341,34 @@ class FeatherPruning:
         mask = get_tp_group().broadcast(mask, src=0)
         return torch.nonzero(mask.cpu()).flatten()
 
-    def _layer_with_scores(self, idx, positions, hidden, residual, rows, batch, scorers):
+    def _layer_with_scores(self, idx, positions, hidden, residual, keys, batch, scorers, adding):
         """Decoder layer `idx` that also scores image tokens for the requests
-        cutting at `idx + 1`: the last prompt token's query against each
-        image's keys, with or without RoPE as each stage's criterion says."""
+        cutting (`scorers`) or adding back (`adding`, their probes) at
+        `idx + 1`: the last prompt token's query against each image's keys,
+        with or without RoPE as the stage's criterion says."""
         cut = idx + 1
-        picks, sizes = {}, {}
+        picks, sizes, stages = {}, {}, {}
         for i, state in scorers:
             req = batch.requests[i]
             present = state.present(cut - 1)
             sizes[i] = [p.numel() for p in present]
+            stages[i] = next(s for s in state.stages if s.layer == cut)
             image_rows = torch.cat([req.row_start + image.offset + p - req.num_computed
                                     for image, p in zip(state.images, present)])
-            last_row = torch.tensor([req.row_start + req.prompt_len - 1 - req.num_computed])
-            picks[i] = (torch.searchsorted(rows, last_row.to(rows.device)),
-                        torch.searchsorted(rows, image_rows.to(rows.device)))
+            picks[i] = kv_step.row_keys(image_rows).to(keys.device)
+        for i, state in adding:
+            sizes[i], stages[i], picks[i] = [c.numel() for c in state.candidates], state.stage, state.keys
+        for i in picks:
+            req = batch.requests[i]
+            last = kv_step.row_keys(torch.tensor([req.row_start + req.prompt_len - 1 - req.num_computed]))
+            picks[i] = (torch.searchsorted(keys, last.to(keys.device)), torch.searchsorted(keys, picks[i]))
         hidden, residual, raw, roped = self._layers(idx, positions, hidden, residual, picks)
 
         scores = {}
         attn = self.language_model.model.layers[idx].self_attn
         head_dim, scaling = attn.head_dim, attn.scaling
-        for i, state in scorers:
-            stage = next(s for s in state.stages if s.layer == cut)
-            q_last, k_img = (roped if stage.criterion == "rope" else raw)[i]
+        for i in picks:
+            q_last, k_img = (roped if stages[i].criterion == "rope" else raw)[i]
             q_last = q_last.reshape(-1, head_dim)
             # Each image is scored on its own: softmax over its own keys.
             s = torch.cat([last_token_image_attention(q_last, k.reshape(k.shape[0], -1, head_dim), scaling)
@@ -262,11 +380,12 @@ class FeatherPruning:
             scores[i] = s.cpu().split(sizes[i])
         return hidden, residual, scores
 
-    def _retarget_attention(self, lm, batch, cuttings, rows, positions, start, stop):
+    def _retarget_attention(self, lm, batch, states, keys, positions, start, stop, probes):
         """Layers [start, stop) attend over the rows (and compact KV) they keep."""
         names = [lm.layers[i].self_attn.attn.layer_name for i in range(start, stop)]
-        dropped = [c.dropped_positions(start) if c is not None else None for c in cuttings]
-        batch.retarget(names, rows, positions, dropped)
+        dropped = [s.dropped_positions(start) if s is not None else None for s in states]
+        added = [s.added(start) if s is not None else 0 for s in states]
+        batch.retarget(names, keys, positions, dropped, added, probes)
 
 
 @MULTIMODAL_REGISTRY.register_processor(

@@ -154,6 +154,8 @@ def summarize(conversations: list[dict[str, Any]]) -> dict[str, list[dict[str, A
                 # reused turns whose kept set the report says turn 1 decided
                 "kept_from_turn1": sum(bool(t["reused"]) and t["reused"].get("kept_from") == run[0]["id"]
                                        for t, run in zip(turns, runs)),
+                # reused turns that added back image tokens turn 1 dropped (follow_up add_back)
+                "added_back": sum(bool(t["reused"]) and bool(t["reused"].get("added")) for t in turns),
                 "united": sum(bool(t.get("united")) for t in turns),
                 "fallbacks": sum(bool(t["fallback"]) for t in turns)})
     base = out.get("none")
@@ -171,7 +173,8 @@ def report(summary: dict[str, list[dict[str, Any]]]) -> str:
 
     lines = [f"{'setting':<17} {'turn':>4} {'prompt tok':>10} {'TTFT ms':>8} {'x none':>7}   "
              f"{'KV blocks used/unpruned':>23} {'KV gauge %':>10} {'x none':>7}   "
-             f"{'prefix-cache hits':>17} {'pruned reuse':>12} {'kept from t1':>12} {'kept both':>9}"]
+             f"{'prefix-cache hits':>17} {'pruned reuse':>12} {'kept from t1':>12} {'added back':>10} "
+             f"{'kept both':>9}"]
     for preset, turns in summary.items():
         for k, t in enumerate(turns):
             blocks = f"{num(t['kv_blocks_used'], '.0f')}/{num(t['kv_blocks_unpruned'], '.0f')}"
@@ -181,7 +184,7 @@ def report(summary: dict[str, list[dict[str, Any]]]) -> str:
                          f"{num(t['ttft_s_x_none'], '.2f'):>7}   {blocks:>23} {num(gauge, '.3f'):>10} "
                          f"{num(t['kv_usage_perc_x_none'], '.2f'):>7}   "
                          f"{num(t['prefix_cache_hit_tokens'], '.0f'):>17} {'{}/{}'.format(t['reused'], t['n']):>12}"
-                         f" {t['kept_from_turn1']:>12} {t['united']:>9}")
+                         f" {t['kept_from_turn1']:>12} {t['added_back']:>10} {t['united']:>9}")
     if not any(t["reused"] for turns in summary.values() for t in turns):
         lines.append("no turn was served from a pruned image's cache (no `reused` in the reports): follow-up turns "
                      "re-prefill their image (unpruned prefix caching aside)")

@@ -160,6 +160,8 @@ class Call:
             if report.reused:
                 metrics.REUSED.labels(self.preset).inc()
                 metrics.REUSED_TOKENS.labels(self.preset).inc(report.reused.tokens)
+                if report.reused.added:
+                    metrics.ADDED_BACK.labels(self.preset).inc()
             if report.united:
                 metrics.UNITED.labels(self.preset).inc()
 

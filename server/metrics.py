@@ -45,6 +45,8 @@ REUSED = Counter("feather_pruned_kv_reuses", "Follow-up turns that reused an ear
                  ["preset"])
 REUSED_TOKENS = Counter("feather_pruned_kv_reused_tokens", "Prompt tokens those turns took from the prefix cache",
                         ["preset"])
+ADDED_BACK = Counter("feather_pruned_added_back", "Follow-up turns that reused an earlier turn's pruned image KV and "
+                     "added back image tokens it dropped (follow_up add_back; counted in the reuses too)", ["preset"])
 UNITED = Counter("feather_pruned_kept_both", "Follow-up turns whose cut kept an earlier turn's kept image tokens too "
                  "(follow_up keep_both)", ["preset"])
 RUNNING = Gauge("feather_requests_running", "Requests generating tokens")

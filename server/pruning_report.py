@@ -6,6 +6,8 @@ decided and measured once in the engine: the gateway predicts nothing.
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 
 from feather_vllm.kv.plan import PruningReport
@@ -68,6 +70,5 @@ def build_report(report: PruningReport, return_kept: bool = False) -> FeatherRep
                                                   unpruned=report.kv_blocks_unpruned_total,
                                                   held_per_group=list(report.kv_blocks_held)),
                          fallback=fallback,
-                         reused=ReusedReport(tokens=report.reused.tokens, kept_from=report.reused.kept_from)
-                         if report.reused else None,
+                         reused=ReusedReport(**dataclasses.asdict(report.reused)) if report.reused else None,
                          united=UnitedReport(kept_from=report.united.kept_from) if report.united else None)

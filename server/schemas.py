@@ -8,6 +8,8 @@ from typing import Annotated, Any, Literal
 from pydantic import (BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, StrictBool, StrictFloat, StrictInt,
                       StrictStr, model_serializer)
 
+from feather_vllm.pruning.config import FollowUp
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -76,9 +78,11 @@ class FeatherSettings(_Strict):
     return_kept: StrictBool = False
     # A follow-up turn about an image an earlier turn of the conversation
     # pruned: "reuse" that turn's pruned KV and kept set, "reselect" (prune
-    # again for this turn's question, at full cost) or "keep_both" (prune
-    # again and keep that turn's kept tokens too); unset: the preset's.
-    follow_up: Literal["reuse", "reselect", "keep_both"] | None = None
+    # again for this turn's question, at full cost), "keep_both" (prune
+    # again and keep that turn's kept tokens too) or "add_back" (reuse, and
+    # add back what this question ranks highest of what that turn dropped);
+    # unset: the preset's.
+    follow_up: FollowUp | None = None
     reselect: StrictBool = False  # true: follow_up "reselect"
 
 
@@ -243,6 +247,7 @@ class ReusedReport(BaseModel):
 
     tokens: int  # prompt tokens served from the prefix cache, the pruned image included
     kept_from: str  # the engine request id of the turn whose cut decided the kept set
+    added: int = 0  # image tokens that kept set lacked, added back for this prompt (follow_up "add_back")
 
 
 class UnitedReport(BaseModel):

@@ -275,50 +275,53 @@ def reference_generate(model, input_ids: torch.Tensor, pixel_values: torch.Tenso
 def reference_add_back(model, input_ids: torch.Tensor, pixel_values: torch.Tensor, config: PruningConfig,
                        max_new_tokens: int, kept: list[list[list[int]]], history_end: int, add: int) -> dict:
     """Greedy generation of a follow-up turn that reuses an earlier turn's
-    pruned KV and adds back image tokens for its own question: the cheap
-    "keep both" that docs/multi_turn_reuse.md defines (not built in the
-    engine). One image.
+    pruned KV and adds back image tokens for its own question
+    (follow_up "add_back", docs/multi_turn_reuse.md). LLaVA-1.5 layouts.
 
     `kept`: the earlier turn's kept sets (per stage, per image); the prompt
     before `history_end` is that turn's (its KV as it computed it).
     Layers before the first cut run the whole sequence. In the layer before
-    it, the last prompt token's criterion ranks the image tokens the
-    earlier turn dropped there (softmax over them): the top `add` (A) are
-    added back. From the first cut on the sequence is [prefix, the earlier
-    kept image tokens, history, A, the rest of the prompt], in that order,
-    causal, at original positions; later cuts keep their earlier kept set
-    and A. Returns token_ids, kept (per stage: earlier kept set and A) and
-    added (A, ascending)."""
+    it, the last prompt token's criterion ranks each image's tokens the
+    earlier turn dropped there (softmax over them): each image's top `add`
+    (A) are added back. From the first cut on the sequence is [prefix, the
+    earlier kept image tokens, history, A, the rest of the prompt], in that
+    order, causal, at original positions; later cuts keep their earlier
+    kept set and A. Returns token_ids, kept (per stage and image: earlier
+    kept set and A) and added (per image, A, ascending)."""
     images = _image_spans(model, input_ids, pixel_values.shape[0], config, None)
-    if len(images) != 1:
-        raise ValueError("reference_add_back takes one image")
-    (start, layout), = images
     prompt_len = input_ids.shape[1]
     lm = model.model.language_model
     hidden = _embed(model, input_ids, pixel_values, None)
     rows = torch.arange(prompt_len)
-    stages = {s.layer: (s, torch.tensor(per_image[0], dtype=torch.long)) for s, per_image in zip(config.stages, kept)}
+    # Per cut: its stage and the earlier turn's kept rows (absolute positions).
+    stages = {s.layer: (s, torch.cat([torch.tensor(k, dtype=torch.long) + start
+                                      for k, (start, _) in zip(per_image, images)]))
+              for s, per_image in zip(config.stages, kept)}
     first = config.stages[0].layer
-    added = torch.empty(0, dtype=torch.long)
+    is_image = torch.zeros(prompt_len, dtype=torch.bool)
+    for start, layout in images:
+        is_image[start:start + layout.num_tokens] = True
+    added = [torch.empty(0, dtype=torch.long) for _ in images]  # per image, 0-based
+    added_rows = torch.empty(0, dtype=torch.long)
     cache = _PerLayerKV()
     for index, layer in enumerate(lm.layers):
         if index in stages:
-            keep_image = torch.unique(torch.cat([stages[index][1], added])) + start
-            is_image = (rows >= start) & (rows < start + layout.num_tokens)
-            keep = ~is_image | torch.isin(rows, keep_image)
+            keep = ~is_image[rows] | torch.isin(rows, torch.cat([stages[index][1], added_rows]))
             if index == first:  # reorder: A after the history
-                order = torch.cat([rows[keep & (rows < history_end) & ~torch.isin(rows, added + start)],
-                                   added + start, rows[keep & (rows >= history_end)]])
+                order = torch.cat([rows[keep & (rows < history_end) & ~torch.isin(rows, added_rows)],
+                                   added_rows, rows[keep & (rows >= history_end)]])
                 hidden, rows = hidden[:, order], order  # rows were all of them, in order
             else:
                 hidden, rows = hidden[:, keep], rows[keep]
         position_ids, cos, sin, mask = _layer_inputs(lm, hidden, rows)
         if index + 1 == first:
-            stage, earlier = stages[first]
-            dropped = torch.tensor([t for t in range(layout.num_tokens) if t not in set(earlier.tolist())])
-            scores = _score(layer, hidden, cos, sin, prompt_len - 1, dropped + start, stage.criterion == "rope")
-            order = torch.sort(scores.float(), descending=True, stable=True).indices
-            added = torch.sort(dropped[order[:add]]).values
+            stage = stages[first][0]
+            for i, ((start, layout), earlier) in enumerate(zip(images, kept[0])):
+                dropped = torch.tensor(sorted(set(range(layout.num_tokens)) - set(earlier)), dtype=torch.long)
+                scores = _score(layer, hidden, cos, sin, prompt_len - 1, dropped + start, stage.criterion == "rope")
+                order = torch.sort(scores.float(), descending=True, stable=True).indices
+                added[i] = torch.sort(dropped[order[:add]]).values
+            added_rows = torch.cat([a + start for a, (start, _) in zip(added, images)])
         out = layer(hidden, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
                     use_cache=True, position_embeddings=(cos, sin))
         hidden = out[0] if isinstance(out, tuple) else out
@@ -328,5 +331,5 @@ def reference_add_back(model, input_ids: torch.Tensor, pixel_values: torch.Tenso
         if step:
             logits = _decode_step(model, tokens[-1], prompt_len + step - 1, cache)
         tokens.append(int(torch.argmax(logits)))
-    return {"token_ids": tokens, "added": added.tolist(),
-            "kept": [[sorted(set(k[0]) | set(added.tolist()))] for k in kept]}
+    return {"token_ids": tokens, "added": [a.tolist() for a in added],
+            "kept": [[sorted(set(k) | set(a.tolist())) for k, a in zip(per_image, added)] for per_image in kept]}

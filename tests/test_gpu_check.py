@@ -49,11 +49,15 @@ def test_gpu_check_cpu_run(tmp_path):
     assert refused["refused"] and refused["refused_by_plugin_guard"] and "FLASHINFER" in refused["message"]
 
     follow_ups = result["follow_up_turns"]["presets"]
-    assert {p: f["policy"] for p, f in follow_ups.items()} == {"feather": "reuse", "fastv": "keep_both"}
+    assert {p: f["policy"] for p, f in follow_ups.items()} == {"feather": "reuse", "fastv": "add_back",
+                                                               "pyramiddrop": "keep_both"}
     for figures in follow_ups.values():
         assert figures["tokens_equal"] and figures["kept_sets_equal"] and figures["kept_from_turn1"]
-    # Reuse took turn 1's image from the cache; keep_both cut it again.
-    assert follow_ups["feather"]["turn2_cached_tokens"] > 576 > follow_ups["fastv"]["turn2_cached_tokens"]
+    # Reuse and add_back took turn 1's image from the cache (add_back adding
+    # fastv's 144); keep_both cut it again.
+    assert follow_ups["fastv"]["added"] == 144 and follow_ups["feather"]["added"] == 0
+    assert min(follow_ups[p]["turn2_cached_tokens"] for p in ("feather", "fastv")) > 576 > \
+        follow_ups["pyramiddrop"]["turn2_cached_tokens"]
 
 
 def test_gpu_check_without_cuda_fails_fast(tmp_path):

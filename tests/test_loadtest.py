@@ -117,7 +117,7 @@ def test_evaluate_builtin_scenes_through_gateway(server, tmp_path):
 def test_evaluate_multi_turn_through_gateway(server, tmp_path, capsys):
     """--multi-turn on 4 two-object scenes: each setting's turn 1 once, then
     turn 2 about the other object under each follow-up policy (reuse,
-    reselect, keep_both); scores, paired differences and what the reports
+    add_back, reselect, keep_both); scores, paired differences and what the reports
     say was reused or kept too agree with the answers; the unpruned
     baseline is stated."""
     from feather_vllm.tools.demo.scenes import held_out_pairs
@@ -130,7 +130,7 @@ def test_evaluate_multi_turn_through_gateway(server, tmp_path, capsys):
     main(["--url", server.url, "--model", "tiny", "--multi-turn", "--scenes", "4", "--presets", "none,feather",
           "--json", str(out)])
     data = json.loads(out.read_text())
-    names = ["none", "feather+reuse", "feather+reselect", "feather+keep_both"]
+    names = ["none", "feather+reuse", "feather+add_back", "feather+reselect", "feather+keep_both"]
     assert data["mode"] == "multi-turn" and data["items"] == 4 and data["follow_ups"] is True
     assert list(data["report"]) == names
     assert data["settings"]["feather+keep_both"] == {"preset": "feather", "follow_up": "keep_both"}
@@ -152,13 +152,17 @@ def test_evaluate_multi_turn_through_gateway(server, tmp_path, capsys):
     # One turn 1 per setting: every follow-up continues the same one.
     assert len({json.dumps([c[0] for c in answers[n]]) for n in names[1:]}) == 1
     # What each policy did, by the reports: reuse took turn 1's kept set and
-    # KV, reselect cut afresh, keep_both cut keeping turn 1's kept set.
+    # KV, add_back too (turn 1's, not another policy's cut of the same
+    # turn 2: asked before them) and added to it, reselect cut afresh,
+    # keep_both cut keeping turn 1's kept set.
     follow = {n: report[n]["turns"][1] for n in names[1:]}
     assert follow["feather+reuse"]["reused"] == follow["feather+reuse"]["kept_from_turn1"] == 4
+    assert follow["feather+add_back"]["reused"] == follow["feather+add_back"]["kept_from_turn1"] == 4
+    assert all(c[1]["reused"]["added"] == 172 for c in answers["feather+add_back"])  # feather's first top-k
     assert follow["feather+reselect"]["reused"] == follow["feather+reselect"]["united"] == 0
     assert follow["feather+keep_both"]["united"] == follow["feather+keep_both"]["kept_from_turn1"] == 4
     t2 = {n: e["accuracy"] for n, e in follow.items()}
-    for name in ("feather+reuse", "feather+keep_both"):
+    for name in ("feather+reuse", "feather+add_back", "feather+keep_both"):
         assert report[name]["vs_reselect"]["difference"] == pytest.approx(t2[name] - t2["feather+reselect"])
     assert isinstance(data["unpruned"]["weak"], bool)
     printed = capsys.readouterr().out
@@ -172,7 +176,8 @@ def test_multi_turn_benchmark_against_running_gateway(server, tmp_path, capsys):
     follow-ups find the first turn's prompt in the prefix cache."""
     from loadtest.multi_turn import main
 
-    follow_ups = ("feather_pruned_kv_reuses_total", "feather_pruned_kept_both_total")
+    follow_ups = {"feather_pruned_kv_reuses_total": "reused", "feather_pruned_kept_both_total": "united",
+                  "feather_pruned_added_back_total": "added_back"}
     presets = ("fastv", "feather", "pyramiddrop")
     before = {(m, p): _metric_total(server.url, m, preset=p) for m in follow_ups for p in presets}
     main(["--url", server.url, "--served-model-name", "tiny", "--rounds", "1", "--max-tokens", "32",
@@ -195,14 +200,16 @@ def test_multi_turn_benchmark_against_running_gateway(server, tmp_path, capsys):
             else:
                 assert t["kv_blocks"]["used"] < t["kv_blocks"]["unpruned"]
         assert turns[0]["prefix_cache_hit_tokens"] == 0 and turns[0]["reused"] is None  # a fresh image
-        # Feather's follow-ups reuse turn 1's pruned image and kept set; fastv's
-        # and pyramiddrop's (their presets' policy: keep_both) cut again, each
-        # keeping the turn before's kept set too.
+        # Their presets' policies: feather's follow-ups reuse turn 1's pruned
+        # image and kept set; fastv's reuse them and add back 144 tokens each
+        # (turn 3 to turn 1's, an added turn is no cut); pyramiddrop's cut
+        # again, each keeping the turn before's kept set too.
         reused = [bool(t["reused"]) and t["reused"]["kept_from"] == turns[0]["id"] for t in turns[1:]]
-        assert reused == [c["preset"] == "feather"] * 2
+        assert reused == [c["preset"] in ("feather", "fastv")] * 2
+        assert [t["reused"]["added"] for t in turns[1:] if t["reused"]] == ([144] * 2 if c["preset"] == "fastv"
+                                                                             else [0] * sum(reused))
         united = [t["united"]["kept_from"] if t["united"] else None for t in turns]
-        assert united == ([None, turns[0]["id"], turns[1]["id"]] if c["preset"] in ("fastv", "pyramiddrop")
-                          else [None] * 3)
+        assert united == ([None, turns[0]["id"], turns[1]["id"]] if c["preset"] == "pyramiddrop" else [None] * 3)
     assert any(t["kv_usage_perc"] for c in conversations for t in c["turns"])
     none = conversations[0]["turns"]
     assert none[1]["prefix_cache_hit_tokens"] >= 576 and none[2]["prefix_cache_hit_tokens"] >= 576
@@ -214,11 +221,12 @@ def test_multi_turn_benchmark_against_running_gateway(server, tmp_path, capsys):
         for k, (t, m) in enumerate(zip(turns, measured)):
             assert t["ttft_s"] == m["ttft_s"] and t["kv_blocks_used"] == m["kv_blocks"]["used"]
             assert t["reused"] == t["kept_from_turn1"] == bool(m["reused"])
+            assert t["added_back"] == bool(m["reused"] and m["reused"]["added"])
             assert t["united"] == bool(m["united"])
             assert t["ttft_s_x_none"] == pytest.approx(m["ttft_s"] / summary["none"][k]["ttft_s"])
     # The gateway counts each policy's follow-ups: the recorded round's and its warm-up's.
     for (name, preset), value in before.items():
-        key = "reused" if name == "feather_pruned_kv_reuses_total" else "united"
+        key = follow_ups[name]
         assert _metric_total(server.url, name, preset=preset) - value == 2 * sum(t[key] for t in summary[preset])
     printed = capsys.readouterr().out
     assert printed.count("\n") >= 13 and "pyramiddrop" in printed and "TTFT ms" in printed

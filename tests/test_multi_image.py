@@ -2,7 +2,8 @@
 grid, scored by the last prompt token against that image's keys alone.
 Kept sets, tokens and logprobs equal the transformers reference; the KV
 reservation is the sum of each image's upper bound per stage, and the
-report gives kept tokens per image and stage."""
+report gives kept tokens per image and stage. A follow-up turn that adds
+back adds each image's own top tokens and equals its reference."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from feather_vllm.kv.plan import report_of
 from feather_vllm.pruning.config import resolve
 from feather_vllm.pruning.cost import kept_per_stage_max
 from tests.helpers import engine_parts, make_llm, sample_images, shutdown
-from tests.reference_hf import kept_lists, reference_generate
+from tests.reference_hf import kept_lists, reference_add_back, reference_generate
 
 MAX_TOKENS = 12
 BLOCK = 32
@@ -49,10 +50,16 @@ def _params(preset):
                           extra_args={"feather": preset})
 
 
+ADD_BACK = {"preset": "fastv", "follow_up": "add_back"}
+FOLLOW_UP = "And the blue circle?"
+
+
 @pytest.fixture(scope="module")
 def results(tiny_checkpoint):
-    """Every case under every preset in one batch (block size 32)."""
-    llm = make_llm(tiny_checkpoint, block_size=BLOCK, max_model_len=2048)
+    """Every case under every preset in one batch (block size 32, prefix
+    caching on); then a fastv conversation about the first case whose
+    turn 2 adds back."""
+    llm = make_llm(tiny_checkpoint, block_size=BLOCK, max_model_len=2048, enable_prefix_caching=True)
     try:
         presets = ["none", *PRUNED]
         convs = [_conversation(*case) for _ in presets for case in CASES]
@@ -60,6 +67,11 @@ def results(tiny_checkpoint):
         outs = llm.chat(convs, params, use_tqdm=False)
         _, kv, _ = engine_parts(llm)
         first_layers = [g.kv_cache_spec.feather_first_layer for g in kv.kv_cache_config.kv_cache_groups]
+        first = _conversation(*CASES[0][:2], "Where is the green circle?")
+        one = llm.chat(first, _params(ADD_BACK), use_tqdm=False)[0]
+        follow_up = [*first, {"role": "assistant", "content": one.outputs[0].text},
+                     {"role": "user", "content": FOLLOW_UP}]
+        add_back = (one, llm.chat(follow_up, _params(ADD_BACK), use_tqdm=False)[0])
     finally:
         shutdown(llm)
     results = {}
@@ -68,6 +80,7 @@ def results(tiny_checkpoint):
         results[presets[i // len(CASES)], i % len(CASES)] = {
             "token_ids": tokens, "report": report_of(out), "prompt_len": len(out.prompt_token_ids),
             "logprobs": [lp[t].logprob for lp, t in zip(out.outputs[0].logprobs, tokens)]}
+    results["add_back"] = add_back
     return results, first_layers
 
 
@@ -130,6 +143,27 @@ def test_feather_holds_at_most_half_the_kv_of_unpruned(results, case):
     pruned, unpruned = results[0]["feather", case]["report"], results[0]["none", case]["report"]
     assert unpruned.kv_blocks_used == unpruned.kv_blocks_unpruned_total == pruned.kv_blocks_unpruned_total
     assert pruned.kv_blocks_used <= 0.5 * unpruned.kv_blocks_used
+
+
+def test_add_back_adds_each_images_own_top_tokens(tiny_checkpoint, results):
+    """Turn 2 of a two-image fastv conversation reuses turn 1's pruned KV
+    and adds back, per image, fastv's keep count of what that image lost,
+    ranked by the follow-up's criterion over that image's dropped tokens;
+    tokens and kept sets equal the reference."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    one, two = results[0]["add_back"]
+    first, report = report_of(one), report_of(two)
+    assert report.reused is not None and report.reused.added == 2 * 144
+    assert [len(k) for k in report.stages[0].per_image] == [288, 288]
+    processor = AutoProcessor.from_pretrained(tiny_checkpoint)
+    model = LlavaForConditionalGeneration.from_pretrained(tiny_checkpoint, dtype=torch.float32).eval()
+    pixels = processor.image_processor(images=[sample_images()[i] for i in CASES[0][0]],
+                                       return_tensors="pt")["pixel_values"]
+    want = reference_add_back(model, torch.tensor([two.prompt_token_ids]), pixels, resolve(ADD_BACK), MAX_TOKENS,
+                              kept_lists(first.stages), report.reused.tokens, 144)
+    assert kept_lists(report.stages) == want["kept"]
+    assert list(two.outputs[0].token_ids) == want["token_ids"]
 
 
 def test_pruning_changes_the_answer(results):

@@ -9,9 +9,12 @@ tokens equal the independent transformers reference run on the same prompt
 with turn 1's kept sets forced; so does a conversation whose cut falls
 inside a KV stage. Then what must not reuse: other settings, another
 image, another cache salt (API key), another first question, `reselect`
-(nor keep another conversation's kept set). Last, follow_up "keep_both":
+(nor keep another conversation's kept set). Then follow_up "keep_both":
 each turn cuts again, keeping the previous turn's kept sets as well, and
-reuses where no step can hold its cut."""
+reuses where no step can hold its cut. Last, follow_up "add_back": each
+turn reuses turn 1's pruned KV and adds back what its own criterion ranks
+highest of what turn 1 dropped, equal to the reference that defines it,
+also in a step with another request's cut."""
 
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ import torch
 from feather_vllm.kv.plan import report_of
 from feather_vllm.pruning.config import PRESETS
 from tests.helpers import engine_parts, make_llm, sample_images, shutdown
-from tests.reference_hf import kept_lists, reference_generate
+from tests.reference_hf import kept_lists, reference_add_back, reference_generate
 
 BLOCK = 32
 BUDGET = 640  # the cut's step (image + question) fits; turn 3's new text does not
@@ -106,6 +109,26 @@ def _run_preempted(llm, prompt, params, request_id):
     raise AssertionError("the request did not finish")
 
 
+def _in_one_first_step(llm, prompts, params) -> list:
+    """Outputs of `prompts`, submitted together; asserts that the first
+    step computed every prompt (the step held all of them)."""
+    scheduler, _, _ = engine_parts(llm)
+    engine = llm.llm_engine
+    ids = [f"together-{i}-{time.time_ns()}" for i in range(len(prompts))]
+    for request_id, prompt, p in zip(ids, prompts, params):
+        engine.add_request(request_id, prompt, p)
+    done = {}
+    for out in engine.step():
+        done[out.request_id] = out
+    requests = [r for key, r in scheduler.requests.items() if key.startswith("together-")]
+    assert len(requests) == len(prompts) and all(r.num_computed_tokens >= r.num_prompt_tokens for r in requests)
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+    return [done[request_id] for request_id in ids]
+
+
 def _reusing(preset: str) -> dict:
     """`preset`, its follow-ups reusing (the feather preset's default)."""
     return {"preset": preset, "follow_up": "reuse"}
@@ -133,7 +156,23 @@ def conversations(engine):
     for i, preset in enumerate(KEEPING_BOTH):
         out[f"{preset}+keep_both"] = _converse(engine, {"preset": preset, "follow_up": "keep_both"},
                                                _image(6 + i), SHORT_TURNS + [LONG])
+        # The same images, apart under a cache salt of their own.
+        out[f"{preset}+add_back"] = _converse(engine, _adding_back(preset), _image(6 + i), SHORT_TURNS + [LONG],
+                                              salt=ADD_BACK_SALT)
+    # Two more add-back conversations about image 6, under salts of their
+    # own: fastv's again, its turn 2 preempted while decoding, and pyramiddrop's.
+    out["fastv+add_back+preempted"] = _converse(engine, _adding_back("fastv"), _image(6), SHORT_TURNS[:2],
+                                                salt="preempted add-back", preempt_turn=1)
+    out["pyramiddrop+add_back+image6"] = _converse(engine, _adding_back("pyramiddrop"), _image(6),
+                                                   SHORT_TURNS[:2], salt="pyramiddrop on image 6")
     return out
+
+
+ADD_BACK_SALT = "add-back conversations"
+
+
+def _adding_back(preset: str) -> dict:
+    return {"preset": preset, "follow_up": "add_back"}
 
 
 CASES = [(preset, turn) for preset in REUSING + ["preempted"] for turn in range(3)]
@@ -253,6 +292,111 @@ def test_keep_both_reuses_where_no_step_holds_a_cut(hf, conversations, preset):
     want = reference_generate(model, torch.tensor([outs[3].prompt_token_ids]), pixels, PRESETS[preset], MAX_TOKENS,
                               kept=kept_lists(third.stages))
     assert list(outs[3].outputs[0].token_ids) == want["token_ids"]
+
+
+ADD_BACK_CASES = KEEP_BOTH_CASES
+
+
+def _add_back_reference(hf, out, preset: str, turn_1) -> dict:
+    """The reference of `out`, a follow-up that adds back to turn 1's kept
+    sets after the tokens its report says it took from the cache."""
+    from feather_vllm.pruning.selection import stage_keep_count
+
+    processor, model = hf
+    stage = PRESETS[preset].stages[0]
+    first = report_of(turn_1).stages[0]
+    add = min(stage_keep_count(576, stage), 576 - first.total)
+    return reference_add_back(model, torch.tensor([out.prompt_token_ids]),
+                              _pixels(processor, _image(6 + KEEPING_BOTH.index(preset))), PRESETS[preset],
+                              MAX_TOKENS, kept_lists(report_of(turn_1).stages), report_of(out).reused.tokens, add)
+
+
+@pytest.mark.parametrize("preset,turn", ADD_BACK_CASES, ids=[f"{p}-turn{t + 1}" for p, t in ADD_BACK_CASES])
+def test_add_back_reuses_turn_1_and_adds_what_its_question_ranks_highest(hf, conversations, preset, turn):
+    """follow_up "add_back": turns 2 and 3 take turn 1's pruned KV (the
+    image included) from the cache, cut nothing, and add back the first
+    stage's top-k size of what turn 1 dropped, as their own criterion
+    ranks them; tokens, the added tokens and every stage's kept set equal
+    the reference (added tokens after the cached ones, at their own
+    positions). An added turn's blocks are no cut's layout: turn 3 adds
+    to turn 1, not to turn 2. The last KV group (after every cut) holds
+    exactly the turn's tokens less turn 1's drops plus the added ones."""
+    outs = conversations[f"{preset}+add_back"]
+    first, report = report_of(outs[0]), report_of(outs[turn])
+    assert report.united is None and report.fallback is None
+    assert report.reused is not None and report.reused.kept_from == outs[0].request_id
+    assert outs[turn].num_cached_tokens == report.reused.tokens >= len(outs[0].prompt_token_ids)
+    want = _add_back_reference(hf, outs[turn], preset, outs[0])
+    assert report.reused.added == len(want["added"][0]) > 0
+    assert sorted(set(report.stages[0].per_image[0]) - set(first.stages[0].per_image[0])) == want["added"][0]
+    assert kept_lists(report.stages) == want["kept"]
+    assert list(outs[turn].outputs[0].token_ids) == want["token_ids"]
+    tokens = len(outs[turn].prompt_token_ids) + MAX_TOKENS - 1
+    assert report.kv_blocks_held[-1] == -(-(tokens - 576 + report.stages[-1].total) // BLOCK)
+
+
+@pytest.mark.parametrize("preset", KEEPING_BOTH)
+def test_add_back_reuses_alone_where_no_step_holds_the_rest(hf, conversations, preset):
+    """add_back's turn 4 (its text after the cache hit exceeds any step,
+    so its last token cannot rank tokens in the step that would add them):
+    a plain reuse of turn 1's pruned KV, equal to the reference with turn
+    1's kept sets."""
+    processor, model = hf
+    outs = conversations[f"{preset}+add_back"]
+    report = report_of(outs[3])
+    assert report.reused is not None and report.reused.added == 0
+    assert report.reused.kept_from == outs[0].request_id and report.stages == report_of(outs[0]).stages
+    pixels = _pixels(processor, _image(6 + KEEPING_BOTH.index(preset)))
+    want = reference_generate(model, torch.tensor([outs[3].prompt_token_ids]), pixels, PRESETS[preset], MAX_TOKENS,
+                              kept=kept_lists(report_of(outs[0]).stages))
+    assert list(outs[3].outputs[0].token_ids) == want["token_ids"]
+
+
+def test_an_added_back_turn_preempted_adds_back_again(conversations):
+    """fastv's add-back conversation again (under a salt of its own), its
+    turn 2 preempted while decoding: resumed, it adds back again from turn
+    1's pruned KV (its own were freed), with the same tokens and kept sets."""
+    outs = conversations["fastv+add_back+preempted"]
+    want = conversations["fastv+add_back"][1]
+    report = report_of(outs[1])
+    assert report.reused is not None and report.reused.added > 0 and report.reused.kept_from == outs[0].request_id
+    assert report.stages == report_of(want).stages
+    assert list(outs[1].outputs[0].token_ids) == list(want.outputs[0].token_ids)
+
+
+def test_add_backs_share_a_step(engine, conversations):
+    """Three add-back turns 2 about image 6 in one step (one encoding
+    serves them): two fastv ones (first cut at layer 3) and pyramiddrop's
+    (at layer 8). Each equals its run alone."""
+    names = ["fastv+add_back", "fastv+add_back+preempted", "pyramiddrop+add_back+image6"]
+    salts = [ADD_BACK_SALT, "preempted add-back", "pyramiddrop on image 6"]
+    alone = [conversations[name][1] for name in names]
+    together = _in_one_first_step(engine, [_prompt(out.prompt, _image(6), salt) for out, salt in zip(alone, salts)],
+                                  [_params(_adding_back(name.split("+")[0])) for name in names])
+    for got, want in zip(together, alone):
+        assert report_of(got).reused.added > 0
+        assert list(got.outputs[0].token_ids) == list(want.outputs[0].token_ids)
+        assert report_of(got).stages == report_of(want).stages
+
+
+def test_add_back_shares_a_step_with_a_cut(engine, conversations):
+    """fastv's add-back turn 2 again, in one step with another
+    conversation's turn 1 (a cut; reselect: it takes no earlier turn's KV)
+    about the same image, under another cache salt (one image's encoding
+    serves both: the step's encoder budget holds one): the step's rows
+    hold the added turn's probes, its added tokens and its question, and
+    the other request's image, cut. Both equal their runs alone."""
+    outs = conversations["fastv+add_back"]
+    other = _prompt("<s>USER: <image>\nWhere is the red square?\nASSISTANT:", _image(6), salt="a step shared")
+    other_params = _params({"preset": "pyramiddrop", "follow_up": "reselect"})
+    alone = engine.generate(other, other_params, use_tqdm=False)[0]
+    turn_2 = _prompt(outs[1].prompt, _image(6), ADD_BACK_SALT)
+    together = _in_one_first_step(engine, [turn_2, other], [_params(_adding_back("fastv")), other_params])
+    assert report_of(together[0]).reused.added > 0 and report_of(together[1]).reused is None
+    assert list(together[0].outputs[0].token_ids) == list(outs[1].outputs[0].token_ids)
+    assert report_of(together[0]).stages == report_of(outs[1]).stages
+    assert list(together[1].outputs[0].token_ids) == list(alone.outputs[0].token_ids)
+    assert report_of(together[1]).stages == report_of(alone).stages
 
 
 def test_a_cut_whose_bound_is_the_whole_image_is_never_read_unpruned(engine):

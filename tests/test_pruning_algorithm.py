@@ -75,20 +75,21 @@ def test_explicit_stages_and_defaults():
 
 @pytest.mark.parametrize("spec, follow_up", [
     ({"preset": "feather"}, "reuse"),
-    ({"preset": "fastv"}, "keep_both"),
+    ({"preset": "fastv"}, "add_back"),
     ({"preset": "pyramiddrop"}, "keep_both"),
     ({"stages": [{"layer": 3, "keep": 0.25}]}, "keep_both"),
     ({"preset": "fastv", "follow_up": "reuse"}, "reuse"),
     ({"preset": "feather", "follow_up": "keep_both"}, "keep_both"),
+    ({"preset": "pyramiddrop", "follow_up": "add_back"}, "add_back"),
     ({"preset": "feather", "reselect": True}, "reselect"),
     ({"preset": "feather", "reselect": True, "follow_up": "reselect"}, "reselect"),
     ({"preset": "feather", "reselect": False}, "reuse"),
-], ids=["feather", "fastv", "pyramiddrop", "stages", "reuse", "keep_both", "reselect", "both-spellings",
-        "reselect-false"])
+], ids=["feather", "fastv", "pyramiddrop", "stages", "reuse", "keep_both", "add_back", "reselect",
+        "both-spellings", "reselect-false"])
 def test_follow_up_policy(spec, follow_up):
     """The request's follow-up policy, else its preset's (feather reuses,
-    the others keep both); explicit stages keep both; `"reselect": true`
-    spells "reselect"."""
+    fastv adds back, pyramiddrop keeps both); explicit stages keep both;
+    `"reselect": true` spells "reselect"."""
     assert pcfg.resolve(spec).follow_up == follow_up
 
 

@@ -1,6 +1,8 @@
 """Pruning inside vLLM's prefill equals an independent transformers reference:
 kept indices per stage, greedy tokens and logprobs, for every preset, with
-mixed batches; the unpruned requests of a mixed batch stay stock."""
+mixed batches; the unpruned requests of a mixed batch stay stock. In each
+engine mode, a follow-up turn that adds back to turn 1's pruned KV equals
+its reference too."""
 
 from __future__ import annotations
 
@@ -64,7 +66,7 @@ def stock_results(tiny_checkpoint, cases):
 @pytest.fixture(scope="module", params=list(MODES))
 def engine_results(request, tiny_checkpoint, cases, stock_results):
     """One mixed batch: every (image, prompt) under every preset together."""
-    llm = make_llm(tiny_checkpoint, **MODES[request.param])
+    llm = make_llm(tiny_checkpoint, enable_prefix_caching=True, **MODES[request.param])
     try:
         convs, params = [], []
         for preset in ["none", *PRUNED]:
@@ -73,6 +75,7 @@ def engine_results(request, tiny_checkpoint, cases, stock_results):
                 params.append(_params(preset))
         outs = llm.chat(convs, params, use_tqdm=False)
         results = [_result(o) for o in outs]
+        add_back = _add_back_turns(llm)
         cutting_ops = None if request.param == "multiprocess" else _cutting_ops(engine_parts(llm)[2])
         rewarmed_ops = None if request.param == "multiprocess" else _rewarmed_ops(engine_parts(llm)[2])
     finally:
@@ -80,7 +83,23 @@ def engine_results(request, tiny_checkpoint, cases, stock_results):
     n = len(cases)
     by_preset = {preset: results[i * n:(i + 1) * n] for i, preset in enumerate(["none", *PRUNED])}
     return {"mode": request.param, "stock": stock_results, "cutting_ops": cutting_ops,
-            "rewarmed_ops": rewarmed_ops, **by_preset}
+            "rewarmed_ops": rewarmed_ops, "add_back": add_back, **by_preset}
+
+
+ADD_BACK = {"preset": "fastv", "follow_up": "add_back"}
+FOLLOW_UP = "And the blue circle?"
+
+
+def _add_back_turns(llm) -> list:
+    """A fastv conversation whose turn 2 adds back to turn 1's pruned KV
+    (the prefix cache is on in every mode for it). Turn 1 repeats the
+    batch's first fastv prompt and cuts again: a hit never takes a prompt's
+    last token, and the compact KV before it ends short of the image."""
+    image, prompt = sample_images()[0], PROMPTS[0]
+    first = llm.chat(chat(image, prompt), _params(ADD_BACK), use_tqdm=False)[0]
+    follow_up = chat(image, prompt) + [{"role": "assistant", "content": first.outputs[0].text},
+                                       {"role": "user", "content": FOLLOW_UP}]
+    return [first, llm.chat(follow_up, _params(ADD_BACK), use_tqdm=False)[0]]
 
 
 def _cutting_ops(model) -> dict[str, int | None]:
@@ -166,6 +185,25 @@ def test_tokens_and_logprobs_equal_reference(engine_results, reference, preset):
         assert len(got["token_ids"]) == MAX_TOKENS
         assert got["token_ids"] == ref["token_ids"]
         assert max(abs(a - b) for a, b in zip(got["logprobs"], ref["logprobs"])) < 1e-3
+
+
+def test_add_back_equals_reference(engine_results, hf):
+    """Turn 2 reuses turn 1's pruned KV and adds back fastv's keep count
+    of what turn 1 dropped, as its own criterion ranks them: probes through
+    the layers before the cut (compiled like a cut's layers in the compiled
+    engine), a plan and kept tokens across processes in the multi-process
+    one; tokens and kept sets equal the reference."""
+    from tests.reference_hf import reference_add_back
+
+    processor, model = hf
+    first, second = engine_results["add_back"]
+    report = report_of(second)
+    assert report.reused is not None and report.reused.added == 144
+    pixels = processor.image_processor(images=sample_images()[0], return_tensors="pt")["pixel_values"]
+    want = reference_add_back(model, torch.tensor([second.prompt_token_ids]), pixels, resolve("fastv"), MAX_TOKENS,
+                              kept_lists(report_of(first).stages), report.reused.tokens, 144)
+    assert kept_lists(report.stages) == want["kept"]
+    assert list(second.outputs[0].token_ids) == want["token_ids"]
 
 
 def test_presets_change_outputs(engine_results):

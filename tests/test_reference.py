@@ -193,7 +193,7 @@ def test_add_back_of_nothing_is_reuse(hf, inputs, follow_up, preset):
     reused = _run(hf, turn_2, PRESETS[preset], max_new_tokens=4, kept=turn_1)
     none = reference_add_back(hf[1], turn_2["input_ids"], turn_2["pixel_values"], PRESETS[preset], 4, turn_1,
                               history_end, add=0)
-    assert none["added"] == [] and none["kept"] == turn_1 and none["token_ids"] == reused["token_ids"]
+    assert none["added"] == [[]] and none["kept"] == turn_1 and none["token_ids"] == reused["token_ids"]
 
 
 def test_add_back_adds_the_new_questions_top_dropped_tokens(hf, inputs, follow_up):
@@ -210,5 +210,5 @@ def test_add_back_adds_the_new_questions_top_dropped_tokens(hf, inputs, follow_u
     start, _ = _image_span(hf[1], turn_2["input_ids"])
     dropped = torch.tensor(sorted(set(range(NUM_IMAGE)) - set(turn_1[0][0])))
     scores = last_token_image_attention(q[0, :, -1], k[0, :, start + dropped].transpose(0, 1), scaling)
-    assert out["added"] == sorted(dropped[torch.topk(scores, 40).indices].tolist())
-    assert out["kept"] == [[sorted(set(turn_1[0][0]) | set(out["added"]))]]
+    assert out["added"] == [sorted(dropped[torch.topk(scores, 40).indices].tolist())]
+    assert out["kept"] == [[sorted(set(turn_1[0][0]) | set(out["added"][0]))]]

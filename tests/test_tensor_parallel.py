@@ -66,8 +66,9 @@ def test_tp2_keeps_the_single_rank_tokens(tp2_server, single_rank, preset, image
 
 
 FOLLOW_UP = "And the blue circle?"
-# Each preset's default policy for a follow-up: feather reuses, fastv keeps both.
-POLICIES = {"feather": "reused", "fastv": "united"}
+# Each preset's default policy for a follow-up (feather reuses, fastv adds
+# back, pyramiddrop keeps both), and the report field that says it ran.
+POLICIES = {"feather": "reused", "fastv": "reused", "pyramiddrop": "united"}
 
 
 def _follow_up_image():
@@ -102,10 +103,13 @@ def single_rank_follow_ups(tiny_checkpoint):
 @pytest.mark.parametrize("preset", POLICIES)
 def test_tp2_follow_up_turns_equal_the_single_rank(tp2_server, single_rank_follow_ups, preset):
     """A follow-up turn under each preset's default policy (feather: reuse
-    the pruned KV from the cache; fastv: cut again, keeping turn 1's kept
-    set too) keeps, answers and reports on two ranks what it does on one."""
+    the pruned KV from the cache; fastv: reuse it and add back what the new
+    question ranks highest, rank 0's choice on both ranks; pyramiddrop: cut
+    again, keeping turn 1's kept set too) keeps, answers and reports on two
+    ranks what it does on one."""
     one, two, kept, single = single_rank_follow_ups[preset]
     assert getattr(single, POLICIES[preset]) is not None  # the policy ran on one rank
+    assert (single.reused is not None and single.reused.added > 0) == (preset == "fastv")
     image = {"type": "image_url", "image_url": {"url": png_data_url(_follow_up_image())}}
     messages = [{"role": "user", "content": [image, {"type": "text", "text": QUESTION}]}]
     replies = []
@@ -121,3 +125,5 @@ def test_tp2_follow_up_turns_equal_the_single_rank(tp2_server, single_rank_follo
     report = replies[1]["feather"]
     assert [s["kept_indices"] for s in report["images"][0]["stages"]] == kept
     assert report[POLICIES[preset]]["kept_from"] == replies[0]["id"]  # what turn 1 kept, by its response id
+    if preset == "fastv":
+        assert report["reused"]["added"] == single.reused.added

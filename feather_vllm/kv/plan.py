@@ -66,6 +66,16 @@ class PrunePlan:
     # An earlier turn's kept set that this cut keeps as well, at each stage
     # (follow_up "keep_both"): the stage keeps its own selection and these.
     unite: "KeptTokens | None" = None
+    # With `reuse`, follow_up "add_back": per image, how many of the image
+    # tokens `reuse` dropped at the first cut this step adds back (the
+    # prompt's own criterion picks them); from the first cut on they sit
+    # after the `insert_at` prompt tokens taken from the cache.
+    add: tuple[int, ...] = ()
+    insert_at: int = 0
+
+    @property
+    def adds_back(self) -> bool:
+        return any(self.add)
 
     @property
     def first_offset(self) -> int:
@@ -125,6 +135,7 @@ class Reused:
 
     tokens: int  # prompt tokens it took from the cache, its images included
     kept_from: str  # the request whose cut decided the kept set
+    added: int = 0  # image tokens that kept set lacked, added back for this prompt (follow_up "add_back")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -221,6 +221,9 @@ class Hit:
     blocks: tuple[list[Any], ...]  # per KV group, vLLM's KVCacheBlocks to take
     tokens: int  # prompt tokens they cover (may end inside a block: vLLM copies it on write)
     chains: tuple[CompactChain, ...]  # per KV group: the request's own
+    # Per image, the dropped tokens the request adds back on top (follow_up
+    # "add_back"; empty: a plain reuse), decided with the lookup.
+    add: tuple[int, ...] = ()
 
 
 def _group_hit(manager: Any, request: Any, chain: CompactChain, limit: int) -> tuple[list[Any], int]:

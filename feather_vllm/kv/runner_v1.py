@@ -11,7 +11,10 @@ the loaded model is the FEATHER architecture.
   or resumed request starts without pruning state; the plans that came with
   the step (`SchedulerOutput.feather_plans`) go onto their requests' cached
   states, and those requests cut in this step (a plan that reuses an
-  earlier turn's kept set comes with it: no cut). The worker never decides.
+  earlier turn's kept set comes with it: no cut, unless it adds back
+  tokens: its images' embeddings, which the scheduler had encoded again,
+  come from the encoder cache). The
+  worker never decides.
 - `_build_attention_metadata`: in a step where some request cuts, publish
   the batch (`kv.step.StepBatch`) for the model's cutting forward; in any
   other step, shift the pruned layers' metadata (`kv.decode_metadata`):
@@ -107,14 +110,18 @@ def _step_batch(runner: Any, bases: list[step.GroupBase], num_reqs: int) -> step
     cutting = runner._feather_cutting
     requests = []
     for i, req_id in enumerate(batch.req_ids[:num_reqs]):
+        pruning = getattr(runner.requests[req_id], ATTR, None)
+        cuts_now = req_id in cutting
         requests.append(step.RequestSlice(
             req_id=req_id, row_start=qsl[i], num_rows=qsl[i + 1] - qsl[i],
             num_computed=int(batch.num_computed_tokens_cpu[i]),
             prompt_len=int(batch.num_prompt_tokens[i]),
-            pruning=getattr(runner.requests[req_id], ATTR, None),
-            cuts_now=req_id in cutting))
+            pruning=pruning, cuts_now=cuts_now,
+            image_hashes=tuple(f.identifier for f in runner.requests[req_id].mm_features if f.modality == "image")))
     layer_group = {name: g for g, base in enumerate(bases) for name in base.attn_group.layer_names}
-    return step.StepBatch(requests=requests, groups=bases, layer_group=layer_group)
+    # The encoder runs after the metadata is built: the model reads its outputs when it needs them.
+    return step.StepBatch(requests=requests, groups=bases, layer_group=layer_group,
+                          encoder_output=runner._get_encoder_output_from_cache)
 
 
 def _trim_blocks(runner: Any, req_id: str, counts: dict[int, int]) -> None:
@@ -214,9 +221,11 @@ def install() -> None:
         plans = getattr(scheduler_output, "feather_plans", None) or {}
         for req_id, plan in plans.items():
             # A plan that reuses an earlier turn's kept set needs no cut: its
-            # request reads and writes compact KV from its first token on.
+            # request reads and writes compact KV from its first token on
+            # (one that adds back runs the cutting forward, to add them).
             setattr(self.requests[req_id], ATTR, WorkerPruning(plan, kept=plan.reuse))
-        self._feather_cutting = frozenset(req_id for req_id, plan in plans.items() if plan.reuse is None)
+        self._feather_cutting = frozenset(req_id for req_id, plan in plans.items()
+                                          if plan.reuse is None or plan.adds_back)
         return result
 
     GPUModelRunner._update_states = _update_states

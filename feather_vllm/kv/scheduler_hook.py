@@ -3,7 +3,10 @@ to prune or fall back, the plan's journey to the worker, and the report.
 
 - `Scheduler._try_schedule_encoder_inputs` shapes chunked prefill for a
   request that asks for pruning: a chunk that would end between its first
-  image and its last prompt token ends before the image (`chunk_end`).
+  image and its last prompt token ends before the image (`chunk_end`). A
+  follow-up that adds back (its hit covers its images) has its images
+  encoded again, in the step that takes the rest of its prompt, and
+  `NewRequestData.from_request` keeps their data for the worker.
 - `KVCacheManager.get_computed_blocks`: a request that asks for pruning
   takes from the prefix cache either an earlier turn's pruned KV (its
   images and more, `kv.reuse`: the default for a follow-up turn), or only
@@ -56,6 +59,7 @@ from feather_vllm.kv.specs import StagedFullAttentionManager, StagedFullAttentio
 from feather_vllm.pruning.config import PRESETS, PruningConfig
 from feather_vllm.pruning.layout import ImageLayout, layout_kept_per_stage_max
 from feather_vllm.pruning.schedule import FallbackReason, chunk_end, decide
+from feather_vllm.pruning.selection import stage_keep_count
 
 ATTR = "feather_pruning"  # the RequestPruning on vLLM's Request
 SETTINGS_ATTR = "feather_settings"  # its resolved settings (PruningConfig | FallbackReason)
@@ -156,20 +160,40 @@ def _earlier_decision(manager: KVCacheManager, settings: PruningConfig, request:
 
 def _reuse(spec: StagedFullAttentionSpec, request: Any, hit: Hit) -> RequestPruning:
     """A request that found an earlier turn's pruned KV: pruned like that
-    turn, with its kept set, and no cut."""
+    turn, with its kept set, and no cut (adding back, where its hit says so,
+    what its own criterion ranks highest of what that turn dropped)."""
     settings = _settings(spec, request)
     decision = hit.decision
     plan = PrunePlan(settings, decision.images, tuple(stage.total for stage in decision.kept.stages),
-                     life=request.num_preemptions, reuse=decision.kept)
+                     life=request.num_preemptions, reuse=decision.kept, add=hit.add,
+                     insert_at=hit.tokens if hit.add else 0)
     return RequestPruning(settings, tuple(image.length for image in decision.images), plan=plan,
-                          kept=decision.kept, reused=Reused(hit.tokens, decision.request_id))
+                          kept=decision.kept, reused=Reused(hit.tokens, decision.request_id, sum(hit.add)))
+
+
+def _add_back(manager: KVCacheManager, settings: PruningConfig, request: Any, hit: Hit) -> tuple[int, ...]:
+    """Per image, how many of the tokens `hit`'s turn dropped at the first
+    cut `request` adds back: the first stage's top-k size for the image (at
+    most all it dropped). Nothing where no step can hold the rest of the
+    prompt (the added tokens and the prompt's last token, whose criterion
+    picks them, must share a step) or an image's embeddings do not map
+    one to one onto its tokens."""
+    scheduler = getattr(manager, "_feather_scheduler", None)
+    if scheduler is not None and request.num_tokens - hit.tokens > _max_chunk(scheduler, request):
+        return ()
+    if any(f.mm_position.is_embed is not None for f in image_features(request)):
+        return ()
+    first, stage = hit.decision.kept.stages[0], settings.stages[0]
+    return tuple(min(stage_keep_count(image.length, stage), image.length - len(kept))
+                 for image, kept in zip(hit.decision.images, first.per_image))
 
 
 def _find_reuse(manager: KVCacheManager, spec: StagedFullAttentionSpec, request: Any) -> Hit | None:
     """An earlier turn's pruned KV that `request` may take: under the
-    "reuse" policy, and under "keep_both" where no step can hold its
-    images and the rest of its prompt (a cut would fall back to unpruned:
-    turn 1's selection is the better half of both). "reselect" cuts again."""
+    "reuse" and "add_back" policies, and under "keep_both" where no step
+    can hold its images and the rest of its prompt (a cut would fall back
+    to unpruned: turn 1's selection is the better half of both). "reselect"
+    cuts again."""
     settings = _settings(spec, request)
     cuts = settings.follow_up == "reselect" or (settings.follow_up == "keep_both" and _cut_fits(manager, request))
     if cuts or not manager.enable_caching or not manager.prefix_cache_lookup_enabled(request):
@@ -178,7 +202,8 @@ def _find_reuse(manager: KVCacheManager, spec: StagedFullAttentionSpec, request:
     for decision in manager._feather_decisions.candidates(settings, request):
         hit = find_hit(managers, request, decision)
         if hit is not None:
-            return hit
+            adds = _add_back(manager, settings, request, hit) if settings.follow_up == "add_back" else ()
+            return dataclasses.replace(hit, add=adds) if any(adds) else hit
     return None
 
 
@@ -194,6 +219,23 @@ def _remember(manager: KVCacheManager, request: Any, pruning: RequestPruning) ->
         spec = stage.kv_cache_spec
         stage.follow(request.request_id,
                      CompactChain.of(decision, spec.feather_first_layer, spec.feather_end_layer, stage.block_size))
+
+
+def _add_back_encoder_inputs(original: Any, scheduler: Any, request: Any, num_computed: int, num_new: int,
+                             *args: Any, **kwargs: Any) -> Any:
+    """`Scheduler._try_schedule_encoder_inputs` for a step that adds back:
+    its images are encoded although the hit covers their tokens (the added
+    tokens enter from their embeddings), and the step takes the rest of
+    the prompt or nothing (the prompt's last token picks what is added)."""
+    if num_computed + num_new < request.num_prompt_tokens:
+        return original(scheduler, request, num_computed, 0, *args, **kwargs)  # wait for a step with room
+    # Asked from the first image on, vLLM schedules every image's encoder
+    # input (or finds it in the encoder cache).
+    back = num_computed - image_ranges(request)[0][0]
+    inputs, new, *rest = original(scheduler, request, num_computed - back, num_new + back, *args, **kwargs)
+    if new - back < request.num_prompt_tokens - num_computed:  # an image cannot be encoded now
+        return original(scheduler, request, num_computed, 0, *args, **kwargs)
+    return inputs, new - back, *rest
 
 
 def _reaches_image(request: Any, num_new_tokens: int, num_computed: int) -> bool:
@@ -306,9 +348,12 @@ def install() -> None:
             elif _reaches_image(request, num_new_tokens, computed):
                 decided = _decide(self, spec, request, num_new_tokens, computed)
             if decided is not None and decided.plan is not None:
+                # An added-back turn's blocks past its hit hold the added
+                # tokens, which the earlier turn's chain does not describe.
+                chains = hit.chains if decided.reused and not decided.plan.adds_back else None
                 for manager in _stage_managers(self):
                     manager.track(request.request_id, decided.plan,
-                                  hit.chains[manager.kv_cache_group_id] if decided.reused else None)
+                                  chains[manager.kv_cache_group_id] if chains else None)
         blocks = original_allocate(self, request, num_new_tokens, num_new_computed_tokens, *args, **kwargs)
         if decided is not None:
             if blocks is None:  # not scheduled: decide again next time
@@ -383,12 +428,33 @@ def install() -> None:
     @functools.wraps(original_encoder)
     def _try_schedule_encoder_inputs(self, request, num_computed_tokens, num_new_tokens, *args, **kwargs):
         spec = _staged_spec(self.kv_cache_manager)
+        hit: Hit | None = getattr(request, HIT_ATTR, None)
+        if spec is not None and getattr(request, ATTR, None) is None and hit is not None and hit.add and \
+                num_computed_tokens == hit.tokens:
+            return _add_back_encoder_inputs(original_encoder, self, request, num_computed_tokens,
+                                            num_new_tokens, *args, **kwargs)
         if spec is not None and getattr(request, ATTR, None) is None and _asks_pruning(spec, request):
             num_new_tokens = chunk_end(num_computed_tokens, num_new_tokens, request.num_prompt_tokens,
                                        image_ranges(request)[0][0], _max_chunk(self, request))
         return original_encoder(self, request, num_computed_tokens, num_new_tokens, *args, **kwargs)
 
     Scheduler._try_schedule_encoder_inputs = _try_schedule_encoder_inputs
+
+    from vllm.v1.core.sched.output import NewRequestData
+
+    original_new_request = NewRequestData.from_request.__func__
+
+    @functools.wraps(original_new_request)
+    def from_request(cls, request, *args, **kwargs):
+        data = original_new_request(cls, request, *args, **kwargs)
+        pruning = getattr(request, ATTR, None)
+        if pruning is not None and pruning.plan is not None and pruning.plan.adds_back:
+            # vLLM strips the data of images its prefix-cache hit covers (no
+            # encoder run could need it): this step encodes them again.
+            data.mm_features = request.mm_features
+        return data
+
+    NewRequestData.from_request = classmethod(from_request)
 
     original_update = Scheduler.update_from_output
 
@@ -401,8 +467,9 @@ def install() -> None:
             # preemption may report after it (async scheduling).
             if pruning is not None and pruning.plan is not None and kept.life == pruning.plan.life:
                 pruning.kept = kept
-                _trim(self.kv_cache_manager, request, pruning)
-                _remember(self.kv_cache_manager, request, pruning)
+                if not pruning.plan.adds_back:  # (its reservation was exact, its layout is no cut's)
+                    _trim(self.kv_cache_manager, request, pruning)
+                    _remember(self.kv_cache_manager, request, pruning)
         return original_update(self, scheduler_output, model_runner_output, *args, **kwargs)
 
     Scheduler.update_from_output = update_from_output

@@ -86,6 +86,9 @@ SEAMS: tuple[Seam, ...] = (
     Seam(_RUNNER, "GPUModelRunner",
          attrs=("requests", "input_batch", "attn_groups", "req_indices", "positions", "get_model")),
     Seam(_RUNNER, "GPUModelRunner.get_model", params=("self",), closed=True),
+    # runner_v1._image_embeds: a step that adds back reads its images' embeddings (by
+    # their multimodal hash) from the encoder cache.
+    Seam(_RUNNER, "GPUModelRunner._get_encoder_output_from_cache", params=("self", "mm_hash"), closed=True),
     # runner_v1.attach_kept: with async scheduling, get_output() returns _model_runner_output.
     Seam(_RUNNER, "AsyncGPUModelRunnerOutput", attrs=("_model_runner_output", "get_output")),
     Seam(_RUNNER, "AsyncGPUModelRunnerOutput.get_output", params=("self",),
@@ -98,8 +101,9 @@ SEAMS: tuple[Seam, ...] = (
     # runner_v1._step_batch / _bases: the input batch's rows and per-group block tables.
     Seam("vllm.v1.worker.gpu_input_batch", "InputBatch",
          attrs=("req_ids", "req_id_to_index", "num_computed_tokens_cpu", "num_prompt_tokens", "block_table")),
-    # runner_v1._trim_blocks: a request's block list per KV group, cut after the scheduler trims it.
-    Seam("vllm.v1.worker.gpu_input_batch", "CachedRequestState", attrs=("block_ids",)),
+    # runner_v1._trim_blocks: a request's block list per KV group, cut after the scheduler trims it;
+    # _image_embeds: its multimodal features.
+    Seam("vllm.v1.worker.gpu_input_batch", "CachedRequestState", attrs=("block_ids", "mm_features")),
     Seam("vllm.v1.worker.block_table", "MultiGroupBlockTable", attrs=("__getitem__",)),
     # runner_v1._bases / _plan_decode (get_device_tensor, block_size), _trim_blocks (num_blocks_per_row).
     Seam("vllm.v1.worker.block_table", "BlockTable", attrs=("block_size", "get_device_tensor", "num_blocks_per_row")),
@@ -108,7 +112,8 @@ SEAMS: tuple[Seam, ...] = (
     Seam("vllm.v1.attention.backend", "CommonAttentionMetadata",
          attrs=("query_start_loc", "query_start_loc_cpu", "seq_lens", "seq_lens_cpu_upper_bound", "num_reqs",
                 "num_actual_tokens", "max_query_len", "max_seq_len", "block_table_tensor", "slot_mapping",
-                "positions")),
+                "positions", "is_prefilling", "req_idx", "_num_computed_tokens_cache",
+                "_token_to_req_indices_cache")),
     # runner_v1.attach_kept: the step output classes, and the shared empty output.
     Seam("vllm.v1.outputs", "ModelRunnerOutput", attrs=("req_ids", "req_id_to_index")),
     Seam("vllm.v1.outputs", "AsyncModelRunnerOutput", attrs=("get_output",)),
@@ -120,8 +125,16 @@ SEAMS: tuple[Seam, ...] = (
     # scheduler_hook: schedule puts the step's plans on its SchedulerOutput.
     Seam(_SCHED, "Scheduler.schedule", params=("self",)),
     # scheduler_hook: chunk shaping before the encoder budget is checked.
+    # scheduler_hook: chunk shaping before the encoder budget is checked; a step that adds
+    # back asks for its images' encoder inputs from the first image on (and reads the
+    # scheduled inputs and the tokens back from the 5-tuple).
     Seam(_SCHED, "Scheduler._try_schedule_encoder_inputs",
-         params=("self", "request", "num_computed_tokens", "num_new_tokens")),
+         params=("self", "request", "num_computed_tokens", "num_new_tokens"), returns=5),
+    # scheduler_hook: a request that adds back keeps the image data vLLM strips where a hit covers it.
+    Seam("vllm.v1.core.sched.output", "NewRequestData.from_request", params=("cls", "request"),
+         source=("strip_covered_mm_data(request.mm_features, request.num_computed_tokens, "
+                           "uses_mrope=uses_mrope)",)),
+    Seam("vllm.v1.core.sched.output", "NewRequestData", attrs=("mm_features",)),
     # scheduler_hook: kept tokens come back in the runner output.
     Seam(_SCHED, "Scheduler.update_from_output", params=("self", "scheduler_output", "model_runner_output"),
          source=("kv_transfer_params, ec_transfer_params = self._free_request(request)",)),
@@ -189,7 +202,7 @@ SEAMS: tuple[Seam, ...] = (
                                               "num_computed_tokens", "block_hashes", "num_tokens",
                                               "num_preemptions", "all_token_ids", "cache_salt", "lora_request")),
     Seam("vllm.multimodal.inputs", "MultiModalFeatureSpec", attrs=("modality", "mm_position", "identifier")),
-    Seam("vllm.multimodal.inputs", "PlaceholderRange", attrs=("offset", "length")),
+    Seam("vllm.multimodal.inputs", "PlaceholderRange", attrs=("offset", "length", "is_embed")),
     Seam("vllm.sampling_params", "SamplingParams", attrs=("extra_args",)),
     # runner_v1._update_states: a new or resumed request (CachedRequestData.resumed_req_ids)
     # starts without pruning state; it re-prefills and the scheduler decides again.

@@ -65,10 +65,14 @@ class _Tracked:
     compacted: bool  # some layer of the stage holds compact KV (a cut at or inside it)
     chain: CompactChain | None = None  # how its blocks are hashed, once its kept set is known
     prompt_end: tuple[int, bytes, int] | None = None  # (block, entry, held tokens): its prompt's end
+    added: int = 0  # image tokens added back after the first `insert_at` tokens (follow_up "add_back")
+    insert_at: int = 0
 
     def held(self, num_tokens: int) -> int:
         """Tokens the stage's blocks hold for the first `num_tokens`."""
-        return num_tokens - self.dropped if num_tokens >= self.image_end else num_tokens
+        if num_tokens < self.image_end:
+            return num_tokens
+        return num_tokens - self.dropped + (self.added if num_tokens > self.insert_at else 0)
 
 
 class StagedFullAttentionManager(FullAttentionManager):
@@ -100,7 +104,10 @@ class StagedFullAttentionManager(FullAttentionManager):
             # whole image (a wide grid, or keep_both's union) and its cut
             # still drop tokens.
             compacted=in_effect(plan.config.cut_layers, spec.feather_end_layer - 1) is not None,
-            chain=chain)
+            chain=chain,
+            # Added-back tokens enter the layers from the first cut on.
+            added=sum(plan.add) if in_effect(plan.config.cut_layers, spec.feather_first_layer) is not None else 0,
+            insert_at=plan.insert_at)
 
     def follow(self, request_id: str, chain: CompactChain) -> None:
         """The request's kept set is known: its blocks are hashed by `chain`."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from copy import copy
 from typing import Any
 
@@ -33,7 +33,12 @@ class RequestSlice:
     num_computed: int  # tokens already in its KV cache before this step
     prompt_len: int
     pruning: WorkerPruning | None  # its plan and what earlier cuts kept
-    cuts_now: bool  # its plan arrived with this step: the model cuts it
+    cuts_now: bool  # its plan arrived with this step: the model cuts it (or adds back)
+    image_hashes: tuple[str, ...] = ()  # per image, its multimodal hash (its encoder output's key)
+
+    @property
+    def adds_back(self) -> bool:
+        return self.cuts_now and self.pruning is not None and self.pruning.plan.adds_back
 
     @property
     def seq_len(self) -> int:
@@ -52,55 +57,112 @@ class GroupBase:
     layer_indices: tuple[int, ...]  # decoder layer of each name in attn_group.layer_names
 
 
+# Row keys: the model orders the rows of a cutting step by key. Step row r
+# has key r * ROW_STRIDE + ROW_STRIDE - 1; rows a request adds before its
+# own (added-back image tokens) take r * ROW_STRIDE + j, r its first row;
+# rows that are one-token queries of their own (`Probes`) take negative keys.
+ROW_STRIDE = 1 << 24
+
+
+def row_keys(rows: torch.Tensor) -> torch.Tensor:
+    """The keys of step rows `rows`."""
+    return rows * ROW_STRIDE + (ROW_STRIDE - 1)
+
+
+def is_step_row(keys: torch.Tensor) -> torch.Tensor:
+    """Which keys are step rows (not added or probe rows)."""
+    return (keys >= 0) & (keys % ROW_STRIDE == ROW_STRIDE - 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Probes:
+    """Rows at the head of the current rows, each a one-token query of its
+    own: an image token of `request` (index into the batch) recomputed at
+    its position over that request's cached KV, which it reads up to and
+    including its own slot and never writes (slot -1)."""
+
+    request: int
+    count: int
+
+
 @dataclasses.dataclass
 class StepBatch:
     requests: list[RequestSlice]
     groups: list[GroupBase]
     layer_group: dict[str, int]  # attention layer name -> index into groups
+    encoder_output: Callable[[str], Any] | None = None  # the step's encoder outputs, by multimodal hash
 
-    def retarget(self, layer_names: list[str], rows: torch.Tensor, positions: torch.Tensor,
-                 dropped: list[torch.Tensor | None]) -> None:
+    def image_embeds(self, request: RequestSlice) -> list[Any]:
+        """`request`'s image embeddings, in prompt order (a step that adds
+        back has its images encoded, or finds them still in the encoder cache)."""
+        embeds = [self.encoder_output(h) if self.encoder_output else None for h in request.image_hashes]
+        if any(e is None for e in embeds):
+            raise RuntimeError(f"request {request.req_id} adds back image tokens, but an image's encoder output "
+                               "is not in the encoder cache")
+        return embeds
+
+    def retarget(self, layer_names: list[str], keys: torch.Tensor, positions: torch.Tensor,
+                 dropped: list[torch.Tensor | None], added: list[int] | None = None,
+                 probes: list[Probes] | None = None) -> None:
         """Point `layer_names` (layers between two cuts) at attention
-        metadata and KV slots for the step's surviving `rows` (original row
-        of each, ascending) at `positions`; `dropped[i]` are the absolute
-        positions of request i's image tokens absent from these layers
-        (ascending; None or empty: none). Kept tokens land at compact
-        positions: position minus the dropped tokens before it."""
+        metadata and KV slots for the step's current rows (their keys,
+        ascending) at `positions`; `dropped[i]` are the absolute positions
+        of request i's image tokens absent from these layers (ascending;
+        None or empty: none). Kept tokens land at compact positions:
+        position minus the dropped tokens before it. `added[i]` rows of
+        request i precede its own: image tokens added back, held right after
+        its cached tokens (its own then shift by as many). `probes`: the
+        head rows' one-token queries, in order."""
         from vllm.forward_context import get_forward_context
 
         fc = get_forward_context()
-        device = rows.device
-        # Request row ranges among the survivors: one host copy of the rows.
+        device = keys.device
+        added = added or [0] * len(self.requests)
+        probes = probes or []
+        num_probes = sum(p.count for p in probes)
+        # Request row ranges among the current rows: one host copy of the keys.
         bounds = torch.tensor([r.row_start for r in self.requests] +
-                              [self.requests[-1].row_start + self.requests[-1].num_rows])
-        edges = torch.searchsorted(rows.cpu(), bounds)
-        qsl = torch.zeros(len(self.requests) + 1, dtype=torch.int32)
-        qsl[1:] = torch.cumsum(edges[1:] - edges[:-1], 0)
-        seq_lens = torch.tensor([r.seq_len - (0 if d is None else d.numel()) for r, d in zip(self.requests, dropped)],
-                                dtype=torch.int32)
-        shifted = [(i, int(edges[i]), int(edges[i + 1]), d.to(device)) for i, d in enumerate(dropped)
+                              [self.requests[-1].row_start + self.requests[-1].num_rows]) * ROW_STRIDE
+        edges = torch.searchsorted(keys.cpu(), bounds)
+        qsl = torch.zeros(num_probes + len(self.requests) + 1, dtype=torch.int32)
+        qsl[1:num_probes + 1] = torch.arange(1, num_probes + 1)
+        qsl[num_probes + 1:] = num_probes + torch.cumsum(edges[1:] - edges[:-1], 0)
+        seq_lens = torch.tensor([r.seq_len - (0 if d is None else d.numel()) + a
+                                 for r, d, a in zip(self.requests, dropped, added)], dtype=torch.int32)
+        if probes:
+            seq_lens = torch.cat([positions[:num_probes].cpu().to(torch.int32) + 1, seq_lens])
+        shifted = [(i, int(edges[i]), int(edges[i + 1]), d.to(device), added[i]) for i, d in enumerate(dropped)
                    if d is not None and d.numel()]
+        real = keys.clamp(min=0) // ROW_STRIDE
         built: dict[int, tuple[Any, torch.Tensor]] = {}
         for name in layer_names:
             g = self.layer_group[name]
             if g not in built:
                 view = self.groups[g]
-                slots = fc.slot_mapping[name][rows].clone()
+                slots = fc.slot_mapping[name][real].clone()
+                slots[:num_probes] = -1
                 block_table, size = view.common.block_table_tensor, view.block_size
-                for i, lo, hi, d in shifted:  # on the device: compact position -> block -> slot
+                for i, lo, hi, d, a in shifted:  # on the device: compact position -> block -> slot
                     pos = positions[lo:hi].long()
-                    compact = pos - torch.searchsorted(d, pos)
+                    compact = pos - torch.searchsorted(d, pos) + a
+                    # Added rows: right after the tokens the request had cached.
+                    compact[:a] = self.requests[i].num_computed - d.numel() + torch.arange(a, device=device)
                     slots[lo:hi] = block_table[i, compact // size].long() * size + compact % size
-                built[g] = (self._metadata(g, qsl, seq_lens, slots, positions), slots)
+                if probes:
+                    block_table = torch.cat([block_table[p.request].expand(p.count, -1) for p in probes] +
+                                            [block_table[:len(self.requests)]])
+                built[g] = (self._metadata(g, qsl, seq_lens, slots, positions, block_table, num_probes), slots)
             fc.attn_metadata[name], fc.slot_mapping[name] = built[g]
 
     def _metadata(self, group: int, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
-                  slot_mapping: torch.Tensor, positions: torch.Tensor) -> Any:
+                  slot_mapping: torch.Tensor, positions: torch.Tensor, block_table: torch.Tensor,
+                  num_probes: int) -> Any:
         """Attention metadata of `group` for a compacted set of rows.
 
         `query_start_loc` and `seq_lens` are per request (CPU, int32) in the
-        pruned layers' own (compact) token space; `slot_mapping` is per row.
-        Rows past the last request (CUDA-graph padding) are not attended.
+        pruned layers' own (compact) token space, `num_probes` one-token
+        requests first; `slot_mapping` is per row. Rows past the last request
+        (CUDA-graph padding) are not attended.
         """
         view = self.groups[group]
         cm = copy(view.common)
@@ -115,6 +177,15 @@ class StepBatch:
         cm.max_seq_len = int(seq_lens.max()) if seq_lens.numel() else 0
         cm.slot_mapping = slot_mapping.to(device, non_blocking=True)
         cm.positions = positions
+        cm._num_computed_tokens_cache = cm._token_to_req_indices_cache = None  # of vLLM's rows
+        if num_probes:
+            # Probes are decodes: first, as backends that split decodes from prefills expect.
+            cm.num_reqs = query_start_loc.numel() - 1
+            cm.block_table_tensor = block_table
+            if cm.is_prefilling is not None:
+                cm.is_prefilling = torch.cat([torch.zeros(num_probes, dtype=torch.bool, device=device),
+                                              cm.is_prefilling[:cm.num_reqs - num_probes]])
+            cm.req_idx = None
         return view.attn_group.build_metadata(cm)
 
 

@@ -21,8 +21,13 @@ CRITERIA: tuple[str, ...] = ("rope", "rope_free")
 # - "reselect": prunes again for this turn's prompt, at full cost.
 # - "keep_both": prunes again at full cost and keeps, at every stage, what
 #   this prompt's criterion selects and what the earlier turn kept.
-FollowUp = Literal["reuse", "reselect", "keep_both"]
-FOLLOW_UPS: tuple[str, ...] = ("reuse", "reselect", "keep_both")
+# - "add_back": keeps both at about a reuse's cost: takes the earlier turn's
+#   pruned KV and adds back, after the conversation so far, the image tokens
+#   it dropped that this prompt's criterion ranks highest (as many as the
+#   first stage keeps); docs/multi_turn_reuse.md.
+# (Those that cut nothing first: tools/evaluate asks them in this order.)
+FollowUp = Literal["reuse", "add_back", "reselect", "keep_both"]
+FOLLOW_UPS: tuple[str, ...] = ("reuse", "add_back", "reselect", "keep_both")
 
 
 class PruningConfigError(ValueError):
@@ -60,7 +65,8 @@ class PruningConfig:
     # default a follow-up keeps both selections: reusing turn 1's costs
     # answers where the cut precedes the layer in which the model finds
     # what the new question asks about (README, "What reuse costs in
-    # answers"). The feather preset reuses: measured, it loses none.
+    # answers"). The feather preset reuses: measured, it loses none. FastV
+    # adds back: measured, its answers gain most, at less cost than a cut.
     follow_up: FollowUp = "keep_both"
 
     @property
@@ -131,7 +137,7 @@ class PruningConfig:
 PRESETS: dict[str, PruningConfig] = {
     "none": PruningConfig((), "none"),
     # FastV: K=3, R=0.75, RoPE criterion.
-    "fastv": PruningConfig((Stage(3, 0.25, "rope"),), "fastv"),
+    "fastv": PruningConfig((Stage(3, 0.25, "rope"),), "fastv", follow_up="add_back"),
     # FEATHER: RoPE-free criterion, stride-3 grid in stage 1, two cuts.
     "feather": PruningConfig(
         (Stage(8, 0.30, "rope_free", 3), Stage(16, 0.09, "rope_free")), "feather", follow_up="reuse"),

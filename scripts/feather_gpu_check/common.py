@@ -23,7 +23,9 @@ KV_BYTES = 2**30
 GPU_MEMORY_UTILIZATION = 0.5  # engines run one after the other in this process
 QUESTION = "Where is the red square?"
 FOLLOW_UP = "And the blue circle?"
-FOLLOW_UP_POLICIES = {"feather": "reuse", "fastv": "keep_both"}  # each preset's default
+# One preset per policy that takes turn 1's selection: reuse reads compact KV
+# in a prefill chunk, add_back adds probes and rows to a step, keep_both cuts again.
+FOLLOW_UP_POLICIES = {"feather": "reuse", "fastv": "add_back", "pyramiddrop": "keep_both"}
 
 
 def log(msg: str) -> None:

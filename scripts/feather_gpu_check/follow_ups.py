@@ -1,4 +1,4 @@
-"""Check 6: follow-up turns under each preset's default policy."""
+"""Check 6: follow-up turns under each policy that takes turn 1's selection."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def follow_up_turns(run: Run) -> dict[str, Any]:
     from feather_vllm.kv.plan import report_of
     from feather_vllm.pruning.config import resolve
     from tests.helpers import sample_images
-    from tests.reference_hf import kept_lists, reference_generate
+    from tests.reference_hf import kept_lists, reference_add_back, reference_generate
 
     llm = new_llm(run.exact_kwargs(prefix_caching=True))
     try:
@@ -50,17 +50,23 @@ def follow_up_turns(run: Run) -> dict[str, Any]:
         one, two = turns[preset]
         first, second = report_of(one), report_of(two)
         kept = kept_lists(first.stages)
-        forced = {"kept": kept} if policy == "reuse" else {"also": kept}
-        ref = reference_generate(model, torch.tensor([two.prompt_token_ids]), pixels, resolve(preset), MAX_TOKENS,
-                                 **forced)
+        ids = torch.tensor([two.prompt_token_ids])
+        if policy == "add_back":
+            added = second.reused.added if second.reused else 0
+            ref = reference_add_back(model, ids, pixels, resolve(preset), MAX_TOKENS, kept,
+                                     second.reused.tokens if second.reused else 0, added)
+        else:
+            forced = {"kept": kept} if policy == "reuse" else {"also": kept}
+            ref = reference_generate(model, ids, pixels, resolve(preset), MAX_TOKENS, **forced)
         got = kept_lists(second.stages)
-        by = second.reused if policy == "reuse" else second.united  # what the report says turn 2 did
+        by = second.united if policy == "keep_both" else second.reused  # what the report says turn 2 did
         tokens_equal = list(two.outputs[0].token_ids) == ref["token_ids"]
         from_turn1 = by is not None and by.kept_from == one.request_id
         figures[preset] = {"policy": policy, "turn2_prompt_tokens": len(two.prompt_token_ids),
                            "turn2_cached_tokens": two.num_cached_tokens, "tokens_equal": tokens_equal,
                            "kept_sets_equal": got == ref["kept"], "kept_from_turn1": from_turn1,
-                           "kept_per_stage": [s.total for s in second.stages]}
+                           "kept_per_stage": [s.total for s in second.stages],
+                           "added": second.reused.added if second.reused else 0}
         if not (tokens_equal and got == ref["kept"] and from_turn1):
             problems.append(f"{preset} ({policy}): {figures[preset]}")
     del model
