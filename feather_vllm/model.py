@@ -10,6 +10,12 @@ layers >= L is rebuilt so that their KV cache holds only the survivors, in
 order, at compact slots. Kept tokens keep their original positions (RoPE)
 and generated tokens continue from the unpruned length.
 
+A follow-up turn that adds back (follow_up "add_back") runs this step too,
+without a cut of its own: it reads an earlier turn's compact KV, and the
+image tokens that turn dropped at the first cut join the step as probes
+(one-token queries through the layers before the cut); its last prompt
+token ranks them there and the chosen ones stay, after its cached tokens.
+
 Every other step (decode, unpruned prefills) runs vLLM's own LLaVA
 forward, compiled where vLLM compiles; `feather_vllm.kv` gives the layers
 after each cut their compact metadata.
@@ -92,15 +98,14 @@ class _Cutting:
         return torch.cat(dropped)
 
     def added(self, layer: int) -> int:
+        """Rows added before the request's own in `layer`: none (a cut adds nothing)."""
         return 0
 
     @classmethod
-    def of(cls, req: kv_step.RequestSlice) -> "_Cutting | _AddingBack | None":
+    def of(cls, req: kv_step.RequestSlice) -> "_Cutting | None":
         if req.pruning is None:
             return None
         plan = req.pruning.plan
-        if req.adds_back:
-            return _AddingBack.of(req)
         if req.cuts_now:
             also = dict(_kept_tensors(plan.unite)) if plan.unite is not None else {}
             return cls(plan.images, list(plan.config.stages), [], also)
@@ -157,6 +162,12 @@ class _AddingBack:
             mask[list(kept)] = False
             candidates.append(torch.nonzero(mask).flatten())
         return cls(plan.images, earlier, plan.config.stages[0], plan.add, candidates)
+
+
+def _state_of(req: kv_step.RequestSlice) -> "_Cutting | _AddingBack | None":
+    """What the step does with request `req`'s rows: cut, add back, read
+    compact KV (a `_Cutting` with its kept sets), or nothing (None)."""
+    return _AddingBack.of(req) if req.adds_back else _Cutting.of(req)
 
 
 def _kept_tensors(kept: KeptTokens) -> list[tuple[int, list[torch.Tensor]]]:
@@ -219,7 +230,7 @@ class FeatherPruning:
         hidden = inputs_embeds if inputs_embeds is not None else lm.embed_input_ids(input_ids)
         total_rows = hidden.shape[0]
         keys = kv_step.row_keys(torch.arange(total_rows, device=hidden.device))  # order of the current rows
-        states = [_Cutting.of(req) for req in batch.requests]
+        states = [_state_of(req) for req in batch.requests]
         adders = [(i, a) for i, a in enumerate(states) if isinstance(a, _AddingBack)]
         probes = []
         if adders:
@@ -310,12 +321,12 @@ class FeatherPruning:
                 torch.cat([*(p.to(positions.device, positions.dtype) for p in probe_positions), positions]),
                 torch.cat([probe_keys, keys]), probes)
 
-    def _add_back(self, batch, adding, scores, keys, keep):
-        """Each adding request keeps its image's top `add` probes by score
+    def _add_back(self, batch, adders, scores, keys, keep):
+        """Each adding request keeps each image's top `add` probes by score
         (ties: the lower index) and drops the rest (`keep`); the kept ones
         take keys just before the request's own rows. Returns the new keys."""
         ordered, keys = keys, keys.clone()  # (the probes are found in the ordered keys)
-        for i, adding in adding:
+        for i, adding in adders:
             chosen, mask = [], []
             for candidates, image, count, image_scores in zip(adding.candidates, adding.images, adding.add,
                                                               scores[i]):

@@ -67,11 +67,17 @@ async def prefix_caching(client: httpx.AsyncClient) -> bool | None:
     return None
 
 
-def feather_setting(name: str) -> dict[str, str]:
-    """The `feather` field a setting name stands for: "preset" or
-    "preset+follow_up"."""
+def feather_setting(name: str) -> dict[str, Any]:
+    """The `feather` field a setting name stands for: "preset",
+    "preset+follow_up" or "preset+add_back@share" (the share added back)."""
     preset, _, follow_up = name.partition("+")
-    return {"preset": preset, "follow_up": follow_up} if follow_up else {"preset": preset}
+    follow_up, _, share = follow_up.partition("@")
+    out: dict[str, Any] = {"preset": preset}
+    if follow_up:
+        out["follow_up"] = follow_up
+    if share:
+        out["add_back"] = float(share)
+    return out
 
 
 async def conversation(client: httpx.AsyncClient, model: str, preset: str, image_url: str, max_tokens: int,
@@ -200,7 +206,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("results"))
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--settings", default=",".join(PRESETS),
-                        help="comma-separated: a preset, or preset+follow_up (reuse, reselect, keep_both)")
+                        help="comma-separated: a preset, preset+follow_up (reuse, add_back, reselect, keep_both), "
+                             "or preset+add_back@share (the share of each image added back)")
     parser.add_argument("--max-tokens", type=int, default=32,
                         help=f"per turn (more than {GAUGE_AFTER}: the KV gauge is read while the turn decodes)")
     parser.add_argument("--seed", type=int, help="first image seed (default: random, so that no image is "

@@ -1,8 +1,8 @@
 """What each follow-up policy answers, by the transformers reference, on
-held-out two-object scenes: reuse, reselect, keep_both (the engine's), and
-"add back", the cheap keep-both the engine does not have yet (reuse turn
-1's pruned KV, add the new question's top dropped tokens;
-docs/multi_turn_reuse.md, "Next: keeping both at the cost of reuse").
+held-out two-object scenes: reuse, reselect, keep_both and add_back (reuse
+turn 1's pruned KV, add the new question's top dropped tokens;
+docs/multi_turn_reuse.md, "Add back"). The reference inserts the added
+tokens after the whole history, the engine where its cache hit ends.
 
     .venv/bin/python scripts/add_back_accuracy.py --model feather_vllm/demo/weights_two_object \\
         [--presets fastv,pyramiddrop] [--scenes 200] [--json out.json]

@@ -84,6 +84,9 @@ class FeatherSettings(_Strict):
     # unset: the preset's.
     follow_up: FollowUp | None = None
     reselect: StrictBool = False  # true: follow_up "reselect"
+    # Under "add_back": the share of each image's tokens added back (unset:
+    # the first stage's keep).
+    add_back: StrictFloat | StrictInt | None = None
 
 
 MAX_STOP_SEQUENCES = 16

@@ -169,6 +169,17 @@ def test_evaluate_multi_turn_through_gateway(server, tmp_path, capsys):
     assert "unpruned on two-object scenes: turn 1" in printed and data["unpruned"]["text"] in printed
 
 
+@pytest.mark.parametrize("name, feather", [
+    ("fastv", {"preset": "fastv"}),
+    ("fastv+reuse", {"preset": "fastv", "follow_up": "reuse"}),
+    ("fastv+add_back@0.05", {"preset": "fastv", "follow_up": "add_back", "add_back": 0.05}),
+], ids=["preset", "policy", "add-back-share"])
+def test_multi_turn_setting_names(name, feather):
+    from loadtest.multi_turn import feather_setting
+
+    assert feather_setting(name) == feather
+
+
 def test_multi_turn_benchmark_against_running_gateway(server, tmp_path, capsys):
     """`python -m loadtest.multi_turn --url` (one round): 3 turns per
     preset, each turn's prompt the whole history, TTFT and KV held per turn

@@ -335,6 +335,21 @@ def test_add_back_reuses_turn_1_and_adds_what_its_question_ranks_highest(hf, con
     assert report.kv_blocks_held[-1] == -(-(tokens - 576 + report.stages[-1].total) // BLOCK)
 
 
+def test_add_back_adds_its_share(hf, engine):
+    """`"add_back": 0.05`: fastv's turn 2 adds back int(576 * 0.05) = 28
+    tokens, equal to the reference with as many."""
+    processor, model = hf
+    feather = {**_adding_back("fastv"), "add_back": 0.05}
+    outs = _converse(engine, feather, _image(6), SHORT_TURNS[:2], salt="a smaller add-back")
+    report = report_of(outs[1])
+    assert report.reused is not None and report.reused.added == 28
+    want = reference_add_back(model, torch.tensor([outs[1].prompt_token_ids]), _pixels(processor, _image(6)),
+                              PRESETS["fastv"], MAX_TOKENS, kept_lists(report_of(outs[0]).stages),
+                              report.reused.tokens, 28)
+    assert kept_lists(report.stages) == want["kept"]
+    assert list(outs[1].outputs[0].token_ids) == want["token_ids"]
+
+
 @pytest.mark.parametrize("preset", KEEPING_BOTH)
 def test_add_back_reuses_alone_where_no_step_holds_the_rest(hf, conversations, preset):
     """add_back's turn 4 (its text after the cache hit exceeds any step,

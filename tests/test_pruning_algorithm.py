@@ -55,6 +55,10 @@ def test_presets_are_the_papers():
     ({"preset": "feather", "follow_up": "both"}, "follow_up"),
     ({"preset": "feather", "reselect": "yes"}, "reselect"),
     ({"preset": "feather", "reselect": True, "follow_up": "keep_both"}, "reselect"),
+    ({"preset": "fastv", "add_back": 0}, "add_back"),
+    ({"preset": "fastv", "add_back": 1.5}, "add_back"),
+    ({"preset": "fastv", "add_back": "some"}, "add_back"),
+    ({"preset": "feather", "add_back": 0.1}, "add_back"),  # feather reuses: nothing to add back
     ("fastest", "preset"),
     (7, "feather"),
 ])
@@ -71,6 +75,18 @@ def test_explicit_stages_and_defaults():
     assert pcfg.resolve(None, PRESETS["feather"]) is PRESETS["feather"]
     assert pcfg.resolve({"preset": "fastv"}) is PRESETS["fastv"]
     assert pcfg.resolve(PRESETS["feather"].to_dict()) == PRESETS["feather"]
+
+
+@pytest.mark.parametrize("spec, count", [
+    ({"preset": "fastv"}, 144),
+    ({"preset": "pyramiddrop", "follow_up": "add_back"}, 288),
+    ({"preset": "fastv", "add_back": 0.05}, 28),
+    ({"preset": "fastv", "add_back": 0.0001}, 1),
+], ids=["fastv-first-keep", "pyramiddrop-first-keep", "share", "at-least-one"])
+def test_add_back_count(spec, count):
+    """An add_back follow-up adds back, to a 576-token image, its `add_back`
+    share, else the first stage's keep share (at least one token)."""
+    assert pcfg.resolve(spec).add_back_count(576) == count
 
 
 @pytest.mark.parametrize("spec, follow_up", [

@@ -80,6 +80,9 @@ def _bad_inputs(scene_url: str, local_dir) -> list[tuple[str, dict | str, int, s
          "feather.follow_up"),
         ("reselect contradicting follow_up", with_(feather={"preset": "feather", "reselect": True,
                                                             "follow_up": "keep_both"}), 400, "feather.reselect"),
+        ("add_back share out of range", with_(feather={"preset": "fastv", "add_back": 2}), 400, "feather.add_back"),
+        ("add_back share under another policy", with_(feather={"preset": "feather", "add_back": 0.1}), 400,
+         "feather.add_back"),
         ("too many images", with_(messages=[{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": scene_url}},
             {"type": "image_url", "image_url": {"url": scene_url}}, {"type": "text", "text": "hi"}]}]),

@@ -59,7 +59,6 @@ from feather_vllm.kv.specs import StagedFullAttentionManager, StagedFullAttentio
 from feather_vllm.pruning.config import PRESETS, PruningConfig
 from feather_vllm.pruning.layout import ImageLayout, layout_kept_per_stage_max
 from feather_vllm.pruning.schedule import FallbackReason, chunk_end, decide
-from feather_vllm.pruning.selection import stage_keep_count
 
 ATTR = "feather_pruning"  # the RequestPruning on vLLM's Request
 SETTINGS_ATTR = "feather_settings"  # its resolved settings (PruningConfig | FallbackReason)
@@ -173,8 +172,8 @@ def _reuse(spec: StagedFullAttentionSpec, request: Any, hit: Hit) -> RequestPrun
 
 def _add_back(manager: KVCacheManager, settings: PruningConfig, request: Any, hit: Hit) -> tuple[int, ...]:
     """Per image, how many of the tokens `hit`'s turn dropped at the first
-    cut `request` adds back: the first stage's top-k size for the image (at
-    most all it dropped). Nothing where no step can hold the rest of the
+    cut `request` adds back (`PruningConfig.add_back_count`, at most all it
+    dropped). Nothing where no step can hold the rest of the
     prompt (the added tokens and the prompt's last token, whose criterion
     picks them, must share a step) or an image's embeddings do not map
     one to one onto its tokens."""
@@ -183,8 +182,8 @@ def _add_back(manager: KVCacheManager, settings: PruningConfig, request: Any, hi
         return ()
     if any(f.mm_position.is_embed is not None for f in image_features(request)):
         return ()
-    first, stage = hit.decision.kept.stages[0], settings.stages[0]
-    return tuple(min(stage_keep_count(image.length, stage), image.length - len(kept))
+    first = hit.decision.kept.stages[0]
+    return tuple(min(settings.add_back_count(image.length), image.length - len(kept))
                  for image, kept in zip(hit.decision.images, first.per_image))
 
 

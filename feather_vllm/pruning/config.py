@@ -68,6 +68,10 @@ class PruningConfig:
     # answers"). The feather preset reuses: measured, it loses none. FastV
     # adds back: measured, its answers gain most, at less cost than a cut.
     follow_up: FollowUp = "keep_both"
+    # Under "add_back": the share of each image's tokens a follow-up adds
+    # back (each added token runs through every layer after the first cut:
+    # fewer cost less and answer less well); None: the first stage's `keep`.
+    add_back: float | None = None
 
     @property
     def enabled(self) -> bool:
@@ -110,10 +114,23 @@ class PruningConfig:
                 raise PruningConfigError(f"{where}.grid_stride", f"must be a positive integer, got {stride!r}")
         if self.follow_up not in FOLLOW_UPS:
             raise PruningConfigError("follow_up", f"must be one of {list(FOLLOW_UPS)}, got {self.follow_up!r}")
+        share = self.add_back
+        if share is not None:
+            if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 < float(share) <= 1.0:
+                raise PruningConfigError("add_back", f"must be in (0, 1], got {share!r}")
+            if self.follow_up != "add_back":
+                raise PruningConfigError("add_back", f"applies to follow_up 'add_back', not {self.follow_up!r}")
         return self
 
+    def add_back_count(self, image_tokens: int) -> int:
+        """How many tokens a follow-up adds back to an image of `image_tokens`
+        (at most what the earlier turn dropped: the caller's bound)."""
+        share = self.add_back if self.add_back is not None else self.stages[0].keep
+        return max(1, int(image_tokens * share))
+
     def to_dict(self) -> dict[str, Any]:
-        return {"preset": self.name, "stages": [s.to_dict() for s in self.stages], "follow_up": self.follow_up}
+        out = {"preset": self.name, "stages": [s.to_dict() for s in self.stages], "follow_up": self.follow_up}
+        return out if self.add_back is None else {**out, "add_back": self.add_back}
 
     @classmethod
     def from_stages(cls, stages: Sequence[Mapping[str, Any] | Stage], name: str = "custom") -> "PruningConfig":
@@ -156,7 +173,8 @@ def resolve(spec: "str | Mapping[str, Any] | PruningConfig | None",
     Explicit `stages` win over `preset`; the preset then only names the run.
     `follow_up` sets the follow-up policy (else the preset's; explicit
     stages: "keep_both"); `"reselect": true` is another spelling of
-    `"follow_up": "reselect"`.
+    `"follow_up": "reselect"`; `add_back` the share an "add_back"
+    follow-up adds back.
     """
     if spec is None:
         return default if default is not None else PRESETS["none"]
@@ -168,13 +186,18 @@ def resolve(spec: "str | Mapping[str, Any] | PruningConfig | None",
         return PRESETS[spec]
     if not isinstance(spec, Mapping):
         raise PruningConfigError("feather", "must be a preset name or an object with 'preset' and/or 'stages'")
-    unknown = set(spec) - {"preset", "stages", "follow_up", "reselect"}
+    unknown = set(spec) - {"preset", "stages", "follow_up", "reselect", "add_back"}
     if unknown:
         raise PruningConfigError("feather", f"unknown keys {sorted(unknown)}")
     follow_up = _follow_up(spec)
     config = _resolve_stages(spec, default)
-    return dataclasses.replace(config, follow_up=follow_up).validate() \
-        if follow_up is not None and config.enabled else config
+    if not config.enabled:
+        return config
+    if follow_up is not None:
+        config = dataclasses.replace(config, follow_up=follow_up)
+    if spec.get("add_back") is not None:
+        config = dataclasses.replace(config, add_back=spec["add_back"])
+    return config.validate()
 
 
 def _follow_up(spec: Mapping[str, Any]) -> str | None:
