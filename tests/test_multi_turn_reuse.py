@@ -165,6 +165,8 @@ def conversations(engine):
                                                 salt="preempted add-back", preempt_turn=1)
     out["pyramiddrop+add_back+image6"] = _converse(engine, _adding_back("pyramiddrop"), _image(6),
                                                    SHORT_TURNS[:2], salt="pyramiddrop on image 6")
+    out["fastv+add_back+preempted-turn-1"] = _converse(engine, _adding_back("fastv"), _image(6), SHORT_TURNS[:1],
+                                                       salt="preempted turn 1", preempt_turn=0)
     return out
 
 
@@ -377,6 +379,19 @@ def test_an_added_back_turn_preempted_adds_back_again(conversations):
     assert report.reused is not None and report.reused.added > 0 and report.reused.kept_from == outs[0].request_id
     assert report.stages == report_of(want).stages
     assert list(outs[1].outputs[0].token_ids) == list(want.outputs[0].token_ids)
+
+
+def test_a_preempted_turn_1_goes_on_as_it_began(conversations):
+    """fastv's turn 1 under add_back, preempted while decoding: resumed, it
+    finds its own cut in the cache (the same prompt) and reuses it without
+    adding anything (its criterion already ranked for this question), so
+    its tokens and kept sets are those of the same turn never preempted."""
+    (out,) = conversations["fastv+add_back+preempted-turn-1"]
+    want = conversations["fastv+add_back"][0]
+    report = report_of(out)
+    assert report.reused is not None and report.reused.added == 0
+    assert report.stages == report_of(want).stages
+    assert list(out.outputs[0].token_ids) == list(want.outputs[0].token_ids)
 
 
 def test_add_backs_share_a_step(engine, conversations):

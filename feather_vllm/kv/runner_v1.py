@@ -13,8 +13,7 @@ the loaded model is the FEATHER architecture.
   states, and those requests cut in this step (a plan that reuses an
   earlier turn's kept set comes with it: no cut, unless it adds back
   tokens: its images' embeddings, which the scheduler had encoded again,
-  come from the encoder cache). The
-  worker never decides.
+  come from the encoder cache). The worker never decides.
 - `_build_attention_metadata`: in a step where some request cuts, publish
   the batch (`kv.step.StepBatch`) for the model's cutting forward; in any
   other step, shift the pruned layers' metadata (`kv.decode_metadata`):
@@ -110,14 +109,13 @@ def _step_batch(runner: Any, bases: list[step.GroupBase], num_reqs: int) -> step
     cutting = runner._feather_cutting
     requests = []
     for i, req_id in enumerate(batch.req_ids[:num_reqs]):
-        pruning = getattr(runner.requests[req_id], ATTR, None)
-        cuts_now = req_id in cutting
+        state = runner.requests[req_id]
         requests.append(step.RequestSlice(
             req_id=req_id, row_start=qsl[i], num_rows=qsl[i + 1] - qsl[i],
             num_computed=int(batch.num_computed_tokens_cpu[i]),
             prompt_len=int(batch.num_prompt_tokens[i]),
-            pruning=pruning, cuts_now=cuts_now,
-            image_hashes=tuple(f.identifier for f in runner.requests[req_id].mm_features if f.modality == "image")))
+            pruning=getattr(state, ATTR, None), cuts_now=req_id in cutting,
+            image_hashes=tuple(f.identifier for f in state.mm_features if f.modality == "image")))
     layer_group = {name: g for g, base in enumerate(bases) for name in base.attn_group.layer_names}
     # The encoder runs after the metadata is built: the model reads its outputs when it needs them.
     return step.StepBatch(requests=requests, groups=bases, layer_group=layer_group,

@@ -173,10 +173,14 @@ def _reuse(spec: StagedFullAttentionSpec, request: Any, hit: Hit) -> RequestPrun
 def _add_back(manager: KVCacheManager, settings: PruningConfig, request: Any, hit: Hit) -> tuple[int, ...]:
     """Per image, how many of the tokens `hit`'s turn dropped at the first
     cut `request` adds back (`PruningConfig.add_back_count`, at most all it
-    dropped). Nothing where no step can hold the rest of the
-    prompt (the added tokens and the prompt's last token, whose criterion
-    picks them, must share a step) or an image's embeddings do not map
-    one to one onto its tokens."""
+    dropped). Nothing where the decision was made for this very prompt (a
+    request resumed after preemption finds its own: it must go on as it
+    began), where no step can hold the rest of the prompt (the added
+    tokens and the prompt's last token, whose criterion picks them, must
+    share a step) or an image's embeddings do not map one to one onto its
+    tokens."""
+    if hit.decision.prompt_len >= request.num_prompt_tokens:
+        return ()
     scheduler = getattr(manager, "_feather_scheduler", None)
     if scheduler is not None and request.num_tokens - hit.tokens > _max_chunk(scheduler, request):
         return ()

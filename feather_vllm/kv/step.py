@@ -1,12 +1,13 @@
 """What the model needs to know about the batch of one engine step.
 
 The model runner seam (`kv.runner_v1`) publishes a `StepBatch` before the
-forward pass of a step in which some request cuts (its plan arrived with
-this step); `FeatherLlavaForConditionalGeneration` reads it to find each
-request's rows and pruning, and asks it (`retarget`) to rewrite the
-attention metadata and KV slots of the layers after a cut. Runner-agnostic:
-it works on vLLM's `CommonAttentionMetadata`, its forward context and plain
-tensors. Other steps (decode, unpruned prefills) and dummy/profiling runs
+forward pass of a step in which some request cuts or adds back (its plan
+arrived with this step); `FeatherLlavaForConditionalGeneration` reads it
+to find each request's rows, pruning and image embeddings, and asks it
+(`retarget`) to rewrite the attention metadata and KV slots of the layers
+after a cut (and of those before it, for a step's probes). Runner-agnostic:
+it works on vLLM's `CommonAttentionMetadata`, its forward context, plain
+tensors and a lookup of the step's encoder outputs. Other steps (decode, unpruned prefills) and dummy/profiling runs
 publish nothing: the model runs vLLM's own forward.
 """
 
