@@ -90,12 +90,8 @@ class _Cutting:
 
     def dropped_positions(self, layer: int) -> torch.Tensor:
         """Absolute positions of the image tokens absent from `layer`, ascending."""
-        dropped = []
-        for image, present in zip(self.images, self.present(layer)):
-            mask = torch.ones(image.length, dtype=torch.bool)
-            mask[present] = False
-            dropped.append(torch.nonzero(mask).flatten() + image.offset)
-        return torch.cat(dropped)
+        return torch.cat([_absent(image.length, present) + image.offset
+                          for image, present in zip(self.images, self.present(layer))])
 
     def added(self, layer: int) -> int:
         """Rows added before the request's own in `layer`: none (a cut adds nothing)."""
@@ -156,12 +152,16 @@ class _AddingBack:
         plan = req.pruning.plan
         earlier = plan.reuse
         first = earlier.stages[0]
-        candidates = []
-        for image, kept in zip(plan.images, first.per_image):
-            mask = torch.ones(image.length, dtype=torch.bool)
-            mask[list(kept)] = False
-            candidates.append(torch.nonzero(mask).flatten())
+        candidates = [_absent(image.length, torch.tensor(kept, dtype=torch.long))
+                      for image, kept in zip(plan.images, first.per_image)]
         return cls(plan.images, earlier, plan.config.stages[0], plan.add, candidates)
+
+
+def _absent(length: int, present: torch.Tensor) -> torch.Tensor:
+    """An image's token indices (of `length`) not in `present`, ascending."""
+    mask = torch.ones(length, dtype=torch.bool)
+    mask[present] = False
+    return torch.nonzero(mask).flatten()
 
 
 def _state_of(req: kv_step.RequestSlice) -> "_Cutting | _AddingBack | None":
@@ -306,19 +306,18 @@ class FeatherPruning:
         """The step's rows headed by each adding request's probes: the image
         tokens its earlier turn dropped at the first cut, from their
         embeddings, at their positions, under negative keys."""
-        embeds, probe_positions, probes = [], [], []
+        embeds, probes = [], []
         for i, adding in adders:
             req = batch.requests[i]
             embeds += [e[c.to(e.device)] for e, c in zip(batch.image_embeds(req), adding.candidates)]
-            probe_positions.append(adding.probe_positions())
-            probes.append(kv_step.Probes(i, probe_positions[-1].numel()))
+            probes.append(kv_step.Probes(i, adding.probe_positions()))
         count = sum(p.count for p in probes)
         probe_keys = torch.arange(-count, 0, device=keys.device)
         at = 0
         for (_, adding), p in zip(adders, probes):
             adding.keys, at = probe_keys[at:at + p.count], at + p.count
         return (torch.cat([*(e.to(hidden.dtype) for e in embeds), hidden]),
-                torch.cat([*(p.to(positions.device, positions.dtype) for p in probe_positions), positions]),
+                torch.cat([*(p.positions.to(positions.device, positions.dtype) for p in probes), positions]),
                 torch.cat([probe_keys, keys]), probes)
 
     def _add_back(self, batch, adders, scores, keys, keep):

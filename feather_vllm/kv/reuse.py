@@ -91,6 +91,12 @@ class Decision:
     def image_end(self) -> int:
         return max(image.offset + image.length for image in self.images)
 
+    def precedes(self, request: Any) -> bool:
+        """Whether this decision was made for a shorter prompt than
+        `request`'s: an earlier turn of its conversation (one made for the
+        same prompt is this turn's own: cut again, or resumed after preemption)."""
+        return self.prompt_len < request.num_prompt_tokens
+
     def continued_by(self, request: Any, config: PruningConfig) -> bool:
         """Whether `request` continues the conversation this decision was
         made in: the same settings, images, salt and adapter, its prompt

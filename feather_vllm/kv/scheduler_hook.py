@@ -149,12 +149,11 @@ def _decide(manager: KVCacheManager, spec: StagedFullAttentionSpec, request: Any
 def _earlier_decision(manager: KVCacheManager, settings: PruningConfig, request: Any) -> Decision | None:
     """The latest recorded cut of an earlier turn of the conversation
     `request` continues (its kept set, whether or not its KV is still
-    cached), for a keep_both cut. Earlier: a shorter prompt (the same
-    prompt cut again, e.g. under reselect, is this turn, not an earlier one)."""
+    cached), for a keep_both cut (`Decision.precedes`)."""
     if not manager.enable_caching:
         return None
-    return next((d for d in manager._feather_decisions.candidates(settings, request)
-                 if d.prompt_len < request.num_prompt_tokens), None)
+    return next((d for d in manager._feather_decisions.candidates(settings, request) if d.precedes(request)),
+                None)
 
 
 def _reuse(spec: StagedFullAttentionSpec, request: Any, hit: Hit) -> RequestPruning:
@@ -179,7 +178,7 @@ def _add_back(manager: KVCacheManager, settings: PruningConfig, request: Any, hi
     tokens and the prompt's last token, whose criterion picks them, must
     share a step) or an image's embeddings do not map one to one onto its
     tokens."""
-    if hit.decision.prompt_len >= request.num_prompt_tokens:
+    if not hit.decision.precedes(request):
         return ()
     scheduler = getattr(manager, "_feather_scheduler", None)
     if scheduler is not None and request.num_tokens - hit.tokens > _max_chunk(scheduler, request):
@@ -431,12 +430,12 @@ def install() -> None:
     @functools.wraps(original_encoder)
     def _try_schedule_encoder_inputs(self, request, num_computed_tokens, num_new_tokens, *args, **kwargs):
         spec = _staged_spec(self.kv_cache_manager)
+        undecided = spec is not None and getattr(request, ATTR, None) is None
         hit: Hit | None = getattr(request, HIT_ATTR, None)
-        if spec is not None and getattr(request, ATTR, None) is None and hit is not None and hit.add and \
-                num_computed_tokens == hit.tokens:
+        if undecided and hit is not None and hit.add and num_computed_tokens == hit.tokens:
             return _add_back_encoder_inputs(original_encoder, self, request, num_computed_tokens,
                                             num_new_tokens, *args, **kwargs)
-        if spec is not None and getattr(request, ATTR, None) is None and _asks_pruning(spec, request):
+        if undecided and _asks_pruning(spec, request):
             num_new_tokens = chunk_end(num_computed_tokens, num_new_tokens, request.num_prompt_tokens,
                                        image_ranges(request)[0][0], _max_chunk(self, request))
         return original_encoder(self, request, num_computed_tokens, num_new_tokens, *args, **kwargs)

@@ -83,7 +83,11 @@ class Probes:
     including its own slot and never writes (slot -1)."""
 
     request: int
-    count: int
+    positions: torch.Tensor  # (CPU) the probed tokens' positions, in row order
+
+    @property
+    def count(self) -> int:
+        return self.positions.numel()
 
 
 @dataclasses.dataclass
@@ -131,7 +135,7 @@ class StepBatch:
         seq_lens = torch.tensor([r.seq_len - (0 if d is None else d.numel()) + a
                                  for r, d, a in zip(self.requests, dropped, added)], dtype=torch.int32)
         if probes:
-            seq_lens = torch.cat([positions[:num_probes].cpu().to(torch.int32) + 1, seq_lens])
+            seq_lens = torch.cat([*(p.positions.to(torch.int32) + 1 for p in probes), seq_lens])
         shifted = [(i, int(edges[i]), int(edges[i + 1]), d.to(device), added[i]) for i, d in enumerate(dropped)
                    if d is not None and d.numel()]
         real = keys.clamp(min=0) // ROW_STRIDE

@@ -21,10 +21,11 @@ CRITERIA: tuple[str, ...] = ("rope", "rope_free")
 # - "reselect": prunes again for this turn's prompt, at full cost.
 # - "keep_both": prunes again at full cost and keeps, at every stage, what
 #   this prompt's criterion selects and what the earlier turn kept.
-# - "add_back": keeps both at about a reuse's cost: takes the earlier turn's
-#   pruned KV and adds back, after the conversation so far, the image tokens
-#   it dropped that this prompt's criterion ranks highest (as many as the
-#   first stage keeps); docs/multi_turn_reuse.md.
+# - "add_back": keeps both for less than a cut costs: takes the earlier
+#   turn's pruned KV and adds back, after the tokens taken from the cache,
+#   the image tokens it dropped that this prompt's criterion ranks highest
+#   (the `add_back` share of each image, else as many as the first stage
+#   keeps); docs/multi_turn_reuse.md.
 # (Those that cut nothing first: tools/evaluate asks them in this order.)
 FollowUp = Literal["reuse", "add_back", "reselect", "keep_both"]
 FOLLOW_UPS: tuple[str, ...] = ("reuse", "add_back", "reselect", "keep_both")
